@@ -1,0 +1,1 @@
+"""The benchmark runner behind ``robustkit bench``: see DESIGN.md section 6."""

@@ -1,0 +1,318 @@
+"""Model loading: how users hand robustkit a model (the ``--model`` / ``--checkpoint`` options).
+
+A model specification is one of
+
+* a zoo name (``mnist_small``), optionally with a checkpoint file of weights;
+* a TorchScript file (``model.ts``, ``model.pt`` saved with ``torch.jit.save``);
+* an ONNX file (``model.onnx``; needs the ``onnx`` extra);
+* a Python factory ``package.module:function`` or ``path/to/file.py:function`` returning an ``nn.Module``,
+  optionally with a checkpoint.
+
+Checkpoints are untrusted: they are read with ``torch.load(weights_only=True)``, so a file that would run
+code when unpickled is refused (:class:`~robustkit.errors.UnsafeCheckpointError`) and nothing in it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pickle
+import re
+import sys
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustkit.errors import InputError, ModelLoadError, UnknownNameError, UnsafeCheckpointError
+from robustkit.models.zoo import MODELS, build_model
+from robustkit.nn import Normalize
+from robustkit.runtime import resolve_device
+
+__all__ = ["extract_state_dict", "load_checkpoint", "load_model", "load_state_dict_file", "spec_kind"]
+
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights", "params", "module")
+_FACTORY = re.compile(r"^(?P<target>[\w.]+|.+\.py):(?P<function>[A-Za-z_]\w*)$")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with a ``code/`` folder; weight checkpoints have none."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def spec_kind(spec: str | Path) -> str:
+    """Classify a model specification as ``zoo``, ``torchscript``, ``onnx``, ``factory`` or ``weights``.
+
+    ``weights`` means a checkpoint file was given where a model was expected. An unknown spec raises
+    :class:`~robustkit.errors.UnknownNameError` with the close zoo names.
+    """
+    text = str(spec)
+    if text in MODELS:
+        return "zoo"
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".onnx":
+            return "onnx"
+        return "torchscript" if _is_torchscript(path) else "weights"
+    if _FACTORY.match(text):
+        return "factory"
+    if path.suffix.lower() in {".onnx", ".pt", ".pth", ".ts", ".jit", ".py"} or "/" in text:
+        raise ModelLoadError(f"model file {text!r} does not exist")
+    raise UnknownNameError("model", text, MODELS)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    )
+
+
+def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, Tensor]:
+    """The state_dict inside a loaded checkpoint: the object itself, or a dict wrapping it under a key such as
+    ``state_dict`` or ``model`` (also one level deeper, or as a one-element list); ``module.`` prefixes of
+    DataParallel/DDP checkpoints are removed."""
+    candidates: list[Any] = [obj]
+    for _ in range(3):  # the object, a wrapper, and a wrapper inside a wrapper
+        found = next((c for c in candidates if _is_state_dict(c)), None)
+        if found is not None:
+            state = {str(k): v for k, v in found.items()}
+            if state and all(k.startswith("module.") for k in state):
+                state = {k[len("module."):]: v for k, v in state.items()}
+            return state
+        nested: list[Any] = []
+        for candidate in candidates:
+            if isinstance(candidate, Mapping):
+                for key in WRAPPER_KEYS:
+                    value = candidate.get(key)
+                    if isinstance(value, Sequence) and len(value) == 1:
+                        value = value[0]
+                    if value is not None:
+                        nested.append(value)
+        candidates = nested
+    keys = list(obj)[:10] if isinstance(obj, Mapping) else []
+    described = f"a dict with keys {keys}" if keys else f"a {type(obj).__name__}"
+    raise ModelLoadError(
+        f"{source} holds {described}, not a state_dict of tensors (also looked under {', '.join(WRAPPER_KEYS)})"
+    )
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The globals a pickle file (or the pickles inside a torch zip file) refers to, found by reading its
+    opcodes with :mod:`pickletools` (which never executes anything)."""
+    import io
+    import pickletools
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            blobs = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+    else:
+        blobs = [path.read_bytes()]
+    found: list[str] = []
+    for blob in blobs:
+        stream = io.BytesIO(blob)
+        while stream.tell() < len(blob):
+            strings: list[str] = []
+            try:
+                for opcode, arg, _ in pickletools.genops(stream):
+                    if opcode.name == "GLOBAL" and isinstance(arg, str):
+                        found.append(arg.replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+            except (ValueError, EOFError, pickle.UnpicklingError):
+                break
+    return found
+
+
+def _unsafe(path: Path, what: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"refused to load {path}: it holds {what}, which could run code when unpickled. robustkit only reads "
+        "tensors; save weights with torch.save(model.state_dict(), FILE) or export TorchScript/ONNX"
+    )
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """``torch.load`` of an untrusted file with ``weights_only=True`` (new zip and legacy formats), to CPU."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint file {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        message = str(exc)
+        offending = re.search(r"GLOBAL ([\w.]+)", message)
+        if "Weights only load failed" in message and offending:
+            raise _unsafe(path, offending.group(1)) from None
+        foreign = [g for g in _pickle_globals(path) if not g.startswith(("torch.", "collections.OrderedDict"))]
+        if foreign:
+            raise _unsafe(path, ", ".join(dict.fromkeys(foreign))) from None
+        first_line = message.splitlines()[0] if message else type(exc).__name__
+        raise ModelLoadError(
+            f"cannot read checkpoint {path}: corrupt or not a PyTorch weights file ({first_line})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({first_line})") from None
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """The state_dict stored in the checkpoint at ``path`` (see :func:`extract_state_dict`)."""
+    return extract_state_dict(load_checkpoint(path), source=f"checkpoint {path}")
+
+
+def _apply_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s) {missing[:5]}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s) {unexpected[:5]}")
+    if mismatched:
+        problems.append(f"shape mismatch {mismatched[:3]}")
+    if problems:
+        raise ModelLoadError(f"{source} does not fit the model: {'; '.join(problems)}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelLoadError(f"{source} holds NaN or infinite values in {bad[:5]}")
+    model.load_state_dict(state, strict=True)
+
+
+def _load_factory(spec: str) -> nn.Module:
+    match = _FACTORY.match(spec)
+    if match is None:
+        raise ModelLoadError(f"invalid factory {spec!r}: use package.module:function or file.py:function")
+    target, function = match.group("target"), match.group("function")
+    try:
+        if target.endswith(".py"):
+            file = Path(target).expanduser()
+            if not file.is_file():
+                raise ModelLoadError(f"factory file {target!r} does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"robustkit_user_{file.stem}", file)
+            if module_spec is None or module_spec.loader is None:
+                raise ModelLoadError(f"cannot import {target!r}")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot import {target!r} for model factory {spec!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    factory = getattr(module, function, None)
+    if not callable(factory):
+        raise ModelLoadError(f"{target!r} has no callable {function!r}")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ModelLoadError(f"model factory {spec!r} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"model factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_torchscript(path: Path) -> nn.Module:
+    from robustkit.models.torchscript import to_eager
+
+    try:
+        scripted = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read TorchScript file {path}: {str(exc).splitlines()[0]}") from None
+    eager = to_eager(scripted)
+    return scripted if eager is None else eager
+
+
+def _parse_stats(values: Sequence[float] | None, name: str) -> list[float] | None:
+    if values is None:
+        return None
+    parsed = [float(v) for v in values]
+    if not parsed:
+        raise InputError(f"--{name} needs at least one value")
+    return parsed
+
+
+def _probe(model: nn.Module, input_shape: Sequence[int], num_classes: int | None, device: torch.device) -> None:
+    """One forward pass on a dummy batch: fail early, with a clear message, if the model does not fit."""
+    probe = torch.full((2, *input_shape), 0.5, device=device)
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"the model fails on inputs of shape (N, {', '.join(map(str, input_shape))}): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ModelLoadError(f"the model must return logits of shape (N, classes), got {shape}")
+    if num_classes is not None and out.shape[1] != num_classes:
+        raise ModelLoadError(f"the model returns {out.shape[1]} logits but the dataset has {num_classes} classes")
+    if not bool(torch.isfinite(out).all()):
+        raise ModelLoadError("the model returns NaN or infinite logits")
+
+
+def load_model(
+    spec: str | Path,
+    checkpoint: str | Path | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device: str | torch.device = "cpu",
+    input_shape: Sequence[int] | None = None,
+    num_classes: int | None = None,
+) -> nn.Module:
+    """Build or read the model ``spec`` and return it ready to use: weights loaded, eval mode, on ``device``.
+
+    ``mean``/``std`` wrap the model in :class:`~robustkit.nn.Normalize` (for models trained on normalised
+    inputs). With ``input_shape`` (C, H, W) the model is probed with one forward pass, and with
+    ``num_classes`` its number of logits is checked, so a mismatch fails here with a clear message.
+    """
+    kind = spec_kind(spec)
+    if checkpoint is not None and kind in {"torchscript", "onnx"}:
+        raise InputError(f"--checkpoint applies to zoo names and factories; the {kind} file holds its own weights")
+    if kind == "weights":
+        raise ModelLoadError(
+            f"{spec} is a weights checkpoint, not a model: pass the architecture as --model "
+            "(a zoo name or module:function) and this file as --checkpoint"
+        )
+    mean_list, std_list = _parse_stats(mean, "mean"), _parse_stats(std, "std")
+    if (mean_list is None) != (std_list is None):
+        raise InputError("--mean and --std must be given together")
+    target = resolve_device(device)
+    model: nn.Module
+    if kind == "zoo":
+        model = build_model(str(spec))
+    elif kind == "factory":
+        model = _load_factory(str(spec))
+    elif kind == "torchscript":
+        model = _load_torchscript(Path(spec).expanduser())
+    else:
+        from robustkit.models.onnx_import import load_onnx
+
+        model = load_onnx(Path(spec).expanduser())
+    if checkpoint is not None:
+        _apply_state_dict(model, load_state_dict_file(checkpoint), f"checkpoint {checkpoint}")
+    if mean_list is not None and std_list is not None:
+        model = nn.Sequential(Normalize(mean_list, std_list), model)
+    model = model.to(target).eval()
+    if input_shape is not None:
+        _probe(model, input_shape, num_classes, target)
+    return model

@@ -1,0 +1,1 @@
+"""Reports: records to tables (plain text, CSV, Markdown, HTML) and plots."""

@@ -1,0 +1,1 @@
+"""Trainers (standard, pgd, verifiable, mixtrain): see DESIGN.md section 5."""
