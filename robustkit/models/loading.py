@@ -19,6 +19,7 @@ import importlib.util
 import pickle
 import re
 import sys
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -147,7 +148,9 @@ def load_checkpoint(path: str | Path) -> Any:
     if not path.is_file():
         raise ModelLoadError(f"checkpoint file {str(path)!r} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         message = str(exc)
         offending = re.search(r"GLOBAL ([\w.]+)", message)
@@ -234,7 +237,10 @@ def _load_torchscript(path: Path) -> nn.Module:
     from robustkit.models.torchscript import to_eager
 
     try:
-        scripted = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+        with warnings.catch_warnings():
+            # reading TorchScript is what the user asked for; torch's deprecation notice is not for them
+            warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated")
+            scripted = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
     except (RuntimeError, OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read TorchScript file {path}: {str(exc).splitlines()[0]}") from None
     eager = to_eager(scripted)
