@@ -1,1 +1,76 @@
-"""The bound engine (interval, symbolic, crown, exact): see DESIGN.md section 3."""
+"""The bound engine: sound bounds of a network's outputs over an L-inf ball, and verification.
+
+Methods (registry :data:`VERIFIERS`): ``interval`` (IBP), ``symbolic`` (MixTrain's symbolic intervals with
+Neurify's symbolic linear relaxation), ``symbolic-naive`` (ReluVal's concretisation, a baseline), ``crown``
+(backward linear relaxation) and ``exact`` (mixed-integer programming). One API for all:
+
+>>> import torch
+>>> from robustkit.models import build_model
+>>> from robustkit.verifiers import verify
+>>> model = build_model("toy2d", seed=0).eval()
+>>> result = verify(model, torch.full((1, 1, 1, 2), 0.5), torch.tensor([0]), eps=0.0, method="interval")
+>>> result.status[0].value in ("verified", "falsified")
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from robustkit.registry import Registry
+from robustkit.verifiers.base import LogitBounds, Status, VerificationResult, Verifier
+from robustkit.verifiers.crown import CrownVerifier
+from robustkit.verifiers.interval import interval_pass
+from robustkit.verifiers.symbolic import SymbolicNaiveVerifier, SymbolicVerifier
+
+__all__ = [
+    "VERIFIERS", "LogitBounds", "Status", "VerificationResult", "Verifier", "bounds", "get_verifier",
+    "margin_bounds", "verify",
+]
+
+
+class IntervalVerifier(Verifier):
+    """Interval bound propagation (IBP): the box through every layer, the margin folded into the last one."""
+
+    name = "interval"
+
+    def spec_lower(self, graph: Any, lower: Tensor, upper: Tensor, spec: Tensor) -> Tensor:
+        return interval_pass(graph, lower, upper, spec).spec_lower
+
+    def __repr__(self) -> str:
+        return "IntervalVerifier()"
+
+
+VERIFIERS: Registry[type[Verifier]] = Registry("verifier")
+VERIFIERS.add("interval", IntervalVerifier)
+VERIFIERS.add("symbolic", SymbolicVerifier)
+VERIFIERS.add("symbolic-naive", SymbolicNaiveVerifier)
+VERIFIERS.add("crown", CrownVerifier)
+
+
+def get_verifier(method: str | Verifier, **options: Any) -> Verifier:
+    """A verifier instance from a registered name and its options (or an instance, returned as is)."""
+    if isinstance(method, Verifier):
+        if options:
+            raise TypeError("options cannot be combined with a verifier instance")
+        return method
+    return VERIFIERS[method](**options)
+
+
+def verify(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str | Verifier = "symbolic",
+           **options: Any) -> VerificationResult:
+    """Verify each sample of (x, y) at L-inf radius eps with ``method``; see :class:`VerificationResult`."""
+    return get_verifier(method, **options).verify(model, x, y, eps)
+
+
+def bounds(model: nn.Module, x: Tensor, eps: float, method: str | Verifier = "symbolic", **options: Any) -> LogitBounds:
+    """Sound lower/upper bounds of every logit over the eps-box around each x (differentiable)."""
+    return get_verifier(method, **options).logit_bounds(model, x, eps)
+
+
+def margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str | Verifier = "symbolic",
+                  **options: Any) -> Tensor:
+    """Lower bounds (B, K) of f_y - f_j over the eps-box (0 at j = y), differentiable: the robust-loss input."""
+    return get_verifier(method, **options).margin_bounds(model, x, y, eps)

@@ -1,0 +1,258 @@
+"""Symbolic intervals: the state the ``symbolic`` method propagates, and its algebra.
+
+A neuron's value is ``c + sum_r g_r * z_r`` with every ``z_r`` in [-1, 1]: ``c`` is the centre and the rows
+``g_r`` are its generators. The first rows belong to the input (x = centre + radius * z over the input box),
+the others are error terms that ReLU relaxations add. Rows come in *blocks* (the input block, then one block
+per ReLU layer), each stored in the cheapest exact form:
+
+* the input block, while only affine layers have been applied, as rows shared by the whole batch
+  (``shared``, the layers' Jacobian of the input basis, or the identity) scaled per sample by ``scale``;
+* error blocks a ReLU has just created as one-hot rows (``index``, ``magnitude``), which the next affine layer
+  turns into rows of its own Jacobian by a gather instead of a convolution of one-hot images;
+* every other block as dense rows (B, m, *shape).
+
+Blocks are keyed by the graph node that created them, so the two branches of a skip connection are summed
+block by block, and rows that only one branch has are kept as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from robustkit.verifiers import ops
+
+INPUT_BLOCK = -1
+
+
+@dataclass
+class OneHotRows:
+    """k rows per sample, each zero but for ``magnitude`` at the flat neuron ``index``: both (B, k)."""
+
+    index: Tensor
+    magnitude: Tensor
+
+
+@dataclass
+class SymState:
+    """A batch of symbolic intervals over neurons of shape ``center.shape[1:]``."""
+
+    center: Tensor
+    scale: Tensor | None = None  # (B, n_in): per-sample scaling of the shared input rows
+    shared: Tensor | None = None  # (n_in, *shape); None with ``scale`` set means the identity
+    dense: dict[int, Tensor] = field(default_factory=dict)  # block -> (B, m, *shape)
+    onehot: dict[int, OneHotRows] = field(default_factory=dict)  # block -> one-hot rows
+
+    @classmethod
+    def from_box(cls, lower: Tensor, upper: Tensor) -> SymState:
+        """The input box as symbolic intervals: centre plus radius times the identity."""
+        return cls(center=(upper + lower) / 2, scale=((upper - lower) / 2).flatten(1))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.center.shape[1:])
+
+    @property
+    def batch(self) -> int:
+        return int(self.center.shape[0])
+
+    @property
+    def neurons(self) -> int:
+        return ops.numel(self.shape)
+
+    def input_rows(self) -> Tensor | None:
+        """The input block as dense rows (B, n_in, *shape), or None once it has been materialised."""
+        if self.scale is None:
+            return None
+        if self.shared is None:
+            return torch.diag_embed(self.scale).reshape(self.batch, -1, *self.shape)
+        return self.scale.unsqueeze(2).mul(self.shared.flatten(1).unsqueeze(0)).reshape(
+            self.batch, -1, *self.shape
+        )
+
+    def radius(self) -> Tensor:
+        """Sum of the absolute generators per neuron, (B, *shape): the half-width of the concrete interval."""
+        total = torch.zeros(self.batch, self.neurons, device=self.center.device, dtype=self.center.dtype)
+        if self.scale is not None:
+            if self.shared is None:
+                total = total + self.scale.abs()
+            else:
+                total = total + self.scale.abs() @ self.shared.flatten(1).abs()
+        for rows in self.dense.values():
+            total = total + rows.flatten(2).abs().sum(1)
+        for hot in self.onehot.values():
+            total = total.scatter_add(1, hot.index, hot.magnitude.abs())
+        return total.view(self.batch, *self.shape)
+
+
+def _onehot_jacobian(op: ops.AffineOp, hot: OneHotRows, in_shape: tuple[int, ...]) -> Tensor:
+    """Rows of ``op``'s Jacobian for one-hot inputs, scaled: (B, k, *out_shape)."""
+    if isinstance(op, ops.LinearOp):
+        weight_t = op.module.weight.t()
+        rows = weight_t[hot.index]  # (B, k, out)
+        return rows * hot.magnitude.unsqueeze(2)
+    unique, position = torch.unique(hot.index, return_inverse=True)
+    basis = torch.zeros(unique.numel(), ops.numel(in_shape), device=hot.index.device, dtype=hot.magnitude.dtype)
+    basis[torch.arange(unique.numel(), device=basis.device), unique] = 1.0
+    jac = op.linear(basis.view(-1, *in_shape))  # (u, *out_shape)
+    rows = jac[position]  # (B, k, *out_shape)
+    return rows * hot.magnitude.view(*hot.magnitude.shape, *([1] * (rows.dim() - 2)))
+
+
+def affine(op: ops.AffineOp, state: SymState) -> SymState:
+    """Map a symbolic interval through an affine layer: exact, no relaxation."""
+    in_shape = state.shape
+    center = op.forward(state.center)
+    scale, shared = state.scale, state.shared
+    onehot: dict[int, OneHotRows] = {}
+    dense = {block: op.linear_rows(rows) for block, rows in state.dense.items()}
+    if scale is not None:
+        if shared is None and isinstance(op, ops.ChannelAffineOp):
+            channel = torch.arange(scale.shape[1], device=scale.device) // ops.numel(in_shape[1:])
+            scale = scale * op.channel_scale(in_shape[0])[channel].unsqueeze(0)
+        elif shared is None and isinstance(op, ops.FlattenOp | ops.IdentityOp):
+            pass
+        elif shared is None and isinstance(op, ops.LinearOp):
+            shared = op.module.weight.t()
+        elif shared is None:
+            eye = torch.eye(scale.shape[1], device=scale.device, dtype=scale.dtype)
+            shared = op.linear(eye.view(-1, *in_shape))
+        else:
+            shared = op.linear(shared)
+    for block, hot in state.onehot.items():
+        if isinstance(op, ops.FlattenOp | ops.IdentityOp):
+            onehot[block] = hot
+        elif isinstance(op, ops.ChannelAffineOp):
+            channel = hot.index // ops.numel(in_shape[1:])
+            onehot[block] = OneHotRows(hot.index, hot.magnitude * op.channel_scale(in_shape[0])[channel])
+        else:
+            dense[block] = _onehot_jacobian(op, hot, in_shape)
+    return SymState(center=center, scale=scale, shared=shared, dense=dense, onehot=onehot)
+
+
+@dataclass
+class ReluRelaxation:
+    """Per-neuron linear relaxation relu(v) in {slope * v + offset + e * error : e in [-1, 1]}."""
+
+    slope: Tensor
+    offset: Tensor
+    error: Tensor
+    crossing: Tensor
+
+
+def relaxation(lower: Tensor, upper: Tensor, naive: bool) -> ReluRelaxation:
+    """Neurify's symbolic linear relaxation (or ReluVal's concretisation when ``naive``) of ReLU on [l, u].
+
+    Crossing neurons (l < 0 < u): the relaxation is the band between the parallel lines s*v and s*(v - l)
+    with s = u / (u - l), i.e. s*v - s*l/2 plus an error term of half-width -s*l/2. ReluVal instead replaces
+    the neuron by the concrete interval [0, u]: centre u/2 and an error term u/2.
+    """
+    crossing = (lower < 0) & (upper > 0)
+    active = lower >= 0
+    zeros = torch.zeros_like(lower)
+    if naive:
+        slope = active.to(lower.dtype)
+        half = torch.where(crossing, upper / 2, zeros)
+    else:
+        ratio = upper / torch.where(crossing, upper - lower, torch.ones_like(lower))
+        slope = torch.where(crossing, ratio, active.to(lower.dtype))
+        half = torch.where(crossing, -slope * lower / 2, zeros)
+    return ReluRelaxation(slope=slope, offset=half, error=half, crossing=crossing)
+
+
+def relu(state: SymState, relax: ReluRelaxation, block: int) -> SymState:
+    """Apply a ReLU relaxation; crossing neurons get new error terms in block ``block``."""
+    b = state.batch
+    slope_flat = relax.slope.reshape(b, -1)
+    center = state.center * relax.slope + relax.offset
+    dense = {}
+    rows = state.input_rows() if state.scale is not None and state.shared is None else None
+    if state.scale is not None and state.shared is not None:
+        # materialise the shared input rows and scale them in one pass: scale (B, n, 1) * (shared * slope)
+        product = state.shared.flatten(1).unsqueeze(0) * slope_flat.unsqueeze(1)
+        dense[INPUT_BLOCK] = (product * state.scale.unsqueeze(2)).view(b, -1, *state.shape)
+    elif rows is not None:
+        dense[INPUT_BLOCK] = rows * relax.slope.unsqueeze(1)
+    for key, value in state.dense.items():
+        dense[key] = value * relax.slope.unsqueeze(1)
+    onehot = {
+        key: OneHotRows(hot.index, hot.magnitude * slope_flat.gather(1, hot.index))
+        for key, hot in state.onehot.items()
+    }
+    crossing = relax.crossing.reshape(b, -1)
+    count = int(crossing.sum(1).max().item()) if crossing.numel() else 0
+    if count:
+        order = torch.argsort(crossing.to(torch.int8), dim=1, descending=True, stable=True)[:, :count]
+        magnitude = relax.error.reshape(b, -1).gather(1, order)
+        onehot[block] = OneHotRows(order, magnitude)
+    return SymState(center=center, dense=dense, onehot=onehot)
+
+
+def _densify(state: SymState, block: int) -> Tensor:
+    """One block as dense rows (B, m, *shape)."""
+    if block == INPUT_BLOCK and block not in state.dense:
+        rows = state.input_rows()
+        assert rows is not None
+        return rows
+    if block in state.dense:
+        return state.dense[block]
+    hot = state.onehot[block]
+    rows = torch.zeros(state.batch, hot.index.shape[1], state.neurons, device=hot.index.device,
+                       dtype=hot.magnitude.dtype)
+    rows = rows.scatter(2, hot.index.unsqueeze(2), hot.magnitude.unsqueeze(2))
+    return rows.view(state.batch, -1, *state.shape)
+
+
+def _blocks(state: SymState) -> list[int]:
+    blocks = [INPUT_BLOCK] if state.scale is not None else []
+    return blocks + list(state.dense) + list(state.onehot)
+
+
+def add(first: SymState, second: SymState) -> SymState:
+    """The sum of two symbolic intervals over the same input (the join of a skip connection)."""
+    center = first.center + second.center
+    result = SymState(center=center)
+    if first.scale is not None and second.scale is not None and first.scale is second.scale:
+        # both branches still hold the input block lazily with the same per-sample scaling: add the shared rows
+        eye = torch.eye(first.scale.shape[1], device=center.device, dtype=center.dtype)
+        a = first.shared if first.shared is not None else eye.view(-1, *first.shape)
+        c = second.shared if second.shared is not None else eye.view(-1, *second.shape)
+        result.scale, result.shared = first.scale, a + c
+    for block in dict.fromkeys(_blocks(first) + _blocks(second)):
+        if block == INPUT_BLOCK and result.scale is not None:
+            continue
+        in_first, in_second = block in _blocks(first), block in _blocks(second)
+        if in_first and in_second:
+            hot_a, hot_b = first.onehot.get(block), second.onehot.get(block)
+            if hot_a is not None and hot_b is not None and hot_a.index is hot_b.index:
+                result.onehot[block] = OneHotRows(hot_a.index, hot_a.magnitude + hot_b.magnitude)
+            else:
+                result.dense[block] = _densify(first, block) + _densify(second, block)
+        else:
+            owner = first if in_first else second
+            if block in owner.onehot:
+                result.onehot[block] = owner.onehot[block]
+            else:
+                result.dense[block] = _densify(owner, block)
+    return result
+
+
+def spec_lower(state: SymState, spec: Tensor) -> Tensor:
+    """Lower bounds (B, K) of ``spec @ v`` for spec (B, K, N) over the state's neurons, correlations kept."""
+    b = state.batch
+    center = torch.einsum("bkn,bn->bk", spec, state.center.reshape(b, -1))
+    total = torch.zeros_like(center)
+    if state.scale is not None:
+        if state.shared is None:
+            total = total + torch.einsum("bkn,bn->bk", spec.abs(), state.scale.abs())
+        else:
+            projected = torch.einsum("in,bkn->bik", state.shared.flatten(1), spec)
+            total = total + (projected * state.scale.unsqueeze(2)).abs().sum(1)
+    for rows in state.dense.values():
+        total = total + torch.bmm(rows.reshape(b, rows.shape[1], -1), spec.transpose(1, 2)).abs().sum(1)
+    for hot in state.onehot.values():
+        index = hot.index.unsqueeze(1).expand(-1, spec.shape[1], -1)
+        total = total + (spec.gather(2, index) * hot.magnitude.unsqueeze(1)).abs().sum(2)
+    return center - total
