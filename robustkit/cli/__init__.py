@@ -21,6 +21,7 @@ from robustkit.errors import RobustkitError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "datasets": ("robustkit.cli.datasets", "datasets", "List the registered datasets."),
     "models": ("robustkit.cli.models", "models", "List the model zoo with shapes and parameter counts."),
+    "verify": ("robustkit.cli.verify", "verify", "Verified robust accuracy of a model with the bound methods."),
 }
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
@@ -20,8 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.errors import InputError
-from robustkit.verifiers import ops
-from robustkit.verifiers.graph import Graph, build_graph
+from robustkit.verifiers.graph import Graph, build_graph, check_reproduces, node_shapes
 
 
 class Status(str, Enum):
@@ -145,10 +143,27 @@ class Verifier(ABC):
     def spec_lower(self, graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> Tensor:
         """Sound lower bounds (B, K) of ``spec[b] @ f(x')`` over the box [lower, upper]; spec is (B, K, N)."""
 
+    def chunk_size(self, graph: Graph, input_shape: tuple[int, ...]) -> int | None:
+        """Largest number of samples bounded at once (None: no limit); methods with large per-sample
+        memory override it so that a big batch is processed in pieces."""
+        return None
+
+    def _chunked(self, graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> Tensor:
+        size = self.chunk_size(graph, tuple(lower.shape[1:]))
+        if size is None or size >= lower.shape[0]:
+            return self.spec_lower(graph, lower, upper, spec)
+        pieces = [
+            self.spec_lower(graph, lower[i : i + size], upper[i : i + size], spec[i : i + size])
+            for i in range(0, lower.shape[0], size)
+        ]
+        return torch.cat(pieces)
+
     def _prepare(self, model: nn.Module, x: Tensor, y: Tensor | None, eps: float) -> tuple[Graph, Tensor, Tensor | None, float]:
         eps = validate_eps(eps)
         graph = build_graph(model)
         x, y = validate_inputs(model, x, y)
+        output_size(graph, tuple(x.shape[1:]))  # a clear error when the inputs do not fit the model
+        check_reproduces(graph, model, x[:2])
         return graph, x, y, eps
 
     def margin_bounds(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
@@ -159,7 +174,7 @@ class Verifier(ABC):
         check_labels(labels, num_classes)
         lower, upper = input_box(x, eps)
         spec = margin_spec(labels, num_classes).to(x.dtype)
-        return self.spec_lower(graph, lower, upper, spec)
+        return self._chunked(graph, lower, upper, spec)
 
     def logit_bounds(self, model: nn.Module, x: Tensor, eps: float) -> LogitBounds:
         """Lower and upper bounds of every logit over the eps-box around each x."""
@@ -168,7 +183,7 @@ class Verifier(ABC):
         eye = torch.eye(num_classes, device=x.device, dtype=x.dtype)
         spec = torch.cat([eye, -eye]).unsqueeze(0).expand(x.shape[0], -1, -1)
         lower, upper = input_box(x, eps)
-        both = self.spec_lower(graph, lower, upper, spec)
+        both = self._chunked(graph, lower, upper, spec)
         return LogitBounds(lower=both[:, :num_classes], upper=-both[:, num_classes:])
 
     def verify(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> VerificationResult:
@@ -204,24 +219,12 @@ def worst_margin(margins: Tensor, labels: Tensor) -> Tensor:
     return masked.min(1).values
 
 
-_output_sizes: weakref.WeakKeyDictionary[Graph, dict[tuple[int, ...], int]] = weakref.WeakKeyDictionary()
-
-
 def output_size(graph: Graph, input_shape: tuple[int, ...]) -> int:
     """Number of outputs (classes) of the graph for inputs of ``input_shape``."""
-    known = _output_sizes.setdefault(graph, {})
-    if input_shape not in known:
-        shapes: dict[int, tuple[int, ...]] = {-1: input_shape}
-        try:
-            for index, node in enumerate(graph.nodes):
-                source = shapes[node.inputs[0]]
-                shapes[index] = source if isinstance(node.op, ops.ReLUOp | ops.AddOp) else node.op.out_shape(source)
-        except RuntimeError as exc:
-            raise InputError(
-                f"inputs of shape {input_shape} do not fit the model: {str(exc).splitlines()[0]}"
-            ) from None
-        last = shapes[len(graph.nodes) - 1]
-        if len(last) != 1:
-            raise InputError(f"the model must output a vector of logits per sample, got shape {last}")
-        known[input_shape] = last[0]
-    return known[input_shape]
+    try:
+        last = node_shapes(graph, input_shape)[len(graph.nodes) - 1]
+    except RuntimeError as exc:
+        raise InputError(f"inputs of shape {input_shape} do not fit the model: {str(exc).splitlines()[0]}") from None
+    if len(last) != 1:
+        raise InputError(f"the model must output a vector of logits per sample, got shape {last}")
+    return last[0]

@@ -19,18 +19,9 @@ from torch import Tensor
 from robustkit.errors import InputError
 from robustkit.verifiers import ops
 from robustkit.verifiers.base import Verifier
-from robustkit.verifiers.graph import INPUT, Graph
+from robustkit.verifiers.graph import INPUT, Graph, node_shapes
 from robustkit.verifiers.interval import interval_pass
-from robustkit.verifiers.symbolic import symbolic_pass
-
-
-def node_shapes(graph: Graph, input_shape: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
-    """Output shape of every node (and -1, the input)."""
-    shapes: dict[int, tuple[int, ...]] = {INPUT: input_shape}
-    for index, node in enumerate(graph.nodes):
-        source = shapes[node.inputs[0]]
-        shapes[index] = source if isinstance(node.op, ops.ReLUOp | ops.AddOp) else node.op.out_shape(source)
-    return shapes
+from robustkit.verifiers.symbolic import symbolic_chunk, symbolic_pass
 
 
 def backward_bound(
@@ -86,6 +77,10 @@ class CrownVerifier(Verifier):
 
     name: ClassVar[str] = "crown"
     intermediate: str = "symbolic"
+    memory_limit_gb: float = 4.0
+
+    def chunk_size(self, graph: Graph, input_shape: tuple[int, ...]) -> int | None:
+        return symbolic_chunk(graph, input_shape, self.memory_limit_gb) if self.intermediate == "symbolic" else None
 
     def __post_init__(self) -> None:
         if self.intermediate not in ("symbolic", "interval"):

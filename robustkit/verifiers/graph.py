@@ -13,6 +13,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from robustkit.errors import UnsupportedLayerError
@@ -62,6 +63,58 @@ class Graph:
         return users
 
 
+def node_shapes(graph: Graph, input_shape: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
+    """Output shape (without batch) of every node, and of the input (-1), for inputs of ``input_shape``."""
+    known = _shapes.setdefault(graph, {})
+    if input_shape not in known:
+        shapes: dict[int, tuple[int, ...]] = {INPUT: input_shape}
+        for index, node in enumerate(graph.nodes):
+            source = shapes[node.inputs[0]]
+            shapes[index] = source if isinstance(node.op, ops.ReLUOp | ops.AddOp) else node.op.out_shape(source)
+        known[input_shape] = shapes
+    return known[input_shape]
+
+
+_shapes: weakref.WeakKeyDictionary[Graph, dict[tuple[int, ...], dict[int, tuple[int, ...]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def graph_forward(graph: Graph, x: torch.Tensor) -> torch.Tensor:
+    """Evaluate the graph on concrete inputs (used to check that it reproduces the model)."""
+    values: dict[int, torch.Tensor] = {INPUT: x}
+    for index, node in enumerate(graph.nodes):
+        if isinstance(node.op, ops.AddOp):
+            values[index] = values[node.inputs[0]] + values[node.inputs[1]]
+        else:
+            values[index] = node.op.forward(values[node.inputs[0]])
+    return values[len(graph.nodes) - 1]
+
+
+def check_reproduces(graph: Graph, model: nn.Module, x: torch.Tensor) -> None:
+    """Raise :class:`UnsupportedLayerError` when the graph's outputs differ from the model's on ``x``.
+
+    This catches models whose ``forward`` does something the module structure does not show.
+    """
+    key = tuple(x.shape[1:])
+    if key in _checked.setdefault(graph, set()):
+        return
+    with torch.no_grad():
+        expected = model(x)
+        got = graph_forward(graph, x)
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * (1 + float(expected.abs().max()))):
+        difference = float((got - expected).abs().max()) if got.shape == expected.shape else float("nan")
+        raise UnsupportedLayerError(
+            [f"model (robustkit's reading of its layers does not reproduce its outputs: largest difference "
+             f"{difference:.3g}; its forward may use operations that are not visible as layers)"],
+            SUPPORTED_NAMES,
+        )
+    _checked[graph].add(key)
+
+
+_checked: weakref.WeakKeyDictionary[Graph, set[tuple[int, ...]]] = weakref.WeakKeyDictionary()
+
+
 def _keeps_forward(module: nn.Module, base: type[nn.Module]) -> bool:
     return isinstance(module, base) and type(module).forward is base.forward
 
@@ -101,10 +154,15 @@ class _Builder:
                     self.unsupported.append(f"{path or 'model'} ({kind}: {problem})")
                     return source
                 return self.add(factory(module), (source,))
-        if isinstance(module, nn.Sequential | Residual | nn.Linear | nn.Conv2d | nn.ReLU):
-            kind = f"{kind}, a subclass of {type(module).__mro__[1].__name__} with its own forward"
-        self.unsupported.append(f"{path or 'model'} ({kind})")
-        return source
+        if type(module).__module__.startswith("torch.nn."):
+            self.unsupported.append(f"{path or 'model'} ({kind})")
+            return source
+        if isinstance(module, torch.jit.ScriptModule):
+            self.unsupported.append(f"{path or 'model'} (TorchScript module {module.original_name} with its own code)")
+            return source
+        from robustkit.verifiers.fx_import import emit_traced
+
+        return emit_traced(self, module, source, path)
 
 
 _cache: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[int, bool], ...], Graph]] = (

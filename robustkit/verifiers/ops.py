@@ -282,6 +282,28 @@ class IdentityOp(AffineOp):
         return None
 
 
+class ScalarAffineOp(AffineOp):
+    """y = x * scale + shift with scalar constants (from traced code such as ``(x - 0.5) * 2``)."""
+
+    def __init__(self, scale: float, shift: float) -> None:
+        self.scale, self.shift = float(scale), float(shift)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale + self.shift
+
+    def linear(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+    def abs_linear(self, r: Tensor) -> Tensor:
+        return r * abs(self.scale)
+
+    def adjoint(self, lam: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+        return lam * self.scale
+
+    def bias(self, out_shape: tuple[int, ...]) -> Tensor | None:
+        return torch.full(out_shape, self.shift) if self.shift else None
+
+
 class ReLUOp(BoundOp):
     def forward(self, x: Tensor) -> Tensor:
         return torch.relu(x)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from robustkit.verifiers import ops
 from robustkit.verifiers.base import Verifier
-from robustkit.verifiers.graph import INPUT, Graph
+from robustkit.verifiers.graph import INPUT, Graph, node_shapes
 from robustkit.verifiers.interval import Box, affine_box, relu_box, spec_lower_from_box
 from robustkit.verifiers.symstate import SymState, add, affine, relaxation, relu, spec_lower
 
@@ -68,11 +68,28 @@ def symbolic_pass(graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor, naiv
     return SymbolicPass(torch.maximum(symbolic, interval), pre)
 
 
+def symbolic_chunk(graph: Graph, input_shape: tuple[int, ...], memory_limit_gb: float) -> int:
+    """Samples per piece so that the generator rows (inputs x largest layer, a few copies) fit the budget."""
+    shapes = node_shapes(graph, input_shape)
+    inputs = ops.numel(input_shape)
+    widest = max(ops.numel(shape) for shape in shapes.values())
+    per_sample = 4 * 4 * inputs * widest  # float32, about four live copies at the widest layer
+    return max(1, int(memory_limit_gb * 2**30 // per_sample))
+
+
 @dataclass(frozen=True)
 class SymbolicVerifier(Verifier):
-    """Symbolic intervals with Neurify's symbolic linear relaxation (the MixTrain paper's analysis)."""
+    """Symbolic intervals with Neurify's symbolic linear relaxation (the MixTrain paper's analysis).
+
+    ``memory_limit_gb`` bounds the generator rows held at once (without gradients): larger batches are
+    bounded in pieces.
+    """
 
     name: ClassVar[str] = "symbolic"
+    memory_limit_gb: float = 4.0
+
+    def chunk_size(self, graph: Graph, input_shape: tuple[int, ...]) -> int | None:
+        return symbolic_chunk(graph, input_shape, self.memory_limit_gb)
 
     def spec_lower(self, graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> Tensor:
         return symbolic_pass(graph, lower, upper, spec, naive=False).spec_lower
@@ -83,6 +100,10 @@ class SymbolicNaiveVerifier(Verifier):
     """ReluVal-style symbolic intervals: a crossing ReLU is concretised to [0, u] (a cheap baseline)."""
 
     name: ClassVar[str] = "symbolic-naive"
+    memory_limit_gb: float = 4.0
+
+    def chunk_size(self, graph: Graph, input_shape: tuple[int, ...]) -> int | None:
+        return symbolic_chunk(graph, input_shape, self.memory_limit_gb)
 
     def spec_lower(self, graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> Tensor:
         return symbolic_pass(graph, lower, upper, spec, naive=True).spec_lower

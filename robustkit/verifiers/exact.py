@@ -1,0 +1,529 @@
+"""The ``exact`` method: complete verification by mixed-integer linear programming (MILP).
+
+The network of one sample is encoded as a MILP as in Tjeng, Xiao and Tedrake, *Evaluating Robustness of
+Neural Networks with Mixed Integer Programming* (ICLR 2019, arXiv:1711.07356) and solved with
+``scipy.optimize.milp`` (HiGHS):
+
+* the input pixels are variables bounded by the box [max(x - eps, 0), min(x + eps, 1)];
+* an affine layer maps the linear expressions of its input exactly (its matrix is the layer's Jacobian,
+  obtained by applying the bound operator to an identity basis, kept sparse), so chains of affine layers
+  and skip connections need no variables of their own;
+* a ReLU with pre-activation bounds [l, u] from the relaxation (``symbolic`` or ``interval``) is fixed at 0
+  when u <= 0, is the identity (one variable and one equality) when l >= 0, and otherwise gets a binary
+  variable d and the big-M encoding a >= 0, a >= z, a <= u d, a <= z - l (1 - d).
+
+:meth:`ExactVerifier.verify` minimises each margin f_y - f_j whose relaxation bound is not already positive,
+weakest bound first, under a per-sample time limit, and stops at the first counterexample. Statuses:
+``verified`` (every margin's MILP dual bound exceeds ``tolerance``), ``falsified`` (a MILP solution, clipped
+to the box, is misclassified by a forward pass of the model itself; the clean point when it is already
+misclassified), ``timeout`` (time ran out before a decision) and ``unknown`` (numerically borderline: the MILP
+says the margin is not positive, but the forward pass does not misclassify its solution).
+
+The margin bounds reported are the better of the MILP dual bound and the relaxation bound (the bounds
+method's, improved by a CROWN backward pass with the same pre-activation bounds), so they are never looser
+than the relaxation and equal the exact minimum when a MILP is solved to optimality. They carry HiGHS'
+floating-point feasibility tolerances (about 1e-6), which is why ``tolerance`` separates verified from
+borderline. Exact bounds are **not differentiable**: :meth:`ExactVerifier.spec_lower` returns constants.
+
+Networks with up to a few hundred unstable ReLUs are practical: small fully connected nets (784-50-50-10)
+and small conv nets at small eps.
+
+>>> import torch
+>>> from robustkit.models import build_model
+>>> model = build_model("toy2d", seed=0).eval()
+>>> x = torch.full((1, 1, 1, 2), 0.5)
+>>> y = model(x).argmax(1)
+>>> result = ExactVerifier(time_limit=10.0).verify(model, x, y, eps=0.05)
+>>> result.status[0].value in ("verified", "falsified")
+True
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from numpy.typing import NDArray
+from scipy.optimize import Bounds, LinearConstraint, milp
+from torch import Tensor, nn
+
+from robustkit.errors import InputError
+from robustkit.verifiers import ops
+from robustkit.verifiers.base import (
+    Status,
+    VerificationResult,
+    Verifier,
+    check_labels,
+    input_box,
+    margin_spec,
+    worst_margin,
+)
+from robustkit.verifiers.crown import backward_bound, node_shapes
+from robustkit.verifiers.graph import INPUT, Graph
+from robustkit.verifiers.interval import interval_pass
+from robustkit.verifiers.symbolic import symbolic_pass
+
+logger = logging.getLogger(__name__)
+
+Array = NDArray[np.float64]
+
+# Jacobians are built from identity bases in chunks of at most this many output values, so a conv layer of a
+# CIFAR-sized input never materialises its dense (in_numel x out_numel) Jacobian at once.
+_CHUNK_VALUES = 1 << 22
+# HiGHS stops at a relative gap of 1e-4 by default; the reported minima should be exact to solver precision.
+_MIP_REL_GAP = 1e-7
+# A slice of the time budget shorter than this is not worth a new MILP (presolve alone takes about as long).
+_MIN_SLICE_S = 0.02
+# Relative widening of the relaxation's pre-activation bounds, which are computed in the model's precision
+# (float32 sums of hundreds of terms): a few float32 ulps of the terms' magnitude.
+_BOUND_SLACK = 1e-5
+
+
+@dataclass(frozen=True)
+class AffineMap:
+    """One affine layer as y = matrix @ x + bias over flattened neurons (matrix sparse, out x in)."""
+
+    matrix: sp.csr_matrix
+    bias: Array
+
+
+def affine_maps(graph: Graph, input_shape: tuple[int, ...], like: Tensor) -> dict[int, AffineMap | None]:
+    """The sparse matrix and bias of every affine node (None for reshapes that keep the flat order).
+
+    The matrix is the Jacobian of the layer's linear part, i.e. ``op.linear`` applied to an identity basis of
+    its input (computed on ``like``'s device and dtype), transposed.
+    """
+    shapes = node_shapes(graph, input_shape)
+    maps: dict[int, AffineMap | None] = {}
+    with torch.no_grad():
+        for index, node in enumerate(graph.nodes):
+            op = node.op
+            if not isinstance(op, ops.AffineOp):
+                continue
+            if isinstance(op, ops.FlattenOp | ops.IdentityOp):
+                maps[index] = None  # a flattened tensor keeps the row-major order the encoding uses
+                continue
+            in_shape, out_shape = shapes[node.inputs[0]], shapes[index]
+            n_in, n_out = ops.numel(in_shape), ops.numel(out_shape)
+            step = max(1, _CHUNK_VALUES // max(n_out, 1))
+            blocks = []
+            for start in range(0, n_in, step):
+                stop = min(n_in, start + step)
+                basis = torch.zeros(stop - start, n_in, device=like.device, dtype=like.dtype)
+                basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+                jacobian = op.linear(basis.view(-1, *in_shape)).reshape(stop - start, n_out)
+                blocks.append(sp.csr_matrix(jacobian.cpu().double().numpy()))
+            matrix = sp.csr_matrix(sp.vstack(blocks).T)
+            bias_tensor = op.bias(out_shape)
+            bias = (np.zeros(n_out) if bias_tensor is None
+                    else bias_tensor.detach().reshape(-1).cpu().double().numpy())
+            maps[index] = AffineMap(matrix, np.asarray(bias, dtype=np.float64))
+    return maps
+
+
+def _widen(matrix: sp.csr_matrix, columns: int) -> sp.csr_matrix:
+    """The same rows over more variables (variables are only ever appended)."""
+    return sp.csr_matrix((matrix.data, matrix.indices, matrix.indptr), shape=(matrix.shape[0], columns))
+
+
+@dataclass
+class Expression:
+    """Neurons as affine functions of the MILP variables: value = matrix @ v + const."""
+
+    matrix: sp.csr_matrix
+    const: Array
+
+
+@dataclass
+class MilpEncoding:
+    """The MILP of one sample: variables, constraints and the output layer as expressions of the variables."""
+
+    lower: Array
+    upper: Array
+    integrality: NDArray[np.int8]
+    constraints: sp.csr_matrix
+    row_lower: Array
+    row_upper: Array
+    output: Expression
+    n_input: int
+    n_binary: int
+
+
+@dataclass
+class _Builder:
+    lower: list[Array] = field(default_factory=list)
+    upper: list[Array] = field(default_factory=list)
+    integer: list[NDArray[np.int8]] = field(default_factory=list)
+    rows: list[sp.csr_matrix] = field(default_factory=list)
+    row_lower: list[Array] = field(default_factory=list)
+    row_upper: list[Array] = field(default_factory=list)
+    n_vars: int = 0
+
+    def variables(self, lower: Array, upper: Array, integer: bool = False) -> int:
+        """Append variables with these bounds; returns the index of the first."""
+        first = self.n_vars
+        self.lower.append(lower)
+        self.upper.append(upper)
+        self.integer.append(np.full(lower.shape[0], int(integer), dtype=np.int8))
+        self.n_vars += lower.shape[0]
+        return first
+
+    def constrain(self, matrix: sp.csr_matrix, lower: Array, upper: Array) -> None:
+        self.rows.append(matrix)
+        self.row_lower.append(lower)
+        self.row_upper.append(upper)
+
+    def relu(self, pre: Expression, low: Array, high: Array) -> Expression:
+        """Encode relu(pre) with per-neuron bounds [low, high]; returns the output as an expression."""
+        n = low.shape[0]
+        inactive = high <= 0
+        active = (low >= 0) & ~inactive
+        crossing = ~inactive & ~active
+        act, cross = np.flatnonzero(active), np.flatnonzero(crossing)
+        n_act, n_cross = act.size, cross.size
+        # one variable per active neuron (it equals its pre-activation), a and d per crossing neuron
+        first = self.variables(np.concatenate([low[act], np.zeros(n_cross)]),
+                               np.concatenate([high[act], high[cross]]))
+        binary = self.variables(np.zeros(n_cross), np.ones(n_cross), integer=True)
+        columns = self.n_vars
+        matrix = _widen(pre.matrix, columns)
+
+        def unit(indices: NDArray[np.intp], scale: Array | float = 1.0) -> sp.csr_matrix:
+            values = np.broadcast_to(np.asarray(scale, dtype=np.float64), indices.shape)
+            return sp.csr_matrix((values, (np.arange(indices.size), indices)), shape=(indices.size, columns))
+
+        if n_act:
+            # v - z = 0 with z = M v' + c, i.e. v - M v' = c
+            self.constrain(unit(first + np.arange(n_act)) - matrix[act], pre.const[act], pre.const[act])
+        if n_cross:
+            a = first + n_act + np.arange(n_cross)
+            d = binary + np.arange(n_cross)
+            z = matrix[cross]
+            c, lo, hi = pre.const[cross], low[cross], high[cross]
+            self.constrain(unit(a) - z, c, np.full(n_cross, np.inf))  # a >= z
+            self.constrain(unit(a) - z - unit(d, lo), np.full(n_cross, -np.inf), c - lo)  # a <= z - l (1 - d)
+            self.constrain(unit(a) - unit(d, hi), np.full(n_cross, -np.inf), np.zeros(n_cross))  # a <= u d
+        out_rows = np.concatenate([act, cross])
+        out_cols = np.concatenate([first + np.arange(n_act), first + n_act + np.arange(n_cross)])
+        out = sp.csr_matrix((np.ones(out_rows.size), (out_rows, out_cols)), shape=(n, columns))
+        return Expression(out, np.zeros(n))
+
+    def finish(self, output: Expression, n_input: int) -> MilpEncoding:
+        columns = self.n_vars
+        if self.rows:
+            constraints = sp.csr_matrix(sp.vstack([_widen(m, columns) for m in self.rows]))
+            row_lower, row_upper = np.concatenate(self.row_lower), np.concatenate(self.row_upper)
+        else:
+            constraints = sp.csr_matrix((0, columns))
+            row_lower, row_upper = np.zeros(0), np.zeros(0)
+        integrality = np.concatenate(self.integer)
+        return MilpEncoding(
+            lower=np.concatenate(self.lower), upper=np.concatenate(self.upper), integrality=integrality,
+            constraints=constraints, row_lower=row_lower, row_upper=row_upper,
+            output=Expression(_widen(output.matrix, columns), output.const), n_input=n_input,
+            n_binary=int(integrality.sum()),
+        )
+
+
+def encode(graph: Graph, maps: dict[int, AffineMap | None], lower: Array, upper: Array,
+           pre_activation: dict[int, tuple[Array, Array]]) -> MilpEncoding:
+    """The MILP of one sample over the flat input box [lower, upper] with flat pre-activation bounds."""
+    builder = _Builder()
+    n_input = lower.shape[0]
+    builder.variables(lower, upper)
+    values: dict[int, Expression] = {INPUT: Expression(sp.identity(n_input, format="csr"), np.zeros(n_input))}
+    remaining = {key: len(users) for key, users in graph.consumers().items()}
+    for index, node in enumerate(graph.nodes):
+        op = node.op
+        if isinstance(op, ops.AffineOp):
+            source = values[node.inputs[0]]
+            layer = maps[index]
+            if layer is None:
+                value = source
+            else:
+                value = Expression(sp.csr_matrix(layer.matrix @ _widen(source.matrix, builder.n_vars)),
+                                   layer.matrix @ source.const + layer.bias)
+        elif isinstance(op, ops.ReLUOp):
+            low, high = pre_activation[index]
+            value = builder.relu(values[node.inputs[0]], low, high)
+        elif isinstance(op, ops.AddOp):
+            first, second = (values[i] for i in node.inputs)
+            value = Expression(sp.csr_matrix(_widen(first.matrix, builder.n_vars)
+                                             + _widen(second.matrix, builder.n_vars)), first.const + second.const)
+        else:
+            raise TypeError(f"no MILP rule for {type(op).__name__}")
+        values[index] = value
+        for source_index in set(node.inputs):
+            remaining[source_index] -= node.inputs.count(source_index)
+            if remaining[source_index] == 0:
+                del values[source_index]
+    return builder.finish(values[len(graph.nodes) - 1], n_input)
+
+
+@dataclass(frozen=True)
+class MilpOutcome:
+    """One minimisation of ``objective @ f(x)``: the proven lower bound (-inf when none) and a solution."""
+
+    bound: float
+    value: float | None
+    solution: Array | None
+    optimal: bool
+    seconds: float
+
+
+def minimise(encoding: MilpEncoding, objective: Array, time_limit: float, floor: float | None = None) -> MilpOutcome:
+    """Minimise ``objective @ f(x)`` over the encoding within ``time_limit`` seconds.
+
+    With ``floor`` the objective is also constrained to be >= floor: the solver then stops as soon as it
+    reaches the floor, instead of proving how far below it the true minimum lies. The returned bound is
+    then only meaningful when it is above the floor (see :meth:`ExactVerifier.verify`).
+    """
+    start = time.perf_counter()
+    cost = np.asarray(encoding.output.matrix.T @ objective).ravel()
+    const = float(encoding.output.const @ objective)
+    matrix, row_lower, row_upper = encoding.constraints, encoding.row_lower, encoding.row_upper
+    if floor is not None:
+        matrix = sp.csr_matrix(sp.vstack([matrix, sp.csr_matrix(cost.reshape(1, -1))]))
+        row_lower = np.append(row_lower, floor - const)
+        row_upper = np.append(row_upper, np.inf)
+    if not np.any(cost):
+        # f is constant in the direction of the objective (e.g. every neuron it depends on is inactive)
+        return MilpOutcome(const, const, np.asarray(encoding.lower[:encoding.n_input]), True, 0.0)
+    constraints = [LinearConstraint(matrix, row_lower, row_upper)] if matrix.shape[0] else []
+    result: Any = milp(
+        cost, integrality=encoding.integrality, bounds=Bounds(encoding.lower, encoding.upper),
+        constraints=constraints,
+        options={"time_limit": max(time_limit, 1e-3), "mip_rel_gap": _MIP_REL_GAP, "presolve": True},
+    )
+    seconds = time.perf_counter() - start
+    solution = None if result.x is None else np.asarray(result.x[:encoding.n_input], dtype=np.float64)
+    value = None if result.fun is None or result.x is None else float(result.fun) + const
+    optimal = result.status == 0
+    dual = getattr(result, "mip_dual_bound", None)
+    if optimal and value is not None and (dual is None or not math.isfinite(dual)):
+        bound = value  # a problem without binaries is an LP: its optimum is its own bound
+    elif dual is not None and math.isfinite(dual):
+        bound = float(dual) + const
+    else:
+        bound = -math.inf
+    if result.status not in (0, 1):
+        logger.warning("MILP ended with status %d (%s); treating it as giving no bound", result.status,
+                       result.message)
+        bound, optimal = -math.inf, False
+    logger.debug("MILP: status %d, value %s, bound %.6g, %.2fs, %d binaries", result.status, value, bound,
+                 seconds, encoding.n_binary)
+    return MilpOutcome(bound, value, solution, optimal, seconds)
+
+
+def _graph_forward(graph: Graph, x: Tensor) -> Tensor:
+    """The network's output computed by the bound operators themselves (a batch of inputs)."""
+    values: dict[int, Tensor] = {INPUT: x}
+    for index, node in enumerate(graph.nodes):
+        op = node.op
+        if isinstance(op, ops.AddOp):
+            values[index] = values[node.inputs[0]] + values[node.inputs[1]]
+        else:
+            values[index] = op.forward(values[node.inputs[0]])
+    return values[len(graph.nodes) - 1].flatten(1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExactVerifier(Verifier):
+    """Complete verification by MILP (big-M ReLU encoding, HiGHS); see the module docstring.
+
+    ``time_limit`` is the budget in seconds per sample for all its MILPs together (per sample and
+    specification row in :meth:`spec_lower`); ``bounds_method`` (``"symbolic"`` or ``"interval"``) supplies
+    the ReLU bounds of the encoding; a margin counts as proven positive when its MILP bound exceeds
+    ``tolerance``; and the MILP of :meth:`verify` stops as soon as it finds a point whose margin is
+    ``-falsify_margin`` (a counterexample with room for rounding) instead of computing how negative the
+    margin can get.
+    """
+
+    name: ClassVar[str] = "exact"
+    time_limit: float = 60.0
+    bounds_method: str = "symbolic"
+    tolerance: float = 1e-5
+    falsify_margin: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for option in ("time_limit", "tolerance", "falsify_margin"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise InputError(f"exact {option} must be a finite number, got {value!r}")
+        if self.time_limit <= 0:
+            raise InputError(f"exact time_limit must be positive (seconds), got {self.time_limit}")
+        if self.tolerance < 0 or self.falsify_margin <= 0:
+            raise InputError(
+                f"exact tolerance must be >= 0 and falsify_margin > 0, got {self.tolerance} and {self.falsify_margin}"
+            )
+        if self.bounds_method not in ("symbolic", "interval"):
+            raise InputError(f"exact bounds_method must be 'symbolic' or 'interval', got {self.bounds_method!r}")
+
+    def relaxation(self, graph: Graph, lower: Tensor, upper: Tensor,
+                   spec: Tensor) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
+        """Relaxation bounds (B, K) of ``spec @ f`` and the pre-activation bounds of every ReLU node.
+
+        The bound is the better of the bounds method's and a CROWN backward pass over the same pre-activation
+        bounds: it decides which margins need a MILP, and the order in which they are tried.
+        """
+        if self.bounds_method == "symbolic":
+            symbolic = symbolic_pass(graph, lower, upper, spec)
+            base, pre = symbolic.spec_lower, symbolic.pre_activation
+        else:
+            interval = interval_pass(graph, lower, upper, spec)
+            base, pre = interval.spec_lower, interval.pre_activation
+        return torch.maximum(base, backward_bound(graph, lower, upper, spec, pre)), pre
+
+    def _encode(self, graph: Graph, maps: dict[int, AffineMap | None], lower: Tensor, upper: Tensor,
+                pre: dict[int, tuple[Tensor, Tensor]], sample: int) -> MilpEncoding:
+        # the relaxation's bounds are computed in the model's precision: widen them by more than its rounding
+        # so that no point of the box is cut off by the big-M constraints of a crossing or active neuron
+        bounds = {}
+        for index, (low, high) in pre.items():
+            lo, hi = _numpy(low[sample]), _numpy(high[sample])
+            lo_wide = np.where(lo < 0, lo - _BOUND_SLACK * (1 + np.abs(lo)), lo)
+            hi_wide = np.where(hi > 0, hi + _BOUND_SLACK * (1 + np.abs(hi)), hi)
+            bounds[index] = (lo_wide, hi_wide)
+        return encode(graph, maps, _numpy(lower[sample]), _numpy(upper[sample]), bounds)
+
+    def spec_lower(self, graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> Tensor:
+        """Lower bounds (B, K) of ``spec[b] @ f(x')`` over the box by one MILP per sample and row.
+
+        Each MILP's dual bound is returned (the exact minimum when it is solved within the time budget), never
+        below the relaxation bound. The result is a constant: exact bounds are not differentiable.
+        """
+        with torch.no_grad():
+            relax, pre = self.relaxation(graph, lower, upper, spec)
+            maps = affine_maps(graph, tuple(lower.shape[1:]), lower)
+            best = relax.detach().clone()
+            rows = spec.detach().reshape(spec.shape[0], spec.shape[1], -1).cpu().double().numpy()
+            for sample in range(lower.shape[0]):
+                deadline = time.perf_counter() + self.time_limit
+                encoding = self._encode(graph, maps, lower, upper, pre, sample)
+                wanted = [k for k in range(rows.shape[1]) if np.any(rows[sample, k])]
+                for position, k in enumerate(wanted):
+                    remaining = deadline - time.perf_counter()
+                    if remaining < _MIN_SLICE_S:
+                        logger.info("sample %d: time limit reached, %d rows keep their relaxation bound",
+                                    sample, len(wanted) - position)
+                        break
+                    outcome = minimise(encoding, rows[sample, k], remaining / (len(wanted) - position))
+                    bound = outcome.bound
+                    if outcome.solution is not None:
+                        point = self._clip(outcome.solution, lower[sample], upper[sample])
+                        actual = float(_graph_forward(graph, point)[0].double().cpu() @ torch.from_numpy(rows[sample, k]))
+                        bound = self._trusted(bound, actual)
+                    if bound > float(best[sample, k]):
+                        best[sample, k] = bound
+            return best
+
+    @staticmethod
+    def _clip(solution: Array, lower: Tensor, upper: Tensor) -> Tensor:
+        """A MILP solution as an input of the model, inside the box despite the solver's tolerances."""
+        point = torch.from_numpy(solution).to(device=lower.device, dtype=lower.dtype).view(1, *lower.shape)
+        return torch.minimum(torch.maximum(point, lower.unsqueeze(0)), upper.unsqueeze(0))
+
+    def _trusted(self, bound: float, actual: float) -> float:
+        """The MILP bound, or -inf when a forward pass at the MILP's own solution shows it to be wrong."""
+        if bound > actual + self.tolerance + _BOUND_SLACK * (1 + abs(actual)):
+            logger.warning("MILP bound %.6g exceeds the value %.6g at its own solution: numerical trouble, "
+                           "keeping the relaxation bound", bound, actual)
+            return -math.inf
+        return bound
+
+    def verify(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> VerificationResult:
+        """Decide every sample: verified, falsified (with a counterexample), timeout or unknown."""
+        start = time.perf_counter()
+        with torch.no_grad():
+            graph, x, labels, eps = self._prepare(model, x, y, eps)
+            assert labels is not None
+            logits = model(x)
+            num_classes = int(logits.shape[1])
+            check_labels(labels, num_classes)
+            lower, upper = input_box(x, eps)
+            spec = margin_spec(labels, num_classes).to(x.dtype)
+            relax, pre = self.relaxation(graph, lower, upper, spec)
+            maps = affine_maps(graph, tuple(x.shape[1:]), x)
+        batch = x.shape[0]
+        shared = (time.perf_counter() - start) / batch  # the batched relaxation, shared equally
+        prediction = logits.argmax(1)
+        margins = relax.detach().cpu().double().clone()
+        margins[torch.arange(batch), labels.cpu()] = 0.0
+        counterexample = torch.full_like(x, float("nan"))
+        status: list[Status] = []
+        seconds: list[float] = []
+        for sample in range(batch):
+            began = time.perf_counter()
+            label = int(labels[sample])
+            if int(prediction[sample]) != label:
+                status.append(Status.FALSIFIED)
+                counterexample[sample] = x[sample]
+            else:
+                outcome, point = self._decide(model, graph, maps, lower, upper, pre, label, margins, sample)
+                status.append(outcome)
+                if point is not None:
+                    counterexample[sample] = point[0]
+            seconds.append(time.perf_counter() - began + shared)
+            logger.info("sample %d: %s in %.2fs", sample, status[-1].value, seconds[-1])
+        margins = margins.to(x.dtype)
+        return VerificationResult(
+            method=self.name, eps=eps, status=tuple(status), margin_lower=worst_margin(margins, labels.cpu()),
+            margins_lower=margins, prediction=prediction.cpu(), time_s=torch.tensor(seconds),
+            counterexample=counterexample.cpu(),
+        )
+
+    def _decide(self, model: nn.Module, graph: Graph, maps: dict[int, AffineMap | None], lower: Tensor,
+                upper: Tensor, pre: dict[int, tuple[Tensor, Tensor]], label: int, margins: Tensor,
+                sample: int) -> tuple[Status, Tensor | None]:
+        """Decide one correctly classified sample; improves ``margins[sample]`` in place."""
+        deadline = time.perf_counter() + self.time_limit
+        row = margins[sample]
+        # weakest relaxation bound first: the likeliest counterexample, and the hardest proof
+        pending = [j for j in torch.argsort(row).tolist() if j != label and float(row[j]) <= 0]
+        if not pending:
+            return Status.VERIFIED, None
+        encoding = self._encode(graph, maps, lower, upper, pre, sample)
+        logger.debug("sample %d: %d margins need a MILP with %d binaries", sample, len(pending), encoding.n_binary)
+        box_lower, box_upper = lower[sample], upper[sample]
+        last_slice: dict[int, float] = {}
+        borderline = timed_out = False
+        while pending:
+            remaining = deadline - time.perf_counter()
+            j = pending.pop(0)
+            share = remaining / (len(pending) + 1)
+            if share < max(_MIN_SLICE_S, 1.25 * last_slice.get(j, 0.0)):
+                timed_out = True  # a retry with barely more time than last time is not worth it
+                continue
+            last_slice[j] = share
+            objective = np.zeros(row.shape[0])
+            objective[label], objective[j] = 1.0, -1.0
+            outcome = minimise(encoding, objective, share, floor=-self.falsify_margin)
+            bound = outcome.bound if outcome.bound > -self.falsify_margin else -math.inf
+            if outcome.solution is not None:
+                point = self._clip(outcome.solution, box_lower, box_upper)
+                logits = model(point).double()[0]
+                if bool((logits > logits[label]).any()):
+                    return Status.FALSIFIED, point
+                bound = self._trusted(bound, float(logits[label] - logits[j]))
+            row[j] = max(float(row[j]), bound)
+            if bound > self.tolerance:
+                continue
+            if outcome.optimal:
+                logger.warning("sample %d, class %d: MILP minimum %.3g is not positive but its solution is not "
+                               "misclassified (numerically borderline)", sample, j, outcome.value)
+                borderline = True
+            else:
+                pending.append(j)  # out of time: retried if the others leave time over
+        if timed_out:
+            return Status.TIMEOUT, None
+        return (Status.UNKNOWN if borderline else Status.VERIFIED), None
+
+
+def _numpy(t: Tensor) -> Array:
+    return np.asarray(t.detach().reshape(-1).cpu().double().numpy(), dtype=np.float64)

@@ -1,0 +1,138 @@
+"""Read a module with its own ``forward`` (a user's network class) into bound operators with ``torch.fx``.
+
+The module is traced symbolically; robustkit's own layers and every standard layer stay leaves, so each
+``call_module`` goes through the same builder as ``nn.Sequential`` children. Functions understood: ReLU
+(``F.relu``, ``torch.relu``, ``x.relu()``), flattening (``torch.flatten(x, 1)``, ``x.flatten(1)``,
+``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``), the sum of two tensors (a skip connection) and
+adding, subtracting, multiplying or dividing by a number. Anything else is reported as unsupported.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from robustkit.verifiers import ops
+
+if TYPE_CHECKING:
+    from robustkit.verifiers.graph import _Builder
+
+_RELU: tuple[Callable[..., Any], ...] = (F.relu, torch.relu)
+_ADD = (operator.add, torch.add, operator.iadd)
+_BATCH = "batch"  # marker for values equal to the batch size (x.size(0), x.shape[0])
+_SHAPE = "shape"  # marker for x.shape / x.size()
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps every module the builder knows (and robustkit's own layers) as a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        from robustkit.verifiers.graph import OPERATORS, PASS_THROUGH
+
+        if isinstance(m, tuple(OPERATORS) + PASS_THROUGH) or type(m).__module__ == "robustkit.nn":
+            return True
+        return bool(super().is_leaf_module(m, module_qualified_name))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _flatten_target(args: tuple[Any, ...], values: dict[str, Any]) -> bool:
+    """Whether view/reshape arguments (after the tensor) mean "keep the batch, flatten the rest"."""
+    shape = args[0] if len(args) == 1 and isinstance(args[0], tuple | list) else args
+    if len(shape) != 2:
+        return False
+    first = values.get(shape[0].name) if isinstance(shape[0], fx.Node) else shape[0]
+    return first in (_BATCH, -1) and shape[1] == -1
+
+
+def emit_traced(builder: _Builder, module: nn.Module, source: int, path: str) -> int:
+    """Emit the nodes of ``module``'s traced forward; unsupported operations are recorded in the builder."""
+    where = path or "model"
+    try:
+        graph = _LeafTracer().trace(module)
+    except Exception as exc:  # noqa: BLE001 - tracing runs user code; any failure means "cannot analyse"
+        builder.unsupported.append(f"{where} ({type(module).__name__}: its forward cannot be traced: "
+                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        return source
+    values: dict[str, Any] = {}  # fx node name -> graph node index, or a shape marker
+    result = source
+    for node in graph.nodes:
+        args = node.args
+        tensor_args = [a for a in args if isinstance(a, fx.Node) and isinstance(values.get(a.name), int)]
+        first = values.get(args[0].name) if args and isinstance(args[0], fx.Node) else None
+        name = f"{where}.{node.name}"
+        if any(isinstance(a, fx.Node) and a.name in values and values[a.name] is None for a in node.args):
+            values[node.name] = None  # depends on an operation already reported as unsupported
+            continue
+        if node.op == "placeholder":
+            if values:
+                builder.unsupported.append(f"{where} ({type(module).__name__}: forward takes several inputs)")
+            values[node.name] = source
+        elif node.op == "output":
+            output = args[0]
+            if not isinstance(output, fx.Node) or not isinstance(values.get(output.name), int | None):
+                builder.unsupported.append(f"{where} ({type(module).__name__}: forward must return one tensor)")
+            elif values[output.name] is not None:
+                result = values[output.name]
+        elif node.op == "call_module":
+            submodule = module.get_submodule(str(node.target))
+            values[node.name] = builder.emit(submodule, int(first), f"{where}.{node.target}")
+        elif node.op == "call_method" and node.target == "size" and len(args) == 2 and args[1] == 0:
+            values[node.name] = _BATCH
+        elif node.op == "call_function" and node.target is getattr and args[1:] == ("shape",):
+            values[node.name] = _SHAPE
+        elif node.op == "call_method" and node.target == "size" and len(args) == 1:
+            values[node.name] = _SHAPE
+        elif node.op == "call_function" and node.target is operator.getitem and first == _SHAPE and args[1] == 0:
+            values[node.name] = _BATCH
+        elif node.op == "call_function" and len(args) == 2 and not node.kwargs and len(tensor_args) == 1 and (
+            _is_number(args[0]) or _is_number(args[1])
+        ):
+            values[node.name] = _scalar(builder, node, values, name)
+        elif not isinstance(first, int):
+            builder.unsupported.append(f"{name} ({node.op} {getattr(node.target, '__name__', node.target)})")
+            values[node.name] = None
+        elif (node.op == "call_function" and node.target in _RELU) or (
+            node.op == "call_method" and node.target in ("relu", "relu_")
+        ):
+            values[node.name] = builder.add(ops.ReLUOp(), (first,))
+        elif (node.op == "call_function" and node.target is torch.flatten and args[1:] in ((1,), (1, -1))) or (
+            node.op == "call_method" and node.target == "flatten" and args[1:] in ((1,), (1, -1))
+        ) or (node.op == "call_method" and node.target in ("view", "reshape") and _flatten_target(args[1:], values)):
+            values[node.name] = builder.add(ops.FlattenOp(), (first,))
+        elif node.op == "call_function" and node.target in _ADD and len(tensor_args) == 2:
+            values[node.name] = builder.add(ops.AddOp(), (values[tensor_args[0].name], values[tensor_args[1].name]))
+        else:
+            builder.unsupported.append(f"{name} ({node.op} {getattr(node.target, '__name__', node.target)})")
+            values[node.name] = None
+    return result
+
+
+def _scalar(builder: _Builder, node: fx.Node, values: dict[str, Any], name: str) -> int | None:
+    """x + c, c + x, x - c, c - x, x * c, c * x, x / c as a scalar affine operator."""
+    left, right = node.args[0], node.args[1]
+    tensor_first = isinstance(left, fx.Node)
+    tensor = left if tensor_first else right
+    constant = float(right if tensor_first else left)  # type: ignore[arg-type]
+    assert isinstance(tensor, fx.Node)
+    target = node.target
+    affine: tuple[float, float] | None = None
+    if target in (operator.add, torch.add):
+        affine = (1.0, constant)
+    elif target in (operator.sub, torch.sub):
+        affine = (1.0, -constant) if tensor_first else (-1.0, constant)
+    elif target in (operator.mul, torch.mul):
+        affine = (constant, 0.0)
+    elif target in (operator.truediv, torch.div) and tensor_first and constant != 0:
+        affine = (1.0 / constant, 0.0)
+    if affine is None:
+        builder.unsupported.append(f"{name} ({getattr(target, '__name__', target)} with the number {constant})")
+        return None
+    return builder.add(ops.ScalarAffineOp(*affine), (int(values[tensor.name]),))
