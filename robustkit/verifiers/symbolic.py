@@ -13,24 +13,49 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from robustkit.verifiers import ops
 from robustkit.verifiers.base import Verifier
-from robustkit.verifiers.graph import INPUT, Graph, node_shapes
+from robustkit.errors import InputError
+from robustkit.verifiers.graph import INPUT, Graph, build_graph, check_reproduces, node_shapes
 from robustkit.verifiers.interval import Box, affine_box, relu_box, spec_lower_from_box
-from robustkit.verifiers.symstate import SymState, add, affine, relaxation, relu, spec_lower
+from robustkit.verifiers.symstate import INPUT_BLOCK, SymState, add, affine, relaxation, relu, spec_lower
 
 
 @dataclass
 class SymbolicPass:
-    """The specification's lower bounds and, per ReLU node, the pre-activation bounds used."""
+    """The specification's lower bounds and, per ReLU node, the pre-activation bounds used.
+
+    ``input_coefficients`` (B, K, *input_shape), when asked for, holds the coefficient of each input
+    coordinate in the symbolic expression of every specification row: the "interval gradient" of the
+    interval attack (its sign is the direction in which the symbolic bound of that row grows).
+    """
 
     spec_lower: Tensor
     pre_activation: dict[int, tuple[Tensor, Tensor]]
+    input_coefficients: Tensor | None = None
 
 
-def symbolic_pass(graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor, naive: bool = False) -> SymbolicPass:
+def _input_coefficients(state: SymState, spec: Tensor, input_shape: tuple[int, ...]) -> Tensor:
+    b, k = spec.shape[:2]
+    if state.scale is not None:
+        if state.shared is None:
+            coefficients = spec * state.scale.unsqueeze(1)
+        else:
+            projected = torch.einsum("in,bkn->bki", state.shared.flatten(1), spec)
+            coefficients = projected * state.scale.unsqueeze(1)
+    elif INPUT_BLOCK in state.dense:
+        rows = state.dense[INPUT_BLOCK]
+        coefficients = torch.bmm(spec, rows.reshape(b, rows.shape[1], -1).transpose(1, 2))
+    else:
+        coefficients = torch.zeros(b, k, ops.numel(input_shape), device=spec.device, dtype=spec.dtype)
+    return coefficients.reshape(b, k, *input_shape)
+
+
+def symbolic_pass(
+    graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor, naive: bool = False, coefficients: bool = False
+) -> SymbolicPass:
     """Propagate symbolic intervals over the box [lower, upper] and bound ``spec @ f`` from below."""
     states: dict[int, SymState] = {INPUT: SymState.from_box(lower, upper)}
     boxes: dict[int, Box] = {INPUT: Box.from_bounds(lower, upper)}
@@ -63,9 +88,11 @@ def symbolic_pass(graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor, naiv
             if remaining[source_index] == 0:
                 del states[source_index]  # free generator rows as soon as no node needs them
     last = len(graph.nodes) - 1
-    symbolic = spec_lower(states[last], spec.reshape(spec.shape[0], spec.shape[1], -1))
+    flat_spec = spec.reshape(spec.shape[0], spec.shape[1], -1)
+    symbolic = spec_lower(states[last], flat_spec)
     interval = spec_lower_from_box(graph, boxes, spec)
-    return SymbolicPass(torch.maximum(symbolic, interval), pre)
+    found = _input_coefficients(states[last], flat_spec, tuple(lower.shape[1:])) if coefficients else None
+    return SymbolicPass(torch.maximum(symbolic, interval), pre, found)
 
 
 def symbolic_chunk(graph: Graph, input_shape: tuple[int, ...], memory_limit_gb: float) -> int:
@@ -107,3 +134,18 @@ class SymbolicNaiveVerifier(Verifier):
 
     def spec_lower(self, graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> Tensor:
         return symbolic_pass(graph, lower, upper, spec, naive=True).spec_lower
+
+
+def box_bounds(model: nn.Module, lower: Tensor, upper: Tensor, spec: Tensor, coefficients: bool = False) -> SymbolicPass:
+    """Symbolic lower bounds of ``spec @ f`` over an arbitrary box [lower, upper] inside [0, 1].
+
+    ``spec`` is (B, K, n_outputs). Used by the interval attack, whose boxes are small neighbourhoods of its
+    current point rather than eps-balls around the clean input.
+    """
+    if lower.shape != upper.shape or bool((lower > upper).any()):
+        raise InputError("box_bounds needs lower <= upper of the same shape")
+    if bool((lower < 0).any()) or bool((upper > 1).any()):
+        raise InputError("box_bounds needs a box inside [0, 1]")
+    graph = build_graph(model)
+    check_reproduces(graph, model, lower[:2])
+    return symbolic_pass(graph, lower, upper, spec, coefficients=coefficients)
