@@ -38,7 +38,8 @@ def test_write_text_keeps_newlines_and_unicode(tmp_path):
 
 def test_write_csv_round_trips(tmp_path):
     target = tmp_path / "results.csv"
-    write_csv(target, ["method", "eps", "verified", "note"], [["interval", 0.1, True, None], ["crown", 0.3, False, "a,b"]])
+    rows_in = [["interval", 0.1, True, None], ["crown", 0.3, False, "a,b"]]
+    write_csv(target, ["method", "eps", "verified", "note"], rows_in)
     with target.open(newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows == [["method", "eps", "verified", "note"], ["interval", "0.1", "1", ""], ["crown", "0.3", "0", "a,b"]]

@@ -14,7 +14,7 @@ from robustkit.attacks.interval import IntervalAttack
 from robustkit.attacks.pgd import PGD, CWLinf
 from robustkit.registry import Registry
 
-__all__ = ["ATTACKS", "PGD", "Attack", "AttackResult", "CWL2", "CWLinf", "IntervalAttack", "get_attack", "margins"]
+__all__ = ["ATTACKS", "CWL2", "PGD", "Attack", "AttackResult", "CWLinf", "IntervalAttack", "get_attack", "margins"]
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 ATTACKS.add("pgd", PGD)

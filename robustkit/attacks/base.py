@@ -119,7 +119,9 @@ def preserved_model(model: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
-def input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+def input_gradient(
+    model: nn.Module, x: Tensor, y: Tensor, loss: Callable[[Tensor, Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
     """Logits at x and the gradient of the per-sample loss with respect to x."""
     point = x.detach().requires_grad_(True)
     with torch.enable_grad():

@@ -89,8 +89,8 @@ class CWL2(Attack):
                     margin = margins(logits, y)
                     distance = (point - x).flatten(1).pow(2).sum(1)
                     loss = distance + const * (margin + self.confidence).clamp(min=0)
-                    optimizer.zero_grad()
-                    loss.sum().backward()
+                    (grad,) = torch.autograd.grad(loss.sum(), w)
+                w.grad = grad
                 optimizer.step()
                 with torch.no_grad():
                     adversarial = margin < 0

@@ -25,7 +25,8 @@ Defaults, from the authors' code, in input units: ``inner_steps`` = 40 PGD steps
 >>> import torch
 >>> from robustkit.models import build_model
 >>> model = build_model("toy2d", seed=0).eval()
->>> result = IntervalAttack(inner_steps=5, iterations=1)(model, torch.full((2, 1, 1, 2), 0.5), torch.tensor([0, 1]), eps=0.1)
+>>> attack = IntervalAttack(inner_steps=5, iterations=1)
+>>> result = attack(model, torch.full((2, 1, 1, 2), 0.5), torch.tensor([0, 1]), eps=0.1)
 >>> bool(((result.x_adv - 0.5).abs() <= 0.1 + 1e-6).all())
 True
 """

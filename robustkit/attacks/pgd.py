@@ -107,7 +107,8 @@ class PGD(Attack):
     def absolute_step(self, eps: float) -> float:
         if self.step_size is not None:
             return self.step_size
-        relative = self.rel_step_size if self.rel_step_size is not None else (0.01 / 0.3 if self.norm == "linf" else 0.025)
+        default = 0.01 / 0.3 if self.norm == "linf" else 0.025
+        relative = self.rel_step_size if self.rel_step_size is not None else default
         return relative * eps
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator) -> Tensor:

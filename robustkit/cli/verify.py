@@ -38,7 +38,7 @@ from robustkit.verifiers import VERIFIERS, Status
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from robustkit.verifiers import Verifier
+    from robustkit.verifiers import VerificationResult, Verifier
 
 TIME_LIMIT_OPTION = "time_limit"
 COMMON_COLUMNS = ("dataset", "model", "checkpoint", "trainer", "method", "eps", "seed", "n")
@@ -97,16 +97,16 @@ def make_verifiers(methods: Sequence[str], timeout: float | None) -> dict[str, V
     return verifiers
 
 
-def run_method(model: nn.Module, data: EvalData, name: str, verifier: Verifier, eps_list: Sequence[float]) -> list[
-    MethodRun
-]:
+def run_method(
+    model: nn.Module, data: EvalData, name: str, verifier: Verifier, eps_list: Sequence[float]
+) -> list[MethodRun]:
     """Verify every sample with one method at every eps, batch by batch, with one progress bar."""
     import torch
 
     from robustkit.progress import progress
 
     steps = [(eps, batch) for eps in eps_list for batch in data.batches()]
-    parts: dict[float, list[Any]] = {eps: [] for eps in eps_list}
+    parts: dict[float, list[VerificationResult]] = {eps: [] for eps in eps_list}
     for eps, (_, x, y) in progress(steps, desc=f"verify {name}", unit="batch"):
         parts[eps].append(verifier.verify(model, x, y, eps))
     runs = []
@@ -152,10 +152,13 @@ def write_results(out: Path, runs: Sequence[MethodRun], data: EvalData, model_ar
     summary_rows: list[list[Any]] = []
     for run in runs:
         common = [data.dataset.name, model_args.spec, checkpoint, "", run.method, run.eps, seed, data.n]
-        for position, index in enumerate(data.indices):
+        columns = zip(
+            data.indices, labels.tolist(), run.prediction.tolist(), run.status, run.margin_lower.tolist(),
+            run.time_s.tolist(), strict=True,
+        )
+        for index, label, prediction, status, margin, seconds in columns:
             sample_rows.append([
-                *common, index, int(labels[position]), int(run.prediction[position]), run.status[position].value,
-                format(float(run.margin_lower[position]), ".9g"), format(float(run.time_s[position]), ".6g"),
+                *common, index, label, prediction, status.value, format(margin, ".9g"), format(seconds, ".6g"),
                 __version__,
             ])
         total_time = float(run.time_s.sum())
@@ -226,9 +229,10 @@ def verify(
     if timeout is not None and not any(accepts_option(VERIFIERS[m], TIME_LIMIT_OPTION) for m in methods):
         click.echo(f"Note: --timeout is ignored: none of {', '.join(methods)} takes a time limit.", err=True)
 
+    folder = output_dir(out, "verify")  # before the long part, so that a bad --out fails at once
+
     runs = [run for name, verifier in verifiers.items() for run in run_method(model, data, name, verifier, eps)]
     conflicts = find_conflicts(runs, data)
-    folder = output_dir(out, "verify")
     write_results(folder, runs, data, model_args, options.seed)
 
     click.echo(format_summary(runs, data.split.y))

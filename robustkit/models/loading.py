@@ -262,7 +262,7 @@ def _probe(model: nn.Module, input_shape: Sequence[int], num_classes: int | None
     try:
         with torch.no_grad():
             out = model(probe)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's model on the expected input
         raise ModelLoadError(
             f"the model fails on inputs of shape (N, {', '.join(map(str, input_shape))}): "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

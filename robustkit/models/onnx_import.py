@@ -259,7 +259,7 @@ def _shape_info(model: Any) -> tuple[dict[str, int], dict[str, list[Any]]]:
 
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:
+    except Exception:  # noqa: BLE001 - shape inference is only a hint; conversion errors name the real problem
         inferred = model
     ranks: dict[str, int] = {}
     dims: dict[str, list[Any]] = {}

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from robustkit.registry import Registry
 from robustkit.verifiers.base import LogitBounds, Status, VerificationResult, Verifier
 from robustkit.verifiers.crown import CrownVerifier
+from robustkit.verifiers.exact import ExactVerifier
 from robustkit.verifiers.interval import interval_pass
 from robustkit.verifiers.symbolic import SymbolicNaiveVerifier, SymbolicVerifier
 
@@ -48,6 +49,7 @@ VERIFIERS.add("interval", IntervalVerifier)
 VERIFIERS.add("symbolic", SymbolicVerifier)
 VERIFIERS.add("symbolic-naive", SymbolicNaiveVerifier)
 VERIFIERS.add("crown", CrownVerifier)
+VERIFIERS.add("exact", ExactVerifier)
 
 
 def get_verifier(method: str | Verifier, **options: Any) -> Verifier:

@@ -158,7 +158,9 @@ class Verifier(ABC):
         ]
         return torch.cat(pieces)
 
-    def _prepare(self, model: nn.Module, x: Tensor, y: Tensor | None, eps: float) -> tuple[Graph, Tensor, Tensor | None, float]:
+    def _prepare(
+        self, model: nn.Module, x: Tensor, y: Tensor | None, eps: float
+    ) -> tuple[Graph, Tensor, Tensor | None, float]:
         eps = validate_eps(eps)
         graph = build_graph(model)
         x, y = validate_inputs(model, x, y)
@@ -190,7 +192,7 @@ class Verifier(ABC):
         """Verify every sample of the batch; misclassified clean points are falsified by themselves."""
         start = time.perf_counter()
         with torch.no_grad():
-            graph, x, labels, eps = self._prepare(model, x, y, eps)
+            _, x, labels, eps = self._prepare(model, x, y, eps)
             assert labels is not None
             logits = model(x)
             check_labels(labels, logits.shape[1])

@@ -43,6 +43,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -62,12 +64,13 @@ from robustkit.verifiers.base import (
     check_labels,
     input_box,
     margin_spec,
+    output_size,
     worst_margin,
 )
-from robustkit.verifiers.crown import backward_bound, node_shapes
-from robustkit.verifiers.graph import INPUT, Graph
+from robustkit.verifiers.crown import backward_bound
+from robustkit.verifiers.graph import INPUT, Graph, graph_forward, node_shapes
 from robustkit.verifiers.interval import interval_pass
-from robustkit.verifiers.symbolic import symbolic_pass
+from robustkit.verifiers.symbolic import symbolic_chunk, symbolic_pass
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +81,22 @@ Array = NDArray[np.float64]
 _CHUNK_VALUES = 1 << 22
 # HiGHS stops at a relative gap of 1e-4 by default; the reported minima should be exact to solver precision.
 _MIP_REL_GAP = 1e-7
+# ``verify`` only needs the sign of each minimum: HiGHS stops once (best - bound) <= gap * |best|, i.e. for a
+# positive best value once the bound exceeds a tenth of it, and for a negative one (a counterexample, which
+# ends the search anyway) once the bound is within twice of it. This skips most of the work of closing the
+# gap of margins that are far from zero.
+_DECISION_GAP = 0.9
 # A slice of the time budget shorter than this is not worth a new MILP (presolve alone takes about as long).
 _MIN_SLICE_S = 0.02
+# The first pass over a sample's MILPs gives each this fraction of the time limit; see ``_deepen``.
+_FIRST_SLICE = 1 / 16
 # Relative widening of the relaxation's pre-activation bounds, which are computed in the model's precision
-# (float32 sums of hundreds of terms): a few float32 ulps of the terms' magnitude.
+# (float32 sums of hundreds of terms), so that the big-M constraints never cut off a point of the box.
 _BOUND_SLACK = 1e-5
+# PGD restarts of the counterexample search that precedes the MILPs of ``verify``.
+_ATTACK_RESTARTS = 2
+# Memory for the batched ``symbolic`` relaxation (the same budget as the symbolic verifier's default).
+_MEMORY_LIMIT_GB = 4.0
 
 
 @dataclass(frozen=True)
@@ -187,6 +201,9 @@ class _Builder:
         crossing = ~inactive & ~active
         act, cross = np.flatnonzero(active), np.flatnonzero(crossing)
         n_act, n_cross = act.size, cross.size
+        # the bounds were computed in the model's precision: widened, they never cut off a point of the box
+        low = low - _BOUND_SLACK * (1 + np.abs(low))
+        high = high + _BOUND_SLACK * (1 + np.abs(high))
         # one variable per active neuron (it equals its pre-activation), a and d per crossing neuron
         first = self.variables(np.concatenate([low[act], np.zeros(n_cross)]),
                                np.concatenate([high[act], high[cross]]))
@@ -268,102 +285,117 @@ def encode(graph: Graph, maps: dict[int, AffineMap | None], lower: Array, upper:
 
 @dataclass(frozen=True)
 class MilpOutcome:
-    """One minimisation of ``objective @ f(x)``: the proven lower bound (-inf when none) and a solution."""
+    """One minimisation of ``objective @ f(x)``: the proven lower bound (-inf when none), the best value found
+    and the input part of its solution (None when none was found), and whether it was solved to optimality."""
 
     bound: float
     value: float | None
     solution: Array | None
     optimal: bool
-    seconds: float
 
 
-def minimise(encoding: MilpEncoding, objective: Array, time_limit: float, floor: float | None = None) -> MilpOutcome:
-    """Minimise ``objective @ f(x)`` over the encoding within ``time_limit`` seconds.
+def minimise(encoding: MilpEncoding, objective: Array, time_limit: float, decide: bool = False) -> MilpOutcome:
+    """Minimise ``objective @ f(x)`` (objective over the flat outputs) within ``time_limit`` seconds.
 
-    With ``floor`` the objective is also constrained to be >= floor: the solver then stops as soon as it
-    reaches the floor, instead of proving how far below it the true minimum lies. The returned bound is
-    then only meaningful when it is above the floor (see :meth:`ExactVerifier.verify`).
+    With ``decide`` the solver stops as soon as the sign of the minimum is settled (see ``_DECISION_GAP``)
+    instead of closing the gap to the exact minimum.
     """
     start = time.perf_counter()
     cost = np.asarray(encoding.output.matrix.T @ objective).ravel()
     const = float(encoding.output.const @ objective)
-    matrix, row_lower, row_upper = encoding.constraints, encoding.row_lower, encoding.row_upper
-    if floor is not None:
-        matrix = sp.csr_matrix(sp.vstack([matrix, sp.csr_matrix(cost.reshape(1, -1))]))
-        row_lower = np.append(row_lower, floor - const)
-        row_upper = np.append(row_upper, np.inf)
     if not np.any(cost):
-        # f is constant in the direction of the objective (e.g. every neuron it depends on is inactive)
-        return MilpOutcome(const, const, np.asarray(encoding.lower[:encoding.n_input]), True, 0.0)
-    constraints = [LinearConstraint(matrix, row_lower, row_upper)] if matrix.shape[0] else []
+        # constant over the box (e.g. every neuron it depends on is inactive): no solver needed
+        return MilpOutcome(const, const, encoding.lower[:encoding.n_input].copy(), True)
+    # the constant enters as a variable fixed at 1, so HiGHS's relative gap is that of the true objective
+    columns = cost.size + 1
+    matrix = _widen(encoding.constraints, columns)
+    constraints = [LinearConstraint(matrix, encoding.row_lower, encoding.row_upper)] if matrix.shape[0] else []
     result: Any = milp(
-        cost, integrality=encoding.integrality, bounds=Bounds(encoding.lower, encoding.upper),
-        constraints=constraints,
-        options={"time_limit": max(time_limit, 1e-3), "mip_rel_gap": _MIP_REL_GAP, "presolve": True},
+        np.append(cost, const), integrality=np.append(encoding.integrality, 0),
+        bounds=Bounds(np.append(encoding.lower, 1.0), np.append(encoding.upper, 1.0)), constraints=constraints,
+        options={"time_limit": max(time_limit, 1e-3), "mip_rel_gap": _DECISION_GAP if decide else _MIP_REL_GAP},
     )
-    seconds = time.perf_counter() - start
     solution = None if result.x is None else np.asarray(result.x[:encoding.n_input], dtype=np.float64)
-    value = None if result.fun is None or result.x is None else float(result.fun) + const
-    optimal = result.status == 0
-    dual = getattr(result, "mip_dual_bound", None)
-    if optimal and value is not None and (dual is None or not math.isfinite(dual)):
-        bound = value  # a problem without binaries is an LP: its optimum is its own bound
-    elif dual is not None and math.isfinite(dual):
-        bound = float(dual) + const
-    else:
-        bound = -math.inf
+    value = None if result.fun is None or result.x is None else float(result.fun)
+    dual = result.mip_dual_bound
     if result.status not in (0, 1):
-        logger.warning("MILP ended with status %d (%s); treating it as giving no bound", result.status,
-                       result.message)
+        # infeasible or failed: the encoding admits every point of the box, so this is numerical trouble
+        logger.warning("MILP ended with status %d (%s); it gives no bound", result.status, result.message)
         bound, optimal = -math.inf, False
+    else:
+        optimal = result.status == 0
+        if dual is not None and math.isfinite(dual):
+            bound = float(dual)
+        else:  # an LP (no binaries) reports no MILP dual bound: its optimum is the bound
+            bound = value if optimal and value is not None else -math.inf
     logger.debug("MILP: status %d, value %s, bound %.6g, %.2fs, %d binaries", result.status, value, bound,
-                 seconds, encoding.n_binary)
-    return MilpOutcome(bound, value, solution, optimal, seconds)
+                 time.perf_counter() - start, encoding.n_binary)
+    return MilpOutcome(bound, value, solution, optimal)
 
 
-def _graph_forward(graph: Graph, x: Tensor) -> Tensor:
-    """The network's output computed by the bound operators themselves (a batch of inputs)."""
-    values: dict[int, Tensor] = {INPUT: x}
-    for index, node in enumerate(graph.nodes):
-        op = node.op
-        if isinstance(op, ops.AddOp):
-            values[index] = values[node.inputs[0]] + values[node.inputs[1]]
-        else:
-            values[index] = op.forward(values[node.inputs[0]])
-    return values[len(graph.nodes) - 1].flatten(1)
+def _deepen(tasks: list[int], deadline: float, first: float, attempt: Callable[[int, float], bool | None]) -> list[int]:
+    """Run ``attempt(task, seconds)`` on every task by iterative deepening; returns the unfinished tasks.
+
+    HiGHS cannot resume a MILP, so a task that runs out of time is solved again from scratch in the next pass,
+    with four times the time (or its fair share of what is left). The easy MILPs are thereby done before a
+    hard one can eat the budget, and the work thrown away is at most a third of the total. ``attempt`` returns
+    True when the task is done, False when it ran out of time, and None to stop everything.
+    """
+    pending, cap = list(tasks), first
+    last: dict[int, float] = {}
+    while pending:
+        unfinished: list[int] = []
+        attempted = False
+        for position, task in enumerate(pending):
+            budget = min(cap, (deadline - time.perf_counter()) / (len(pending) - position))
+            if budget < max(_MIN_SLICE_S, 1.5 * last.get(task, 0.0)):
+                unfinished.append(task)  # not enough time left to do better than the last attempt
+                continue
+            last[task], attempted = budget, True
+            verdict = attempt(task, budget)
+            if verdict is None:
+                return []
+            if not verdict:
+                unfinished.append(task)
+        if not attempted:
+            return unfinished
+        pending, cap = unfinished, 4 * cap
+    return []
 
 
 @dataclass(frozen=True, kw_only=True)
 class ExactVerifier(Verifier):
     """Complete verification by MILP (big-M ReLU encoding, HiGHS); see the module docstring.
 
-    ``time_limit`` is the budget in seconds per sample for all its MILPs together (per sample and
-    specification row in :meth:`spec_lower`); ``bounds_method`` (``"symbolic"`` or ``"interval"``) supplies
-    the ReLU bounds of the encoding; a margin counts as proven positive when its MILP bound exceeds
-    ``tolerance``; and the MILP of :meth:`verify` stops as soon as it finds a point whose margin is
-    ``-falsify_margin`` (a counterexample with room for rounding) instead of computing how negative the
-    margin can get.
+    ``time_limit`` is the budget in seconds per sample for all its MILPs together (in :meth:`spec_lower`: per
+    sample, for all its specification rows); ``bounds_method`` (``"symbolic"`` or ``"interval"``) supplies the
+    ReLU bounds of the encoding; a margin counts as proven positive when its MILP bound exceeds ``tolerance``.
     """
 
     name: ClassVar[str] = "exact"
     time_limit: float = 60.0
     bounds_method: str = "symbolic"
     tolerance: float = 1e-5
-    falsify_margin: float = 1e-3
+    attack_steps: int = 100
 
     def __post_init__(self) -> None:
-        for option in ("time_limit", "tolerance", "falsify_margin"):
+        for option in ("time_limit", "tolerance"):
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise InputError(f"exact {option} must be a finite number, got {value!r}")
+        if isinstance(self.attack_steps, bool) or not isinstance(self.attack_steps, int) or self.attack_steps < 0:
+            raise InputError(f"exact attack_steps must be an integer >= 0, got {self.attack_steps!r}")
         if self.time_limit <= 0:
             raise InputError(f"exact time_limit must be positive (seconds), got {self.time_limit}")
-        if self.tolerance < 0 or self.falsify_margin <= 0:
-            raise InputError(
-                f"exact tolerance must be >= 0 and falsify_margin > 0, got {self.tolerance} and {self.falsify_margin}"
-            )
+        if self.tolerance < 0:
+            raise InputError(f"exact tolerance must be >= 0, got {self.tolerance}")
         if self.bounds_method not in ("symbolic", "interval"):
             raise InputError(f"exact bounds_method must be 'symbolic' or 'interval', got {self.bounds_method!r}")
+
+    def chunk_size(self, graph: Graph, input_shape: tuple[int, ...]) -> int | None:
+        if self.bounds_method == "symbolic":
+            return symbolic_chunk(graph, input_shape, _MEMORY_LIMIT_GB)
+        return None
 
     def relaxation(self, graph: Graph, lower: Tensor, upper: Tensor,
                    spec: Tensor) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
@@ -372,155 +404,184 @@ class ExactVerifier(Verifier):
         The bound is the better of the bounds method's and a CROWN backward pass over the same pre-activation
         bounds: it decides which margins need a MILP, and the order in which they are tried.
         """
-        if self.bounds_method == "symbolic":
-            symbolic = symbolic_pass(graph, lower, upper, spec)
-            base, pre = symbolic.spec_lower, symbolic.pre_activation
-        else:
-            interval = interval_pass(graph, lower, upper, spec)
-            base, pre = interval.spec_lower, interval.pre_activation
-        return torch.maximum(base, backward_bound(graph, lower, upper, spec, pre)), pre
-
-    def _encode(self, graph: Graph, maps: dict[int, AffineMap | None], lower: Tensor, upper: Tensor,
-                pre: dict[int, tuple[Tensor, Tensor]], sample: int) -> MilpEncoding:
-        # the relaxation's bounds are computed in the model's precision: widen them by more than its rounding
-        # so that no point of the box is cut off by the big-M constraints of a crossing or active neuron
-        bounds = {}
-        for index, (low, high) in pre.items():
-            lo, hi = _numpy(low[sample]), _numpy(high[sample])
-            lo_wide = np.where(lo < 0, lo - _BOUND_SLACK * (1 + np.abs(lo)), lo)
-            hi_wide = np.where(hi > 0, hi + _BOUND_SLACK * (1 + np.abs(hi)), hi)
-            bounds[index] = (lo_wide, hi_wide)
-        return encode(graph, maps, _numpy(lower[sample]), _numpy(upper[sample]), bounds)
-
-    def spec_lower(self, graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> Tensor:
-        """Lower bounds (B, K) of ``spec[b] @ f(x')`` over the box by one MILP per sample and row.
-
-        Each MILP's dual bound is returned (the exact minimum when it is solved within the time budget), never
-        below the relaxation bound. The result is a constant: exact bounds are not differentiable.
-        """
         with torch.no_grad():
-            relax, pre = self.relaxation(graph, lower, upper, spec)
-            maps = affine_maps(graph, tuple(lower.shape[1:]), lower)
-            best = relax.detach().clone()
-            rows = spec.detach().reshape(spec.shape[0], spec.shape[1], -1).cpu().double().numpy()
-            for sample in range(lower.shape[0]):
-                deadline = time.perf_counter() + self.time_limit
-                encoding = self._encode(graph, maps, lower, upper, pre, sample)
-                wanted = [k for k in range(rows.shape[1]) if np.any(rows[sample, k])]
-                for position, k in enumerate(wanted):
-                    remaining = deadline - time.perf_counter()
-                    if remaining < _MIN_SLICE_S:
-                        logger.info("sample %d: time limit reached, %d rows keep their relaxation bound",
-                                    sample, len(wanted) - position)
-                        break
-                    outcome = minimise(encoding, rows[sample, k], remaining / (len(wanted) - position))
-                    bound = outcome.bound
-                    if outcome.solution is not None:
-                        point = self._clip(outcome.solution, lower[sample], upper[sample])
-                        actual = float(_graph_forward(graph, point)[0].double().cpu() @ torch.from_numpy(rows[sample, k]))
-                        bound = self._trusted(bound, actual)
-                    if bound > float(best[sample, k]):
-                        best[sample, k] = bound
-            return best
+            if self.bounds_method == "symbolic":
+                symbolic = symbolic_pass(graph, lower, upper, spec)
+                base, pre = symbolic.spec_lower, symbolic.pre_activation
+            else:
+                interval = interval_pass(graph, lower, upper, spec)
+                base, pre = interval.spec_lower, interval.pre_activation
+            return torch.maximum(base, backward_bound(graph, lower, upper, spec, pre)), pre
+
+    @staticmethod
+    def _encode(graph: Graph, maps: dict[int, AffineMap | None], lower: Tensor, upper: Tensor,
+                pre: dict[int, tuple[Tensor, Tensor]], sample: int) -> MilpEncoding:
+        bounds = {index: (_numpy(low[sample]), _numpy(high[sample])) for index, (low, high) in pre.items()}
+        return encode(graph, maps, _numpy(lower[sample]), _numpy(upper[sample]), bounds)
 
     @staticmethod
     def _clip(solution: Array, lower: Tensor, upper: Tensor) -> Tensor:
-        """A MILP solution as an input of the model, inside the box despite the solver's tolerances."""
+        """A MILP solution as a model input (1, *shape), inside the box despite the solver's tolerances."""
         point = torch.from_numpy(solution).to(device=lower.device, dtype=lower.dtype).view(1, *lower.shape)
         return torch.minimum(torch.maximum(point, lower.unsqueeze(0)), upper.unsqueeze(0))
 
     def _trusted(self, bound: float, actual: float) -> float:
-        """The MILP bound, or -inf when a forward pass at the MILP's own solution shows it to be wrong."""
+        """The MILP bound, or -inf when the true value at the MILP's own solution lies below it."""
         if bound > actual + self.tolerance + _BOUND_SLACK * (1 + abs(actual)):
             logger.warning("MILP bound %.6g exceeds the value %.6g at its own solution: numerical trouble, "
                            "keeping the relaxation bound", bound, actual)
             return -math.inf
         return bound
 
+    def spec_lower(self, graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> Tensor:
+        """Lower bounds (B, K) of ``spec[b] @ f(x')`` over the box by one MILP per sample and row.
+
+        Each row's bound is its MILP dual bound (the exact minimum when solved within the time budget), never
+        below the relaxation bound. The result is a constant: exact bounds are not differentiable.
+        """
+        relax, pre = self.relaxation(graph, lower, upper, spec)
+        best = relax.detach().clone()
+        rows = spec.detach().reshape(spec.shape[0], spec.shape[1], -1).cpu().double().numpy()
+        with torch.no_grad():
+            maps = affine_maps(graph, tuple(lower.shape[1:]), lower)
+            for sample in range(lower.shape[0]):
+                deadline = time.perf_counter() + self.time_limit
+                encoding = self._encode(graph, maps, lower, upper, pre, sample)
+
+                def attempt(k: int, seconds: float, sample: int = sample, encoding: MilpEncoding = encoding) -> bool:
+                    outcome = minimise(encoding, rows[sample, k], seconds)
+                    bound = outcome.bound
+                    if outcome.solution is not None:
+                        point = self._clip(outcome.solution, lower[sample], upper[sample])
+                        actual = graph_forward(graph, point).flatten().double().cpu().numpy() @ rows[sample, k]
+                        bound = self._trusted(bound, float(actual))
+                    best[sample, k] = max(float(best[sample, k]), bound)
+                    return outcome.optimal
+
+                wanted = [k for k in range(rows.shape[1]) if np.any(rows[sample, k])]
+                left = _deepen(wanted, deadline, _FIRST_SLICE * self.time_limit, attempt)
+                if left:
+                    logger.info("sample %d: time limit reached, %d rows keep a partial bound", sample, len(left))
+        return best
+
     def verify(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> VerificationResult:
         """Decide every sample: verified, falsified (with a counterexample), timeout or unknown."""
-        start = time.perf_counter()
         with torch.no_grad():
             graph, x, labels, eps = self._prepare(model, x, y, eps)
             assert labels is not None
-            logits = model(x)
-            num_classes = int(logits.shape[1])
-            check_labels(labels, num_classes)
-            lower, upper = input_box(x, eps)
-            spec = margin_spec(labels, num_classes).to(x.dtype)
-            relax, pre = self.relaxation(graph, lower, upper, spec)
-            maps = affine_maps(graph, tuple(x.shape[1:]), x)
+            prediction = model(x).argmax(1)
+        num_classes = output_size(graph, tuple(x.shape[1:]))
+        check_labels(labels, num_classes)
+        lower, upper = input_box(x, eps)
+        spec = margin_spec(labels, num_classes).to(x.dtype)
         batch = x.shape[0]
-        shared = (time.perf_counter() - start) / batch  # the batched relaxation, shared equally
-        prediction = logits.argmax(1)
-        margins = relax.detach().cpu().double().clone()
-        margins[torch.arange(batch), labels.cpu()] = 0.0
+        margins = torch.zeros(batch, num_classes, dtype=torch.float64)
         counterexample = torch.full_like(x, float("nan"))
         status: list[Status] = []
         seconds: list[float] = []
-        for sample in range(batch):
-            began = time.perf_counter()
-            label = int(labels[sample])
-            if int(prediction[sample]) != label:
-                status.append(Status.FALSIFIED)
-                counterexample[sample] = x[sample]
-            else:
-                outcome, point = self._decide(model, graph, maps, lower, upper, pre, label, margins, sample)
+        maps = affine_maps(graph, tuple(x.shape[1:]), x)
+        size = self.chunk_size(graph, tuple(x.shape[1:])) or batch
+        for first in range(0, batch, size):
+            start = time.perf_counter()
+            part = slice(first, min(batch, first + size))
+            relax, pre = self.relaxation(graph, lower[part], upper[part], spec[part])
+            margins[part] = relax.detach().cpu().double()
+            margins[torch.arange(first, part.stop), labels[part].cpu()] = 0.0
+            undecided = (prediction[part] == labels[part]) & (worst_margin(relax, labels[part]) <= 0)
+            adversarial = self._attack(model, x[part], labels[part], eps, undecided)
+            shared = (time.perf_counter() - start) / relax.shape[0]  # the batched work, shared equally
+            for offset in range(relax.shape[0]):
+                sample, began = first + offset, time.perf_counter()
+                label = int(labels[sample])
+                point: Tensor | None = None
+                if int(prediction[sample]) != label:
+                    outcome, point = Status.FALSIFIED, x[sample : sample + 1]
+                elif adversarial is not None and not bool(adversarial[offset].isnan().any()):
+                    outcome, point = Status.FALSIFIED, adversarial[offset : offset + 1]
+                else:
+                    outcome, point = self._decide(model, graph, maps, lower[part], upper[part], pre, label,
+                                                  margins[sample], offset)
                 status.append(outcome)
                 if point is not None:
                     counterexample[sample] = point[0]
-            seconds.append(time.perf_counter() - began + shared)
-            logger.info("sample %d: %s in %.2fs", sample, status[-1].value, seconds[-1])
-        margins = margins.to(x.dtype)
+                seconds.append(time.perf_counter() - began + shared)
+                logger.info("sample %d: %s in %.2fs", sample, outcome.value, seconds[-1])
+        margins_lower = margins.to(x.dtype)
         return VerificationResult(
-            method=self.name, eps=eps, status=tuple(status), margin_lower=worst_margin(margins, labels.cpu()),
-            margins_lower=margins, prediction=prediction.cpu(), time_s=torch.tensor(seconds),
+            method=self.name, eps=eps, status=tuple(status), margin_lower=worst_margin(margins_lower, labels.cpu()),
+            margins_lower=margins_lower, prediction=prediction.cpu(), time_s=torch.tensor(seconds),
             counterexample=counterexample.cpu(),
         )
 
+    def _attack(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, todo: Tensor) -> Tensor | None:
+        """Counterexamples (B, *shape) found by PGD for the ``todo`` samples, NaN rows where none was found.
+
+        A gradient search settles most non-robust samples in milliseconds, where the MILP would have to find
+        and prove a negative minimum. Its points count only after the attack's own re-check (a fresh forward
+        pass that misclassifies them), exactly like the MILP's.
+        """
+        if self.attack_steps == 0 or eps == 0 or not bool(todo.any()):
+            return None
+        # imported here: the attacks build on the bound engine, so the engine must not import them at load time
+        from robustkit.attacks.pgd import PGD
+
+        index = todo.nonzero().squeeze(1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="the model is in training mode")
+            found = PGD(loss="cw", steps=self.attack_steps, restarts=_ATTACK_RESTARTS)(model, x[index], y[index],
+                                                                                        eps=eps)
+        points = torch.full_like(x, float("nan"))
+        points[index[found.success]] = found.x_adv[found.success].to(x.dtype)
+        return points
+
     def _decide(self, model: nn.Module, graph: Graph, maps: dict[int, AffineMap | None], lower: Tensor,
-                upper: Tensor, pre: dict[int, tuple[Tensor, Tensor]], label: int, margins: Tensor,
+                upper: Tensor, pre: dict[int, tuple[Tensor, Tensor]], label: int, row: Tensor,
                 sample: int) -> tuple[Status, Tensor | None]:
-        """Decide one correctly classified sample; improves ``margins[sample]`` in place."""
+        """Decide one correctly classified sample by MILP; raises its margin bounds ``row`` in place."""
         deadline = time.perf_counter() + self.time_limit
-        row = margins[sample]
         # weakest relaxation bound first: the likeliest counterexample, and the hardest proof
         pending = [j for j in torch.argsort(row).tolist() if j != label and float(row[j]) <= 0]
         if not pending:
             return Status.VERIFIED, None
         encoding = self._encode(graph, maps, lower, upper, pre, sample)
-        logger.debug("sample %d: %d margins need a MILP with %d binaries", sample, len(pending), encoding.n_binary)
-        box_lower, box_upper = lower[sample], upper[sample]
-        last_slice: dict[int, float] = {}
-        borderline = timed_out = False
-        while pending:
-            remaining = deadline - time.perf_counter()
-            j = pending.pop(0)
-            share = remaining / (len(pending) + 1)
-            if share < max(_MIN_SLICE_S, 1.25 * last_slice.get(j, 0.0)):
-                timed_out = True  # a retry with barely more time than last time is not worth it
-                continue
-            last_slice[j] = share
+        logger.debug("%d margins need a MILP with %d binaries", len(pending), encoding.n_binary)
+        found: list[Tensor] = []
+        borderline: list[int] = []
+        exact: set[int] = set()  # margins whose sign the decision gap left open: solved to optimality
+
+        def attempt(j: int, seconds: float) -> bool | None:
+            end = time.perf_counter() + seconds
             objective = np.zeros(row.shape[0])
             objective[label], objective[j] = 1.0, -1.0
-            outcome = minimise(encoding, objective, share, floor=-self.falsify_margin)
-            bound = outcome.bound if outcome.bound > -self.falsify_margin else -math.inf
-            if outcome.solution is not None:
-                point = self._clip(outcome.solution, box_lower, box_upper)
-                logits = model(point).double()[0]
-                if bool((logits > logits[label]).any()):
-                    return Status.FALSIFIED, point
-                bound = self._trusted(bound, float(logits[label] - logits[j]))
-            row[j] = max(float(row[j]), bound)
-            if bound > self.tolerance:
-                continue
-            if outcome.optimal:
-                logger.warning("sample %d, class %d: MILP minimum %.3g is not positive but its solution is not "
-                               "misclassified (numerically borderline)", sample, j, outcome.value)
-                borderline = True
-            else:
-                pending.append(j)  # out of time: retried if the others leave time over
-        if timed_out:
+            while True:
+                outcome = minimise(encoding, objective, end - time.perf_counter(), decide=j not in exact)
+                bound = outcome.bound
+                if outcome.solution is not None:
+                    point = self._clip(outcome.solution, lower[sample], upper[sample])
+                    with torch.no_grad():
+                        logits = model(point)[0].double()
+                    if bool((logits > logits[label]).any()):  # only a real misclassification falsifies
+                        found.append(point)
+                        return None
+                    bound = self._trusted(bound, float(logits[label] - logits[j]))
+                row[j] = max(float(row[j]), bound)
+                if bound > self.tolerance:
+                    return True
+                if not outcome.optimal:
+                    return False
+                if j in exact:
+                    logger.warning("class %d: the MILP minimum %s is not above the tolerance, but the model does "
+                                   "not misclassify its solution (numerically borderline)", j, outcome.value)
+                    borderline.append(j)
+                    return True
+                exact.add(j)
+                if end - time.perf_counter() < _MIN_SLICE_S:
+                    return False
+
+        unfinished = _deepen(pending, deadline, _FIRST_SLICE * self.time_limit, attempt)
+        if found:
+            return Status.FALSIFIED, found[0]
+        if unfinished:
             return Status.TIMEOUT, None
         return (Status.UNKNOWN if borderline else Status.VERIFIED), None
 

@@ -81,14 +81,14 @@ def emit_traced(builder: _Builder, module: nn.Module, source: int, path: str) ->
                 builder.unsupported.append(f"{where} ({type(module).__name__}: forward must return one tensor)")
             elif values[output.name] is not None:
                 result = values[output.name]
-        elif node.op == "call_module":
+        elif node.op == "call_module" and isinstance(first, int):
             submodule = module.get_submodule(str(node.target))
-            values[node.name] = builder.emit(submodule, int(first), f"{where}.{node.target}")
+            values[node.name] = builder.emit(submodule, first, f"{where}.{node.target}")
         elif node.op == "call_method" and node.target == "size" and len(args) == 2 and args[1] == 0:
             values[node.name] = _BATCH
-        elif node.op == "call_function" and node.target is getattr and args[1:] == ("shape",):
-            values[node.name] = _SHAPE
-        elif node.op == "call_method" and node.target == "size" and len(args) == 1:
+        elif (node.op == "call_function" and node.target is getattr and args[1:] == ("shape",)) or (
+            node.op == "call_method" and node.target == "size" and len(args) == 1
+        ):
             values[node.name] = _SHAPE
         elif node.op == "call_function" and node.target is operator.getitem and first == _SHAPE and args[1] == 0:
             values[node.name] = _BATCH

@@ -102,7 +102,8 @@ def check_reproduces(graph: Graph, model: nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
         expected = model(x)
         got = graph_forward(graph, x)
-    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * (1 + float(expected.abs().max()))):
+    scale = 1 + float(expected.abs().max())
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * scale):
         difference = float((got - expected).abs().max()) if got.shape == expected.shape else float("nan")
         raise UnsupportedLayerError(
             [f"model (robustkit's reading of its layers does not reproduce its outputs: largest difference "

@@ -100,8 +100,11 @@ class LinearOp(AffineOp):
 
 class Conv2dOp(AffineOp):
     def __init__(self, module: nn.Module) -> None:
-        assert isinstance(module, nn.Conv2d)
+        assert isinstance(module, nn.Conv2d) and not isinstance(module.padding, str)
         self.module = module
+        self.stride = (int(module.stride[0]), int(module.stride[1]))
+        self.padding = (int(module.padding[0]), int(module.padding[1]))
+        self.dilation = (int(module.dilation[0]), int(module.dilation[1]))
 
     @property
     def device(self) -> torch.device:
@@ -112,8 +115,7 @@ class Conv2dOp(AffineOp):
         return self.module.weight.dtype
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        m = self.module
-        return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)  # type: ignore[arg-type]
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.module.groups)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv(x, self.module.weight, self.module.bias)
@@ -125,17 +127,18 @@ class Conv2dOp(AffineOp):
         return self._conv(r, self.module.weight.abs(), None)
 
     def adjoint(self, lam: Tensor, in_shape: tuple[int, ...]) -> Tensor:
-        m = self.module
         lead = lam.shape[:-3]
         flat = lam.reshape(-1, *lam.shape[-3:])
-        stride, padding, dilation = m.stride, m.padding, m.dilation
-        kernel = m.weight.shape[2:]
-        output_padding = tuple(
-            in_shape[1 + i] - ((flat.shape[2 + i] - 1) * stride[i] - 2 * padding[i]  # type: ignore[index]
-                               + dilation[i] * (kernel[i] - 1) + 1)
+        stride, padding, dilation = self.stride, self.padding, self.dilation
+        kernel = self.module.weight.shape[2:]
+        # conv_transpose2d needs the output padding that restores the exact input size
+        extra = [
+            in_shape[1 + i] - ((flat.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + 1)
             for i in range(2)
+        ]
+        out = F.conv_transpose2d(
+            flat, self.module.weight, None, stride, padding, (extra[0], extra[1]), self.module.groups, dilation
         )
-        out = F.conv_transpose2d(flat, m.weight, None, stride, padding, output_padding, m.groups, dilation)  # type: ignore[arg-type]
         return out.reshape(*lead, *out.shape[1:])
 
     def bias(self, out_shape: tuple[int, ...]) -> Tensor | None:

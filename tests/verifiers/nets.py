@@ -69,7 +69,9 @@ def networks(draw, kinds=("fc", "conv", "resnet")):
     return model, (channels, size, size), classes
 
 
-def box_points(x: torch.Tensor, eps: float, n_uniform: int, n_vertices: int, generator: torch.Generator) -> torch.Tensor:
+def box_points(
+    x: torch.Tensor, eps: float, n_uniform: int, n_vertices: int, generator: torch.Generator
+) -> torch.Tensor:
     """Points of the clipped eps-box around each sample: uniform, vertices and the centre. (B, P, *shape)."""
     lower, upper = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
     shape = (x.shape[0], n_uniform, *x.shape[1:])

@@ -7,6 +7,7 @@ networks, so any disagreement points at an engine bug.
 
 from __future__ import annotations
 
+import itertools
 import pytest
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from robustkit.verifiers import get_verifier, margin_bounds
 def random_mlp(seed: int, widths: list[int]) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Flatten()]
-    for a, b in zip(widths[:-2], widths[1:-1], strict=True):
+    for a, b in itertools.pairwise(widths[:-1]):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(widths[-2], widths[-1]))
     return nn.Sequential(*layers).double().eval()
