@@ -7,6 +7,8 @@ per ReLU layer), each stored in the cheapest exact form:
 
 * the input block, while only affine layers have been applied, as rows shared by the whole batch
   (``shared``, the layers' Jacobian of the input basis, or the identity) scaled per sample by ``scale``;
+* blocks with local support on an image grid (the input pixels, a convolutional ReLU layer's error terms)
+  as tiles that convolutions only touch where they are non-zero (:mod:`robustkit.verifiers.tiles`);
 * error blocks a ReLU has just created as one-hot rows (``index``, ``magnitude``), which the next affine layer
   turns into rows of its own Jacobian by a gather instead of a convolution of one-hot images;
 * every other block as dense rows (B, m, *shape).
@@ -22,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from robustkit.verifiers import ops
+from robustkit.verifiers import ops, tiles
 
 INPUT_BLOCK = -1
+MAX_SPREAD = 0.4  # keep tiles while each covers at most this share of the grid
 
 
 @dataclass
@@ -44,11 +47,23 @@ class SymState:
     shared: Tensor | None = None  # (n_in, *shape); None with ``scale`` set means the identity
     dense: dict[int, Tensor] = field(default_factory=dict)  # block -> (B, m, *shape)
     onehot: dict[int, OneHotRows] = field(default_factory=dict)  # block -> one-hot rows
+    tiled: dict[int, tiles.TiledRows] = field(default_factory=dict)  # block -> rows with local support
+    tiles_per_side: int = 0
 
     @classmethod
-    def from_box(cls, lower: Tensor, upper: Tensor) -> SymState:
-        """The input box as symbolic intervals: centre plus radius times the identity."""
-        return cls(center=(upper + lower) / 2, scale=((upper - lower) / 2).flatten(1))
+    def from_box(cls, lower: Tensor, upper: Tensor, tiles_per_side: int = 0) -> SymState:
+        """The input box as symbolic intervals: centre plus radius times the identity (in tiles for images
+        when ``tiles_per_side`` > 0)."""
+        scale = ((upper - lower) / 2).flatten(1)
+        center = (upper + lower) / 2
+        tiled = tiles.make_tiles(scale, tuple(lower.shape[1:]), tiles_per_side)
+        if tiled is not None:
+            return cls(center=center, tiled={INPUT_BLOCK: tiled}, tiles_per_side=tiles_per_side)
+        return cls(center=center, scale=scale, tiles_per_side=tiles_per_side)
+
+    def like(self, center: Tensor) -> SymState:
+        """An empty state with this one's settings."""
+        return SymState(center=center, tiles_per_side=self.tiles_per_side)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -62,8 +77,28 @@ class SymState:
     def neurons(self) -> int:
         return ops.numel(self.shape)
 
+    def untiled(self, blocks: set[int] | None = None) -> SymState:
+        """The same state with tiled blocks (all, or those in ``blocks``) in the shared (input) or dense form."""
+        chosen = set(self.tiled) if blocks is None else set(blocks) & set(self.tiled)
+        if not chosen:
+            return self
+        state = SymState(center=self.center, scale=self.scale, shared=self.shared, dense=dict(self.dense),
+                         onehot=dict(self.onehot), tiled={k: v for k, v in self.tiled.items() if k not in chosen},
+                         tiles_per_side=self.tiles_per_side)
+        for block in chosen:
+            tiled = self.tiled[block]
+            full = tiles.densify(tiled)
+            if tiled.shared and block == INPUT_BLOCK:
+                state.scale, state.shared = tiled.scale, full.reshape(full.shape[0], *self.shape)
+                continue
+            if tiled.shared:
+                full = full.unsqueeze(0)
+            scaled = full * tiled.scale.view(*tiled.scale.shape, 1, 1, 1)
+            state.dense[block] = scaled.reshape(self.batch, -1, *self.shape)
+        return state
+
     def input_rows(self) -> Tensor | None:
-        """The input block as dense rows (B, n_in, *shape), or None once it has been materialised."""
+        """The lazily held input block as dense rows (B, n_in, *shape), or None if it is held otherwise."""
         if self.scale is None:
             return None
         if self.shared is None:
@@ -75,6 +110,8 @@ class SymState:
     def radius(self) -> Tensor:
         """Sum of the absolute generators per neuron, (B, *shape): the half-width of the concrete interval."""
         total = torch.zeros(self.batch, self.neurons, device=self.center.device, dtype=self.center.dtype)
+        for tiled in self.tiled.values():
+            total = total + tiles.tiled_radius(tiled).reshape(self.batch, -1)
         if self.scale is not None:
             if self.shared is None:
                 total = total + self.scale.abs()
@@ -101,13 +138,37 @@ def _onehot_jacobian(op: ops.AffineOp, hot: OneHotRows, in_shape: tuple[int, ...
     return rows * hot.magnitude.view(*hot.magnitude.shape, *([1] * (rows.dim() - 2)))
 
 
+def _tiled_through(op: ops.AffineOp, tiled: tiles.TiledRows, block: int, out: SymState) -> None:
+    """Put a tiled block through ``op`` into the state ``out`` (tiled, shared or dense, whatever fits)."""
+    if isinstance(op, ops.LinearOp) and tiled.flat:
+        rows = tiles.tiled_linear(op, tiled)
+        if tiled.shared and block == INPUT_BLOCK:
+            out.scale, out.shared = tiled.scale, rows
+        else:
+            rows = rows.unsqueeze(0) if tiled.shared else rows
+            out.dense[block] = rows * tiled.scale.unsqueeze(2)
+        return
+    moved = tiles.tiled_affine(op, tiled, out.shape)
+    if moved is not None:
+        if tiles.spread(moved) <= MAX_SPREAD:
+            out.tiled[block] = moved
+        else:  # the tiles have grown over most of the grid: dense rows are cheaper from here on
+            done = SymState(center=out.center, tiled={block: moved}).untiled()
+            out.scale, out.shared = (done.scale, done.shared) if done.shared is not None else (out.scale, out.shared)
+            out.dense.update(done.dense)
+        return
+    dense = SymState(center=out.center, tiled={block: tiled}).untiled()
+    if block == INPUT_BLOCK and dense.shared is not None:
+        out.scale, out.shared = dense.scale, op.linear(dense.shared)
+    else:
+        out.dense[block] = op.linear_rows(dense.dense[block])
+
+
 def affine(op: ops.AffineOp, state: SymState) -> SymState:
     """Map a symbolic interval through an affine layer: exact, no relaxation."""
     in_shape = state.shape
-    center = op.forward(state.center)
+    out = state.like(op.forward(state.center))
     scale, shared = state.scale, state.shared
-    onehot: dict[int, OneHotRows] = {}
-    dense = {block: op.linear_rows(rows) for block, rows in state.dense.items()}
     if scale is not None:
         if shared is None and isinstance(op, ops.ChannelAffineOp):
             channel = torch.arange(scale.shape[1], device=scale.device) // ops.numel(in_shape[1:])
@@ -121,15 +182,30 @@ def affine(op: ops.AffineOp, state: SymState) -> SymState:
             shared = op.linear(eye.view(-1, *in_shape))
         else:
             shared = op.linear(shared)
+        out.scale, out.shared = scale, shared
+    out.dense = {block: op.linear_rows(rows) for block, rows in state.dense.items()}
+    for block, tiled in state.tiled.items():
+        _tiled_through(op, tiled, block, out)
     for block, hot in state.onehot.items():
         if isinstance(op, ops.FlattenOp | ops.IdentityOp):
-            onehot[block] = hot
+            out.onehot[block] = hot
         elif isinstance(op, ops.ChannelAffineOp):
             channel = hot.index // ops.numel(in_shape[1:])
-            onehot[block] = OneHotRows(hot.index, hot.magnitude * op.channel_scale(in_shape[0])[channel])
+            out.onehot[block] = OneHotRows(hot.index, hot.magnitude * op.channel_scale(in_shape[0])[channel])
         else:
-            dense[block] = _onehot_jacobian(op, hot, in_shape)
-    return SymState(center=center, scale=scale, shared=shared, dense=dense, onehot=onehot)
+            out.dense[block] = _onehot_jacobian(op, hot, in_shape)
+    return out
+
+
+def _tile_errors(state: SymState, count: int) -> bool:
+    """Whether a ReLU layer's error terms are cheaper as tiles (every neuron of the layer a row, each row only
+    where the following layers reach) than as one-hot rows (the crossing neurons only, each over the whole
+    grid after the next layer). Estimated for a following 3x3 convolution keeping the channels: tiles win
+    when more neurons cross than one tiled row holds."""
+    if state.tiles_per_side <= 0 or len(state.shape) != 3:
+        return False
+    side = max(1, -(-max(state.shape[1], state.shape[2]) // state.tiles_per_side))
+    return count > state.shape[0] * (side + 2) ** 2
 
 
 @dataclass
@@ -164,34 +240,40 @@ def relaxation(lower: Tensor, upper: Tensor, naive: bool) -> ReluRelaxation:
 
 def relu(state: SymState, relax: ReluRelaxation, block: int) -> SymState:
     """Apply a ReLU relaxation; crossing neurons get new error terms in block ``block``."""
+    state = state.untiled({k for k, v in state.tiled.items() if v.flat})
     b = state.batch
     slope_flat = relax.slope.reshape(b, -1)
-    center = state.center * relax.slope + relax.offset
-    dense = {}
-    rows = state.input_rows() if state.scale is not None and state.shared is None else None
+    out = state.like(state.center * relax.slope + relax.offset)
+    for key, tiled in state.tiled.items():
+        out.tiled[key] = tiles.tiled_relu(tiled, relax.slope)
     if state.scale is not None and state.shared is not None:
         # materialise the shared input rows and scale them in one pass: scale (B, n, 1) * (shared * slope)
         product = state.shared.flatten(1).unsqueeze(0) * slope_flat.unsqueeze(1)
-        dense[INPUT_BLOCK] = (product * state.scale.unsqueeze(2)).view(b, -1, *state.shape)
-    elif rows is not None:
-        dense[INPUT_BLOCK] = rows * relax.slope.unsqueeze(1)
+        out.dense[INPUT_BLOCK] = (product * state.scale.unsqueeze(2)).view(b, -1, *state.shape)
+    elif state.scale is not None:
+        rows = state.input_rows()
+        assert rows is not None
+        out.dense[INPUT_BLOCK] = rows * relax.slope.unsqueeze(1)
     for key, value in state.dense.items():
-        dense[key] = value * relax.slope.unsqueeze(1)
-    onehot = {
-        key: OneHotRows(hot.index, hot.magnitude * slope_flat.gather(1, hot.index))
-        for key, hot in state.onehot.items()
-    }
+        out.dense[key] = value * relax.slope.unsqueeze(1)
+    for key, hot in state.onehot.items():
+        out.onehot[key] = OneHotRows(hot.index, hot.magnitude * slope_flat.gather(1, hot.index))
     crossing = relax.crossing.reshape(b, -1)
     count = int(crossing.sum(1).max().item()) if crossing.numel() else 0
     if count:
-        order = torch.argsort(crossing.to(torch.int8), dim=1, descending=True, stable=True)[:, :count]
-        magnitude = relax.error.reshape(b, -1).gather(1, order)
-        onehot[block] = OneHotRows(order, magnitude)
-    return SymState(center=center, dense=dense, onehot=onehot)
+        if _tile_errors(state, count):
+            tiled = tiles.make_tiles(relax.error.reshape(b, -1), state.shape, state.tiles_per_side, always=True)
+            assert tiled is not None
+            out.tiled[block] = tiled
+        else:
+            order = torch.argsort(crossing.to(torch.int8), dim=1, descending=True, stable=True)[:, :count]
+            magnitude = relax.error.reshape(b, -1).gather(1, order)
+            out.onehot[block] = OneHotRows(order, magnitude)
+    return out
 
 
 def _densify(state: SymState, block: int) -> Tensor:
-    """One block as dense rows (B, m, *shape)."""
+    """One block as dense rows (B, m, *shape) (``state`` is untiled)."""
     if block == INPUT_BLOCK and block not in state.dense:
         rows = state.input_rows()
         assert rows is not None
@@ -212,8 +294,18 @@ def _blocks(state: SymState) -> list[int]:
 
 def add(first: SymState, second: SymState) -> SymState:
     """The sum of two symbolic intervals over the same input (the join of a skip connection)."""
-    center = first.center + second.center
-    result = SymState(center=center)
+    result = first.like(first.center + second.center)
+    for block in set(first.tiled) & set(second.tiled):
+        summed = tiles.tiled_add(first.tiled[block], second.tiled[block])
+        if summed is not None:
+            result.tiled[block] = summed
+    rest = {k: v for k, v in first.tiled.items() if k not in result.tiled}
+    first = SymState(center=first.center, scale=first.scale, shared=first.shared, dense=first.dense,
+                     onehot=first.onehot, tiled=rest).untiled()
+    rest = {k: v for k, v in second.tiled.items() if k not in result.tiled}
+    second = SymState(center=second.center, scale=second.scale, shared=second.shared, dense=second.dense,
+                      onehot=second.onehot, tiled=rest).untiled()
+    center = result.center
     if first.scale is not None and second.scale is not None and first.scale is second.scale:
         # both branches still hold the input block lazily with the same per-sample scaling: add the shared rows
         eye = torch.eye(first.scale.shape[1], device=center.device, dtype=center.dtype)
@@ -241,6 +333,7 @@ def add(first: SymState, second: SymState) -> SymState:
 
 def spec_lower(state: SymState, spec: Tensor) -> Tensor:
     """Lower bounds (B, K) of ``spec @ v`` for spec (B, K, N) over the state's neurons, correlations kept."""
+    state = state.untiled()
     b = state.batch
     center = torch.einsum("bkn,bn->bk", spec, state.center.reshape(b, -1))
     total = torch.zeros_like(center)

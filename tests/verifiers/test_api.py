@@ -196,3 +196,45 @@ def test_residual_identity_skip_and_pooling_are_supported():
 
 def test_registry_names():
     assert {"interval", "symbolic", "symbolic-naive", "crown"} <= set(VERIFIERS)
+
+
+def _resnet_with_everything():
+    torch.manual_seed(3)
+    block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    batchnorm = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        batchnorm.running_mean.uniform_(-0.3, 0.3)
+        batchnorm.running_var.uniform_(0.5, 2.0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), batchnorm, Residual(block, None), nn.ReLU(),
+        Residual(nn.Sequential(nn.Conv2d(4, 4, 4, stride=2, padding=1), nn.ReLU()), nn.Conv2d(4, 4, 2, stride=2)),
+        nn.ReLU(), nn.AvgPool2d(2, stride=1), nn.Flatten(), nn.Linear(4 * 5 * 5, 5),
+    ).eval()
+
+
+@pytest.mark.parametrize("case", ["mnist_small", "cifar_small", "resnet"])
+@pytest.mark.parametrize("eps", [0.005, 0.05, 0.3])
+def test_tiled_rows_give_exactly_the_dense_bounds(case, eps):
+    """Tiles only skip zeros: the bounds (and their gradients) equal those of dense generator rows."""
+    from robustkit.verifiers.base import input_box, margin_spec
+    from robustkit.verifiers.graph import build_graph
+    from robustkit.verifiers.symbolic import symbolic_pass
+
+    if case == "resnet":
+        model, shape = _resnet_with_everything(), (2, 12, 12)
+    else:
+        model, shape = build_model(case, seed=2).eval(), ((1, 28, 28) if case.startswith("mnist") else (3, 32, 32))
+    x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(4))
+    y = torch.tensor([0, 1, 2])
+    lower, upper = input_box(x, eps)
+    classes = 5 if case == "resnet" else 10
+    results = []
+    for tiles_per_side in (0, 2, 4, 6):
+        model.zero_grad()
+        bound = symbolic_pass(build_graph(model), lower, upper, margin_spec(y, classes), tiles_per_side=tiles_per_side)
+        bound.spec_lower.sum().backward()
+        results.append((bound.spec_lower.detach(), [p.grad.clone() for p in model.parameters()]))
+    for bound, grads in results[1:]:
+        assert torch.allclose(bound, results[0][0], rtol=1e-5, atol=1e-5)
+        for got, expected in zip(grads, results[0][1], strict=True):
+            assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * (1 + float(expected.abs().max())))

@@ -1,0 +1,238 @@
+"""Tiled input rows: the input block of symbolic intervals while it still has local support.
+
+Through convolutions, the generator row of one input pixel is non-zero only in a small window (its receptive
+field's image). Stored densely, the input block of ``mnist_small`` after the first convolution is
+784 rows x 3,136 neurons per sample, almost all zeros, and the second convolution is applied to all of it.
+Here the input pixels are grouped into square tiles; each tile's rows are kept only on the rectangle of the
+current layer they can reach, and convolutions (and average pooling) are applied to that rectangle alone, with
+the exact zero padding the full layer would use. A Flatten followed by a Linear layer multiplies each tile by
+the matching slice of the weight matrix. The numbers are those of the dense computation; only the zeros are
+skipped. Anything else turns the tiles back into dense rows (:func:`densify`).
+
+Rows are kept unscaled: the generator of input coordinate i is ``scale[:, i] * row_i``, so the per-sample
+input radius is applied only where rows are summed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustkit.verifiers import ops
+
+
+@dataclass
+class Tile:
+    """Rows of the input coordinates ``index`` (m,) on the rectangle at (top, left) of the spatial grid:
+    (m, C, h, w) while shared by the batch, (B, m, C, h, w) afterwards."""
+
+    rows: Tensor
+    top: int
+    left: int
+    index: Tensor
+    key: int
+
+
+@dataclass
+class TiledRows:
+    """The input block as tiles over a (C, H, W) grid; ``flat`` once a Flatten has been passed."""
+
+    tiles: list[Tile]
+    scale: Tensor
+    shared: bool
+    grid: tuple[int, int, int]
+    flat: bool = False
+
+    @property
+    def inputs(self) -> int:
+        return int(self.scale.shape[1])
+
+
+def make_tiles(scale: Tensor, shape: tuple[int, ...], per_side: int, always: bool = False) -> TiledRows | None:
+    """Identity rows of a (C, H, W) grid scaled by ``scale`` (B, C*H*W), in about ``per_side`` x ``per_side``
+    square tiles; None when the grid is not an image worth tiling (unless ``always``)."""
+    if per_side <= 0 or len(shape) != 3:
+        return None
+    size = max(1, math.ceil(max(shape[1], shape[2]) / per_side))
+    if not always and shape[1] * shape[2] < 4 * size * size:
+        return None
+    channels, height, width = shape
+    tiles = []
+    for top in range(0, height, size):
+        for left in range(0, width, size):
+            h, w = min(size, height - top), min(size, width - left)
+            c, y, x = torch.meshgrid(
+                torch.arange(channels), torch.arange(top, top + h), torch.arange(left, left + w), indexing="ij"
+            )
+            index = (c * height * width + y * width + x).reshape(-1).to(scale.device)
+            m = index.numel()
+            rows = torch.eye(m, device=scale.device, dtype=scale.dtype).view(m, channels, h, w)
+            tiles.append(Tile(rows, top, left, index, key=len(tiles)))
+    return TiledRows(tiles, scale, shared=True, grid=(channels, height, width))
+
+
+def _window(op: ops.AffineOp) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]] | None:
+    """(kernel, stride, padding, dilation) of a convolution-like layer that tiles can pass, else None."""
+    if isinstance(op, ops.Conv2dOp):
+        kernel = op.module.weight.shape[2:]
+        return (int(kernel[0]), int(kernel[1])), op.stride, op.padding, op.dilation
+    if isinstance(op, ops.PoolOp) and isinstance(op.module, nn.AvgPool2d):
+        pool = op.module
+        pair = lambda v: (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))  # noqa: E731
+        padding = pair(pool.padding)
+        if pool.ceil_mode or pool.divisor_override is not None or (padding != (0, 0) and not pool.count_include_pad):
+            return None
+        return pair(pool.kernel_size), pair(pool.stride if pool.stride is not None else pool.kernel_size), padding, (1, 1)
+    return None
+
+
+def spread(tiled: TiledRows) -> float:
+    """Mean share of the grid that a tile covers: near 1, tiles cost as much as dense rows and add overhead."""
+    area = sum(t.rows.shape[-1] * t.rows.shape[-2] for t in tiled.tiles) / max(len(tiled.tiles), 1)
+    return area / (tiled.grid[1] * tiled.grid[2])
+
+
+def passes_tiles(op: ops.AffineOp) -> bool:
+    """Whether tiles go through ``op`` without becoming dense (convolutions, average pooling)."""
+    return _window(op) is not None
+
+
+def _out_range(start: int, length: int, kernel: int, stride: int, padding: int, dilation: int, size: int) -> tuple[int, int]:
+    """Output positions [first, last] whose window reads any of the input positions [start, start + length)."""
+    extent = dilation * (kernel - 1) + 1
+    first = max(0, math.ceil((start + padding - extent + 1) / stride))
+    last = min(size - 1, (start + length - 1 + padding) // stride)
+    return first, last
+
+
+def _region_apply(op: ops.AffineOp, rows: Tensor, tile: Tile, out_hw: tuple[int, int]) -> tuple[Tensor, int, int] | None:
+    """Apply a convolution-like layer to rows living on a rectangle; returns the rows on the output rectangle."""
+    window = _window(op)
+    assert window is not None
+    kernel, stride, padding, dilation = window
+    h, w = rows.shape[-2:]
+    first_y, last_y = _out_range(tile.top, h, kernel[0], stride[0], padding[0], dilation[0], out_hw[0])
+    first_x, last_x = _out_range(tile.left, w, kernel[1], stride[1], padding[1], dilation[1], out_hw[1])
+    if first_y > last_y or first_x > last_x:
+        return None
+    # the input rectangle these outputs read, in input coordinates (may reach into the zero padding)
+    start_y, start_x = first_y * stride[0] - padding[0], first_x * stride[1] - padding[1]
+    stop_y = last_y * stride[0] - padding[0] + dilation[0] * (kernel[0] - 1) + 1
+    stop_x = last_x * stride[1] - padding[1] + dilation[1] * (kernel[1] - 1) + 1
+    canvas = F.pad(rows, (tile.left - start_x, stop_x - (tile.left + w), tile.top - start_y, stop_y - (tile.top + h)))
+    if isinstance(op, ops.Conv2dOp):
+        out = F.conv2d(canvas, op.module.weight, None, stride, 0, dilation, op.module.groups)
+    else:
+        out = F.avg_pool2d(canvas, kernel, stride, 0, ceil_mode=False, count_include_pad=True)
+    return out, first_y, first_x
+
+
+def tiled_affine(op: ops.AffineOp, tiled: TiledRows, out_shape: tuple[int, ...]) -> TiledRows | None:
+    """The tiles after an affine layer, or None when the layer needs dense rows (the caller densifies)."""
+    if isinstance(op, ops.IdentityOp):
+        return tiled
+    if isinstance(op, ops.FlattenOp):
+        return replace(tiled, flat=True)
+    if tiled.flat:
+        return None
+    if isinstance(op, ops.ChannelAffineOp):
+        factor = op.channel_scale(tiled.grid[0]).view(-1, 1, 1)
+        return replace(tiled, tiles=[replace(t, rows=t.rows * factor) for t in tiled.tiles])
+    if _window(op) is None or len(out_shape) != 3:
+        return None
+    tiles = []
+    for tile in tiled.tiles:
+        lead = tile.rows.shape[:-3]
+        flat = tile.rows.reshape(-1, *tile.rows.shape[-3:])
+        found = _region_apply(op, flat, tile, (out_shape[1], out_shape[2]))
+        if found is not None:
+            out, top, left = found
+            tiles.append(Tile(out.reshape(*lead, *out.shape[1:]), top, left, tile.index, tile.key))
+    return TiledRows(tiles, tiled.scale, tiled.shared, (out_shape[0], out_shape[1], out_shape[2]))
+
+
+def tiled_linear(op: ops.LinearOp, tiled: TiledRows) -> Tensor:
+    """Flatten + Linear on tiles: each tile times its slice of the weight; rows in input order, unscaled:
+    (n_in, out) while shared, (B, n_in, out) afterwards."""
+    channels, height, width = tiled.grid
+    weight = op.module.weight.view(-1, channels, height, width)
+    lead = () if tiled.shared else (int(tiled.scale.shape[0]),)
+    out = torch.zeros(*lead, tiled.inputs, weight.shape[0], device=weight.device, dtype=weight.dtype)
+    for tile in tiled.tiles:
+        h, w = tile.rows.shape[-2:]
+        piece = weight[:, :, tile.top : tile.top + h, tile.left : tile.left + w].reshape(weight.shape[0], -1)
+        product = tile.rows.flatten(-3) @ piece.t()
+        out = out.index_copy(len(lead), tile.index, product)
+    return out
+
+
+def densify(tiled: TiledRows) -> Tensor:
+    """All rows on the full grid, in input order, unscaled: (n_in, C, H, W) or (B, n_in, C, H, W)."""
+    lead = () if tiled.shared else (int(tiled.scale.shape[0]),)
+    full = torch.zeros(*lead, tiled.inputs, *tiled.grid, device=tiled.scale.device, dtype=tiled.scale.dtype)
+    for tile in tiled.tiles:
+        h, w = tile.rows.shape[-2:]
+        placed = F.pad(tile.rows, (tile.left, tiled.grid[2] - tile.left - w, tile.top, tiled.grid[1] - tile.top - h))
+        full = full.index_copy(len(lead), tile.index, placed)
+    return full
+
+
+def tiled_radius(tiled: TiledRows) -> Tensor:
+    """Sum over the rows of |scale * row| per neuron: (B, C, H, W)."""
+    batch = int(tiled.scale.shape[0])
+    total = torch.zeros(batch, *tiled.grid, device=tiled.scale.device, dtype=tiled.scale.dtype)
+    for tile in tiled.tiles:
+        h, w = tile.rows.shape[-2:]
+        weights = tiled.scale[:, tile.index].abs()
+        if tiled.shared:
+            part = weights @ tile.rows.flatten(1).abs()
+        else:
+            part = torch.bmm(weights.unsqueeze(1), tile.rows.flatten(2).abs()).squeeze(1)
+        part = part.view(batch, -1, h, w)
+        total = total + F.pad(part, (tile.left, tiled.grid[2] - tile.left - w, tile.top, tiled.grid[1] - tile.top - h))
+    return total
+
+
+def tiled_relu(tiled: TiledRows, slope: Tensor) -> TiledRows:
+    """Multiply every row by the per-sample ReLU slopes (B, C, H, W); the tiles become per-sample."""
+    tiles = []
+    for tile in tiled.tiles:
+        h, w = tile.rows.shape[-2:]
+        window = slope[:, :, tile.top : tile.top + h, tile.left : tile.left + w].unsqueeze(1)
+        rows = tile.rows.unsqueeze(0) * window if tiled.shared else tile.rows * window
+        tiles.append(replace(tile, rows=rows))
+    return replace(tiled, tiles=tiles, shared=False)
+
+
+def tiled_add(first: TiledRows, second: TiledRows) -> TiledRows | None:
+    """Tile-wise sum of two tilings of the same input block (the two branches of a skip connection)."""
+    if first.flat or second.flat or first.grid != second.grid or first.scale is not second.scale:
+        return None
+    shared = first.shared and second.shared
+    batch = int(first.scale.shape[0])
+    left_tiles = [t if shared else _per_sample(t, first.shared, batch) for t in first.tiles]
+    right_tiles = {t.key: (t if shared else _per_sample(t, second.shared, batch)) for t in second.tiles}
+    tiles = []
+    for tile in left_tiles:
+        other = right_tiles.pop(tile.key, None)
+        if other is None:
+            tiles.append(tile)
+            continue
+        top, left = min(tile.top, other.top), min(tile.left, other.left)
+        bottom = max(tile.top + tile.rows.shape[-2], other.top + other.rows.shape[-2])
+        right = max(tile.left + tile.rows.shape[-1], other.left + other.rows.shape[-1])
+        spread = [
+            F.pad(t.rows, (t.left - left, right - t.left - t.rows.shape[-1], t.top - top, bottom - t.top - t.rows.shape[-2]))
+            for t in (tile, other)
+        ]
+        tiles.append(Tile(spread[0] + spread[1], top, left, tile.index, tile.key))
+    tiles.extend(right_tiles.values())
+    return TiledRows(tiles, first.scale, shared, first.grid)
+
+
+def _per_sample(tile: Tile, shared: bool, batch: int) -> Tile:
+    return replace(tile, rows=tile.rows.unsqueeze(0).expand(batch, *tile.rows.shape)) if shared else tile
