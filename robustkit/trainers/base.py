@@ -64,7 +64,9 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise InputError("epochs and batch size must be >= 1")
         if not 0 <= self.eps <= 1 or not self.eps_factor > 0 or not 0 <= self.eps * self.eps_factor <= 1:
-            raise InputError(f"eps must be in [0, 1] (also after eps_factor), got eps={self.eps}, factor={self.eps_factor}")
+            raise InputError(
+                f"eps must be in [0, 1] (also after eps_factor), got eps={self.eps}, factor={self.eps_factor}"
+            )
         if self.optimizer not in ("adam", "sgd"):
             raise InputError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.val_size < 0 or self.val_pgd_steps < 0:
@@ -164,13 +166,13 @@ class Trainer(ABC):
         """The loss weight logged per epoch (MixTrain's a, verifiable training's kappa); NaN if none."""
         return float("nan")
 
-    def end_epoch(self, state: TrainState, train: Split, ramp_done: bool) -> None:
+    def end_epoch(self, state: TrainState, train: Split, ramp_done: bool) -> None:  # noqa: B027 - optional hook
         """Hook after each epoch's training (MixTrain sets its weight here; counts as training time)."""
 
     def state_dict(self, state: TrainState) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: TrainState, saved: dict[str, Any]) -> None:
+    def load_state_dict(self, state: TrainState, saved: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Restore what :meth:`state_dict` saved."""
 
     def options(self) -> dict[str, Any]:
@@ -197,9 +199,12 @@ class Trainer(ABC):
         model.to(device).train()
         net: nn.Module = model
         if info.active:
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            device_ids = [device.index] if device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         optimizer = make_optimizer(model, config)
-        eps_schedule = EpsSchedule(config.eps * config.eps_factor, config.warmup_epochs, config.ramp_epochs, config.ramp)
+        eps_schedule = EpsSchedule(
+            config.eps * config.eps_factor, config.warmup_epochs, config.ramp_epochs, config.ramp
+        )
         lr_schedule = LRSchedule(config.lr, config.lr_schedule, config.epochs)
         data_generator = torch.Generator().manual_seed(config.seed)
         state = TrainState(
@@ -245,7 +250,7 @@ class Trainer(ABC):
                 state.ramp_progress = eps_schedule.progress(epoch, batch, batches)
                 parts = self.batch_loss(x, y, eps, state)
                 optimizer.zero_grad(set_to_none=True)
-                parts.loss.backward()
+                parts.loss.backward()  # type: ignore[no-untyped-call]
                 if config.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
@@ -254,7 +259,9 @@ class Trainer(ABC):
                     float(parts.loss.detach()), parts.natural, parts.robust if robust_seen else 0.0,
                     float(robust_seen), parts.correct, parts.count], strict=True)]
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{float(parts.loss.detach()):.3f}", a=f"{self.weight(state):.2f}", eps=f"{eps:.3f}")
+                    bar.set_postfix(
+                        loss=f"{float(parts.loss.detach()):.3f}", a=f"{self.weight(state):.2f}", eps=f"{eps:.3f}"
+                    )
             self.end_epoch(state, train, eps_schedule.ramp_done(epoch + 1))
             sums = distributed.all_sum(sums, info, device)
             epoch_time = time.perf_counter() - started
@@ -366,14 +373,17 @@ def load_checkpoint(path: Path, trainer: Trainer, config: TrainConfig) -> dict[s
     saved = read(path)
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path} is not a robustkit training checkpoint")
-    mine = {"trainer": trainer.name, "trainer_options": _plain(trainer.options()), "config": _plain(config.to_dict())}
+    if saved.get("trainer") != trainer.name:
+        raise InputError(f"cannot resume from {path}: it was written by the {saved.get('trainer')!r} trainer")
+    mine: dict[str, dict[str, Any]] = {
+        "trainer_options": _plain(trainer.options()),
+        "config": {k: v for k, v in _plain(config.to_dict()).items() if k != "device"},
+    }
     for key, value in mine.items():
-        theirs = saved[key]
-        if key == "config":
-            theirs = {k: v for k, v in theirs.items() if k != "device"}
-            value = {k: v for k, v in value.items() if k != "device"}
-        if theirs != value:
-            differing = sorted(k for k in set(theirs) | set(value) if theirs.get(k) != value.get(k)) \
-                if isinstance(value, dict) else [key]
-            raise InputError(f"cannot resume from {path}: it was written with different settings ({', '.join(differing)})")
+        theirs = {k: v for k, v in dict(saved[key]).items() if k != "device"}
+        differing = sorted(k for k in set(theirs) | set(value) if theirs.get(k) != value.get(k))
+        if differing:
+            raise InputError(
+                f"cannot resume from {path}: it was written with different settings ({', '.join(differing)})"
+            )
     return saved

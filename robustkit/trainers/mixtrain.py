@@ -52,8 +52,8 @@ class MixTrainer(Trainer):
 
     def _weight(self, state: TrainState) -> AdaptiveWeight | GeometricWeight:
         if "weight" not in state.extra:
-            options = {} if self.initial_weight is None else {"initial": self.initial_weight}
-            state.extra["weight"] = (AdaptiveWeight if self.schedule == "adaptive" else GeometricWeight)(**options)
+            kind = AdaptiveWeight if self.schedule == "adaptive" else GeometricWeight
+            state.extra["weight"] = kind() if self.initial_weight is None else kind(initial=self.initial_weight)
         schedule: AdaptiveWeight | GeometricWeight = state.extra["weight"]
         return schedule
 

@@ -88,7 +88,7 @@ _MIP_REL_GAP = 1e-7
 _DECISION_GAP = 0.9
 # A slice of the time budget shorter than this is not worth a new MILP (presolve alone takes about as long).
 _MIN_SLICE_S = 0.02
-# The first pass over a sample's MILPs gives each this fraction of the time limit; see ``_deepen``.
+# The first pass over a sample's MILPs gives each at most this fraction of the time limit; see ``_schedule``.
 _FIRST_SLICE = 1 / 16
 # Relative widening of the relaxation's pre-activation bounds, which are computed in the model's precision
 # (float32 sums of hundreds of terms), so that the big-M constraints never cut off a point of the box.
@@ -294,11 +294,13 @@ class MilpOutcome:
     optimal: bool
 
 
-def minimise(encoding: MilpEncoding, objective: Array, time_limit: float, decide: bool = False) -> MilpOutcome:
+def minimise(encoding: MilpEncoding, objective: Array, time_limit: float, decide: bool = False,
+             relaxed: bool = False) -> MilpOutcome:
     """Minimise ``objective @ f(x)`` (objective over the flat outputs) within ``time_limit`` seconds.
 
     With ``decide`` the solver stops as soon as the sign of the minimum is settled (see ``_DECISION_GAP``)
-    instead of closing the gap to the exact minimum.
+    instead of closing the gap to the exact minimum; with ``relaxed`` the binaries may take any value in
+    [0, 1]: the LP relaxation, whose optimum is a (weaker) lower bound of the minimum.
     """
     start = time.perf_counter()
     cost = np.asarray(encoding.output.matrix.T @ objective).ravel()
@@ -311,7 +313,8 @@ def minimise(encoding: MilpEncoding, objective: Array, time_limit: float, decide
     matrix = _widen(encoding.constraints, columns)
     constraints = [LinearConstraint(matrix, encoding.row_lower, encoding.row_upper)] if matrix.shape[0] else []
     result: Any = milp(
-        np.append(cost, const), integrality=np.append(encoding.integrality, 0),
+        np.append(cost, const),
+        integrality=np.zeros(columns, dtype=np.int8) if relaxed else np.append(encoding.integrality, 0),
         bounds=Bounds(np.append(encoding.lower, 1.0), np.append(encoding.upper, 1.0)), constraints=constraints,
         options={"time_limit": max(time_limit, 1e-3), "mip_rel_gap": _DECISION_GAP if decide else _MIP_REL_GAP},
     )
@@ -333,13 +336,15 @@ def minimise(encoding: MilpEncoding, objective: Array, time_limit: float, decide
     return MilpOutcome(bound, value, solution, optimal)
 
 
-def _deepen(tasks: list[int], deadline: float, first: float, attempt: Callable[[int, float], bool | None]) -> list[int]:
-    """Run ``attempt(task, seconds)`` on every task by iterative deepening; returns the unfinished tasks.
+def _schedule(tasks: list[int], deadline: float, first: float,
+              attempt: Callable[[int, float], bool | None]) -> list[int]:
+    """Run ``attempt(task, seconds)`` on every task within the deadline; returns the unfinished tasks.
 
-    HiGHS cannot resume a MILP, so a task that runs out of time is solved again from scratch in the next pass,
-    with four times the time (or its fair share of what is left). The easy MILPs are thereby done before a
-    hard one can eat the budget, and the work thrown away is at most a third of the total. ``attempt`` returns
-    True when the task is done, False when it ran out of time, and None to stop everything.
+    A first pass gives each task at most ``first`` seconds, so that the many easy MILPs are done before a hard
+    one can eat the budget; later passes share what is left equally among the unfinished tasks. HiGHS cannot
+    resume a MILP, so a retry starts from scratch and is made only with at least 1.5 times the time of the
+    last attempt. ``attempt`` returns True when the task is done, False when it ran out of time, and None to
+    stop everything.
     """
     pending, cap = list(tasks), first
     last: dict[int, float] = {}
@@ -359,7 +364,7 @@ def _deepen(tasks: list[int], deadline: float, first: float, attempt: Callable[[
                 unfinished.append(task)
         if not attempted:
             return unfinished
-        pending, cap = unfinished, 4 * cap
+        pending, cap = unfinished, math.inf
     return []
 
 
@@ -459,7 +464,7 @@ class ExactVerifier(Verifier):
                     return outcome.optimal
 
                 wanted = [k for k in range(rows.shape[1]) if np.any(rows[sample, k])]
-                left = _deepen(wanted, deadline, _FIRST_SLICE * self.time_limit, attempt)
+                left = _schedule(wanted, deadline, _FIRST_SLICE * self.time_limit, attempt)
                 if left:
                     logger.info("sample %d: time limit reached, %d rows keep a partial bound", sample, len(left))
         return best
@@ -489,6 +494,7 @@ class ExactVerifier(Verifier):
             margins[torch.arange(first, part.stop), labels[part].cpu()] = 0.0
             undecided = (prediction[part] == labels[part]) & (worst_margin(relax, labels[part]) <= 0)
             adversarial = self._attack(model, x[part], labels[part], eps, undecided)
+            piece = _Piece(graph, maps, x[part], lower[part], upper[part], pre, eps)
             shared = (time.perf_counter() - start) / relax.shape[0]  # the batched work, shared equally
             for offset in range(relax.shape[0]):
                 sample, began = first + offset, time.perf_counter()
@@ -499,8 +505,7 @@ class ExactVerifier(Verifier):
                 elif adversarial is not None and not bool(adversarial[offset].isnan().any()):
                     outcome, point = Status.FALSIFIED, adversarial[offset : offset + 1]
                 else:
-                    outcome, point = self._decide(model, graph, maps, lower[part], upper[part], pre, label,
-                                                  margins[sample], offset)
+                    outcome, point = self._decide(model, piece, offset, label, margins[sample])
                 status.append(outcome)
                 if point is not None:
                     counterexample[sample] = point[0]
@@ -534,30 +539,47 @@ class ExactVerifier(Verifier):
         points[index[found.success]] = found.x_adv[found.success].to(x.dtype)
         return points
 
-    def _decide(self, model: nn.Module, graph: Graph, maps: dict[int, AffineMap | None], lower: Tensor,
-                upper: Tensor, pre: dict[int, tuple[Tensor, Tensor]], label: int, row: Tensor,
-                sample: int) -> tuple[Status, Tensor | None]:
+    def _decide(self, model: nn.Module, piece: _Piece, sample: int, label: int,
+                row: Tensor) -> tuple[Status, Tensor | None]:
         """Decide one correctly classified sample by MILP; raises its margin bounds ``row`` in place."""
         deadline = time.perf_counter() + self.time_limit
         # weakest relaxation bound first: the likeliest counterexample, and the hardest proof
         pending = [j for j in torch.argsort(row).tolist() if j != label and float(row[j]) <= 0]
         if not pending:
             return Status.VERIFIED, None
-        encoding = self._encode(graph, maps, lower, upper, pre, sample)
+        encoding = self._encode(piece.graph, piece.maps, piece.lower, piece.upper, piece.pre, sample)
         logger.debug("%d margins need a MILP with %d binaries", len(pending), encoding.n_binary)
+        lower, upper = piece.lower[sample], piece.upper[sample]
+
+        def objective(j: int) -> Array:
+            vector = np.zeros(row.shape[0])
+            vector[label], vector[j] = 1.0, -1.0
+            return vector
+
+        # the LP relaxation first: a sound bound tighter than the relaxation's, and a start for a targeted search
+        starts: dict[int, Tensor] = {}
+        for j in pending:
+            outcome = minimise(encoding, objective(j), deadline - time.perf_counter(), relaxed=True)
+            if outcome.solution is not None:
+                starts[j] = self._clip(outcome.solution, lower, upper)
+                with torch.no_grad():
+                    logits = model(starts[j])[0].double()
+                row[j] = max(float(row[j]), self._trusted(outcome.bound, float(logits[label] - logits[j])))
+        point = self._search(model, piece.x[sample], piece.eps, label, starts)
+        if point is not None:
+            return Status.FALSIFIED, point
+        pending = [j for j in pending if float(row[j]) <= self.tolerance]
         found: list[Tensor] = []
         borderline: list[int] = []
         exact: set[int] = set()  # margins whose sign the decision gap left open: solved to optimality
 
         def attempt(j: int, seconds: float) -> bool | None:
             end = time.perf_counter() + seconds
-            objective = np.zeros(row.shape[0])
-            objective[label], objective[j] = 1.0, -1.0
             while True:
-                outcome = minimise(encoding, objective, end - time.perf_counter(), decide=j not in exact)
+                outcome = minimise(encoding, objective(j), end - time.perf_counter(), decide=j not in exact)
                 bound = outcome.bound
                 if outcome.solution is not None:
-                    point = self._clip(outcome.solution, lower[sample], upper[sample])
+                    point = self._clip(outcome.solution, lower, upper)
                     with torch.no_grad():
                         logits = model(point)[0].double()
                     if bool((logits > logits[label]).any()):  # only a real misclassification falsifies
@@ -578,12 +600,48 @@ class ExactVerifier(Verifier):
                 if end - time.perf_counter() < _MIN_SLICE_S:
                     return False
 
-        unfinished = _deepen(pending, deadline, _FIRST_SLICE * self.time_limit, attempt)
+        unfinished = _schedule(pending, deadline, _FIRST_SLICE * self.time_limit, attempt)
         if found:
             return Status.FALSIFIED, found[0]
         if unfinished:
             return Status.TIMEOUT, None
         return (Status.UNKNOWN if borderline else Status.VERIFIED), None
+
+    def _search(self, model: nn.Module, x: Tensor, eps: float, label: int, starts: dict[int, Tensor]) -> Tensor | None:
+        """A targeted gradient search for each class j from the LP optimum of f_y - f_j; a misclassified point
+        (1, *shape) or None. Counterexamples deep in a corner of the box, which PGD from the clean point misses,
+        are usually a few steps away from the LP optimum."""
+        if not starts or self.attack_steps == 0:
+            return None
+        from robustkit.attacks.pgd import gradient_steps  # see _attack
+
+        targets = torch.tensor(list(starts), device=x.device)
+        labels = torch.full_like(targets, label)
+
+        def targeted(logits: Tensor, y: Tensor) -> Tensor:
+            return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - logits.gather(1, y.unsqueeze(1)).squeeze(1)
+
+        centre = x.unsqueeze(0).expand(len(starts), *x.shape)
+        best, margin = gradient_steps(model, centre, labels, torch.cat(list(starts.values())), eps=eps,
+                                      steps=self.attack_steps, step_size=eps / 25, loss=targeted)
+        for index in torch.nonzero(margin < 0).flatten().tolist():
+            with torch.no_grad():
+                if int(model(best[index : index + 1]).argmax(1)) != label:  # the re-check, as for every point
+                    return best[index : index + 1]
+        return None
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """What the samples of one piece of a batch share in :meth:`ExactVerifier.verify`."""
+
+    graph: Graph
+    maps: dict[int, AffineMap | None]
+    x: Tensor
+    lower: Tensor
+    upper: Tensor
+    pre: dict[int, tuple[Tensor, Tensor]]
+    eps: float
 
 
 def _numpy(t: Tensor) -> Array:

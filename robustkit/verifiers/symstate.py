@@ -262,9 +262,9 @@ def relu(state: SymState, relax: ReluRelaxation, block: int) -> SymState:
     count = int(crossing.sum(1).max().item()) if crossing.numel() else 0
     if count:
         if _tile_errors(state, count):
-            tiled = tiles.make_tiles(relax.error.reshape(b, -1), state.shape, state.tiles_per_side, always=True)
-            assert tiled is not None
-            out.tiled[block] = tiled
+            errors = tiles.make_tiles(relax.error.reshape(b, -1), state.shape, state.tiles_per_side, always=True)
+            assert errors is not None
+            out.tiled[block] = errors
         else:
             order = torch.argsort(crossing.to(torch.int8), dim=1, descending=True, stable=True)[:, :count]
             magnitude = relax.error.reshape(b, -1).gather(1, order)

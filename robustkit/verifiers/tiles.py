@@ -61,7 +61,7 @@ def make_tiles(scale: Tensor, shape: tuple[int, ...], per_side: int, always: boo
     if not always and shape[1] * shape[2] < 4 * size * size:
         return None
     channels, height, width = shape
-    tiles = []
+    tiles: list[Tile] = []
     for top in range(0, height, size):
         for left in range(0, width, size):
             h, w = min(size, height - top), min(size, width - left)
@@ -82,12 +82,16 @@ def _window(op: ops.AffineOp) -> tuple[tuple[int, int], tuple[int, int], tuple[i
         return (int(kernel[0]), int(kernel[1])), op.stride, op.padding, op.dilation
     if isinstance(op, ops.PoolOp) and isinstance(op.module, nn.AvgPool2d):
         pool = op.module
-        pair = lambda v: (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))  # noqa: E731
-        padding = pair(pool.padding)
+        padding = _pair(pool.padding)
         if pool.ceil_mode or pool.divisor_override is not None or (padding != (0, 0) and not pool.count_include_pad):
             return None
-        return pair(pool.kernel_size), pair(pool.stride if pool.stride is not None else pool.kernel_size), padding, (1, 1)
+        stride = pool.stride if pool.stride is not None else pool.kernel_size
+        return _pair(pool.kernel_size), _pair(stride), padding, (1, 1)
     return None
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def spread(tiled: TiledRows) -> float:
@@ -101,7 +105,9 @@ def passes_tiles(op: ops.AffineOp) -> bool:
     return _window(op) is not None
 
 
-def _out_range(start: int, length: int, kernel: int, stride: int, padding: int, dilation: int, size: int) -> tuple[int, int]:
+def _out_range(
+    start: int, length: int, kernel: int, stride: int, padding: int, dilation: int, size: int
+) -> tuple[int, int]:
     """Output positions [first, last] whose window reads any of the input positions [start, start + length)."""
     extent = dilation * (kernel - 1) + 1
     first = max(0, math.ceil((start + padding - extent + 1) / stride))
@@ -109,7 +115,9 @@ def _out_range(start: int, length: int, kernel: int, stride: int, padding: int, 
     return first, last
 
 
-def _region_apply(op: ops.AffineOp, rows: Tensor, tile: Tile, out_hw: tuple[int, int]) -> tuple[Tensor, int, int] | None:
+def _region_apply(
+    op: ops.AffineOp, rows: Tensor, tile: Tile, out_hw: tuple[int, int]
+) -> tuple[Tensor, int, int] | None:
     """Apply a convolution-like layer to rows living on a rectangle; returns the rows on the output rectangle."""
     window = _window(op)
     assert window is not None
@@ -225,11 +233,12 @@ def tiled_add(first: TiledRows, second: TiledRows) -> TiledRows | None:
         top, left = min(tile.top, other.top), min(tile.left, other.left)
         bottom = max(tile.top + tile.rows.shape[-2], other.top + other.rows.shape[-2])
         right = max(tile.left + tile.rows.shape[-1], other.left + other.rows.shape[-1])
-        spread = [
-            F.pad(t.rows, (t.left - left, right - t.left - t.rows.shape[-1], t.top - top, bottom - t.top - t.rows.shape[-2]))
+        padded = [
+            F.pad(t.rows, (t.left - left, right - t.left - t.rows.shape[-1],
+                           t.top - top, bottom - t.top - t.rows.shape[-2]))
             for t in (tile, other)
         ]
-        tiles.append(Tile(spread[0] + spread[1], top, left, tile.index, tile.key))
+        tiles.append(Tile(padded[0] + padded[1], top, left, tile.index, tile.key))
     tiles.extend(right_tiles.values())
     return TiledRows(tiles, first.scale, shared, first.grid)
 
