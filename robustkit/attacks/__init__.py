@@ -10,17 +10,24 @@ from typing import Any
 
 from robustkit.attacks.base import Attack, AttackResult, margins
 from robustkit.attacks.cw import CWL2
+from robustkit.attacks.foolbox_adapter import FoolboxAttack
 from robustkit.attacks.interval import IntervalAttack
 from robustkit.attacks.pgd import PGD, CWLinf
+from robustkit.attacks.worst_case import WorstCase
 from robustkit.registry import Registry
 
-__all__ = ["ATTACKS", "CWL2", "PGD", "Attack", "AttackResult", "CWLinf", "IntervalAttack", "get_attack", "margins"]
+__all__ = [
+    "ATTACKS", "CWL2", "PGD", "Attack", "AttackResult", "CWLinf", "FoolboxAttack", "IntervalAttack", "WorstCase",
+    "get_attack", "margins",
+]
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 ATTACKS.add("pgd", PGD)
 ATTACKS.add("cw-linf", CWLinf)
 ATTACKS.add("cw-l2", CWL2)
 ATTACKS.add("interval", IntervalAttack)
+ATTACKS.add("foolbox", FoolboxAttack)
+ATTACKS.add("worst-case", WorstCase)
 
 
 def get_attack(name: str, **options: Any) -> Attack:

@@ -19,6 +19,7 @@ from robustkit.errors import RobustkitError
 
 # command name -> (module, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "attack": ("robustkit.cli.attack", "attack", "Robust accuracy of a model under attacks, and their worst case."),
     "datasets": ("robustkit.cli.datasets", "datasets", "List the registered datasets."),
     "models": ("robustkit.cli.models", "models", "List the model zoo with shapes and parameter counts."),
     "verify": ("robustkit.cli.verify", "verify", "Verified robust accuracy of a model with the bound methods."),

@@ -8,6 +8,7 @@ networks, so any disagreement points at an engine bug.
 from __future__ import annotations
 
 import itertools
+
 import pytest
 import torch
 from torch import nn

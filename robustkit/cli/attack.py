@@ -1,0 +1,432 @@
+"""``robustkit attack``: robust accuracy of a model under several attacks and radii, and their per-sample worst case.
+
+Each attack of ``--attack`` (registered names from :data:`robustkit.attacks.ATTACKS`, and ``foolbox:CLASS`` for
+any foolbox attack) runs on every sample at every ``--eps`` (L-inf radii in input space), batch by batch, with a
+progress bar per attack. Randomness comes from the root ``--seed``: every attack and eps gets its own
+``torch.Generator`` seeded with it, so an attack's result does not depend on which other attacks run.
+
+``--steps`` and ``--restarts`` override the attacks' own options where they have one (:data:`STEPS_OPTIONS`,
+:data:`RESTARTS_OPTIONS`; for ``foolbox:CLASS``, ``--steps`` sets the foolbox class's ``steps`` argument when it
+has one and ``--restarts`` re-runs it on the samples still robust); an attack without such an option ignores it
+with a note.
+
+Before anything is written, every adversarial example is re-checked: inside the eps-ball and [0, 1], and, where
+the attack reports success, misclassified by a fresh forward pass. A failed re-check is a bug in an attack: it is
+reported and the command exits with code 1 without writing results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from robustkit.attacks import ATTACKS, Attack, FoolboxAttack, get_attack
+from robustkit.cli.options import (
+    DataArgs,
+    EvalData,
+    ModelArgs,
+    data_options,
+    eps_option,
+    global_options,
+    load_cli_model,
+    load_eval_data,
+    model_options,
+    out_option,
+    output_dir,
+)
+from robustkit.errors import InputError, UnknownNameError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+FOOLBOX_PREFIX = "foolbox:"
+ENSEMBLE = "worst-case"
+WORST_CASE_LABEL = "worst case"
+# which option of each attack --steps and --restarts set
+STEPS_OPTIONS = {"pgd": "steps", "cw-linf": "steps", "cw-l2": "steps", "interval": "inner_steps"}
+RESTARTS_OPTIONS = {"pgd": "restarts", "cw-linf": "restarts", "interval": "restarts", "foolbox": "restarts"}
+TOLERANCE = 1e-6
+EXAMPLE_ROWS = 8
+MAX_REPORTED = 10
+
+COMMON_COLUMNS = ("dataset", "model", "checkpoint", "trainer", "eps", "seed", "n")
+PER_ATTACK_COLUMNS = ("success", "prediction", "linf", "l2")
+SUMMARY_COLUMNS = (
+    "dataset", "model", "checkpoint", "trainer", "method", "config", "eps", "seed", "n", "clean_acc", "robust_acc",
+    "n_broken", "time_s", "time_per_sample_s", "robustkit_version",
+)
+
+
+def sample_columns(labels: Sequence[str]) -> tuple[str, ...]:
+    """The header of ``attack.csv`` for the attacks ``labels``."""
+    per_attack = tuple(f"{label}_{column}" for label in labels for column in PER_ATTACK_COLUMNS)
+    return (*COMMON_COLUMNS, "index", "label", "clean_prediction", *per_attack, "worst_case_success",
+            "robustkit_version")
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+def _check_label(label: str) -> None:
+    if label == ENSEMBLE:
+        raise ValueError(
+            "the per-sample worst case over the --attack list is always reported; list the attacks themselves "
+            "(e.g. pgd,cw-linf,interval)"
+        )
+    if label.startswith(FOOLBOX_PREFIX):
+        try:
+            threat = FoolboxAttack(attack=label[len(FOOLBOX_PREFIX):]).threat
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+    elif label in ATTACKS:
+        threat = ATTACKS[label]().threat
+    else:
+        choices = [name for name in ATTACKS if name != ENSEMBLE]
+        raise ValueError(f"{UnknownNameError('attack', label, choices)} Any foolbox attack runs as foolbox:CLASS.")
+    if threat != "linf":
+        raise ValueError(f"{label} attacks in the {threat} norm, but --eps gives L-inf radii: choose an L-inf attack")
+
+
+def parse_attacks(text: str) -> list[str]:
+    """Comma-separated attack names (registered ones and ``foolbox:CLASS``), each checked; repeats kept once.
+
+    The worst case is not an attack of the list (it is always reported), and L2 attacks are refused because
+    ``--eps`` gives L-inf radii.
+    """
+    labels = [label.strip() for label in text.split(",")]
+    if not all(labels):
+        raise ValueError(f"give one or more comma-separated attack names, got {text!r}")
+    for label in labels:
+        _check_label(label)
+    return list(dict.fromkeys(labels))
+
+
+def _attack_callback(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    try:
+        return parse_attacks(value)
+    except ValueError as exc:
+        raise click.BadParameter(" ".join(str(exc).split())) from None
+
+
+def build_attack(label: str, steps: int | None, restarts: int | None) -> tuple[Attack, list[str]]:
+    """The attack ``label`` with ``--steps``/``--restarts`` applied, and notes about overrides it ignores."""
+    notes = []
+    options: dict[str, Any] = {}
+    name = "foolbox" if label.startswith(FOOLBOX_PREFIX) else label
+    if name == "foolbox":
+        class_name = label[len(FOOLBOX_PREFIX):] if label != name else FoolboxAttack().attack
+        options["attack"] = class_name
+        if steps is not None and FoolboxAttack(attack=class_name).accepts("steps"):
+            options["options"] = {"steps": steps}
+        elif steps is not None:
+            notes.append(f"--steps is ignored by {label}: foolbox's {class_name} takes no steps")
+    elif steps is not None:
+        if name in STEPS_OPTIONS:
+            options[STEPS_OPTIONS[name]] = steps
+        else:
+            notes.append(f"--steps is ignored by {label}: it has no steps option")
+    if restarts is not None:
+        if name in RESTARTS_OPTIONS:
+            options[RESTARTS_OPTIONS[name]] = restarts
+        else:
+            notes.append(f"--restarts is ignored by {label}: it has no restarts")
+    return get_attack(name, **options), notes
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+@dataclass(frozen=True, eq=False)
+class AttackRun:
+    """One attack at one eps on all N samples (the batches' results joined, on the CPU)."""
+
+    label: str
+    config: str
+    eps: float
+    x_adv: Tensor
+    success: Tensor
+    prediction: Tensor
+    time_s: float
+
+    @property
+    def n_broken(self) -> int:
+        """Samples broken (clean-misclassified ones included)."""
+        return int(self.success.sum())
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters (or buffers) live; the CPU for a model without any."""
+    import torch
+
+    return next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+
+
+def predict(model: nn.Module, data: EvalData, images: Tensor | None = None) -> Tensor:
+    """The model's predicted classes for the evaluation samples (or ``images`` in their place), batch by batch."""
+    import torch
+
+    device = model_device(model)
+    parts = []
+    with torch.no_grad():
+        for offset, x, _ in data.batches():
+            batch = x if images is None else images[offset:offset + x.shape[0]]
+            parts.append(model(batch.to(device)).argmax(1).cpu())
+    return torch.cat(parts)
+
+
+def run_attack(
+    model: nn.Module, data: EvalData, label: str, attack: Attack, eps_list: Sequence[float], seed: int
+) -> list[AttackRun]:
+    """Attack every sample at every eps, batch by batch, with one progress bar."""
+    import torch
+
+    from robustkit.attacks import AttackResult
+    from robustkit.progress import progress
+    from robustkit.runtime import make_generator
+
+    device = model_device(model)
+    generators = {eps: make_generator(seed, device) for eps in eps_list}
+    parts: dict[float, list[AttackResult]] = {eps: [] for eps in eps_list}
+    steps = [(eps, batch) for eps in eps_list for batch in data.batches()]
+    for eps, (_, x, y) in progress(steps, desc=f"attack {label}", unit="batch"):
+        parts[eps].append(attack(model, x, y, eps=eps, generator=generators[eps]))
+    return [
+        AttackRun(
+            label=label, config=repr(attack), eps=eps,
+            x_adv=torch.cat([r.x_adv.detach().cpu() for r in results]),
+            success=torch.cat([r.success.detach().cpu() for r in results]),
+            prediction=torch.cat([r.prediction.detach().cpu() for r in results]),
+            time_s=sum(r.time_s for r in results),
+        )
+        for eps, results in parts.items()
+    ]
+
+
+def recheck(model: nn.Module, data: EvalData, runs: Sequence[AttackRun]) -> list[str]:
+    """Every adversarial example inside the ball and [0, 1], and misclassified by a fresh forward pass where the
+    attack reports success; returns one message per failed sample (empty when all pass)."""
+    problems = []
+    x, labels = data.split.x, data.split.y
+    for run in runs:
+        prediction = predict(model, data, run.x_adv)
+        distance = (run.x_adv - x).abs().flatten(1).amax(1)
+        flat = run.x_adv.flatten(1)
+        checks = [
+            (distance > run.eps + TOLERANCE, "outside the eps-ball"),
+            ((flat.amin(1) < 0) | (flat.amax(1) > 1), "pixel values outside [0, 1]"),
+            (run.success & (prediction == labels), "reported adversarial, but a fresh forward pass classifies it "
+                                                   "correctly"),
+        ]
+        for failed, what in checks:
+            for position in failed.nonzero().flatten().tolist():
+                problems.append(
+                    f"{run.label} at eps {run.eps:g}, test sample {data.start + position}: {what} "
+                    f"(L-inf distance {float(distance[position]):.6g}, prediction {int(prediction[position])}, "
+                    f"label {int(labels[position])})"
+                )
+    return problems
+
+
+def worst_case(runs: Sequence[AttackRun], eps: float) -> Tensor:
+    """Per sample: broken by any attack at ``eps``."""
+    import torch
+
+    return torch.stack([r.success for r in runs if r.eps == eps]).any(0)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def write_results(
+    out: Path,
+    runs: Sequence[AttackRun],
+    data: EvalData,
+    clean_prediction: Tensor,
+    model_args: ModelArgs,
+    seed: int,
+) -> list[Path]:
+    """``attack.csv`` (one row per sample and eps) and ``summary.csv`` (one row per attack and eps, and the worst
+    case per eps); returns the paths."""
+    from robustkit import __version__
+    from robustkit.io import write_csv
+
+    labels = list(dict.fromkeys(r.label for r in runs))
+    eps_list = list(dict.fromkeys(r.eps for r in runs))
+    checkpoint = "" if model_args.checkpoint is None else str(model_args.checkpoint)
+    x = data.split.x
+    clean_acc = float((clean_prediction == data.split.y).float().mean())
+    sample_rows: list[list[Any]] = []
+    summary_rows: list[list[Any]] = []
+    for eps in eps_list:
+        common = [data.dataset.name, model_args.spec, checkpoint, "", eps, seed, data.n]
+        same_eps = [r for r in runs if r.eps == eps]
+        delta = [(r.x_adv - x).flatten(1) for r in same_eps]
+        linf = [d.abs().amax(1).tolist() for d in delta]
+        l2 = [d.norm(dim=1).tolist() for d in delta]
+        broken = worst_case(runs, eps)
+        for position, index in enumerate(data.indices):
+            cells: list[Any] = [*common, index, int(data.split.y[position]), int(clean_prediction[position])]
+            for number, run in enumerate(same_eps):
+                cells += [bool(run.success[position]), int(run.prediction[position]),
+                          format(linf[number][position], ".6g"), format(l2[number][position], ".6g")]
+            sample_rows.append([*cells, bool(broken[position]), __version__])
+        for run in same_eps:
+            summary_rows.append([
+                data.dataset.name, model_args.spec, checkpoint, "", run.label, run.config, eps, seed, data.n,
+                format(clean_acc, ".6g"), format(1 - run.n_broken / data.n, ".6g"), run.n_broken,
+                format(run.time_s, ".6g"), format(run.time_s / data.n, ".6g"), __version__,
+            ])
+        total = sum(r.time_s for r in same_eps)
+        summary_rows.append([
+            data.dataset.name, model_args.spec, checkpoint, "", ENSEMBLE,
+            f"per-sample worst case over {', '.join(labels)}", eps, seed, data.n, format(clean_acc, ".6g"),
+            format(1 - int(broken.sum()) / data.n, ".6g"), int(broken.sum()), format(total, ".6g"),
+            format(total / data.n, ".6g"), __version__,
+        ])
+    return [
+        write_csv(out / "attack.csv", sample_columns(labels), sample_rows),
+        write_csv(out / "summary.csv", SUMMARY_COLUMNS, summary_rows),
+    ]
+
+
+def write_adversarial(out: Path, runs: Sequence[AttackRun], data: EvalData) -> Path:
+    """``adv.npz``: ``x_adv`` (attacks, eps, N, C, H, W) float32 with ``attacks``, ``eps``, ``labels``,
+    ``indices``, ``success`` and ``prediction`` (attacks, eps, N) to index it."""
+    import numpy as np
+
+    from robustkit.io import atomic_open
+
+    labels = list(dict.fromkeys(r.label for r in runs))
+    eps_list = list(dict.fromkeys(r.eps for r in runs))
+    table = {(r.label, r.eps): r for r in runs}
+    grid = [[table[label, eps] for eps in eps_list] for label in labels]
+    path = out / "adv.npz"
+    with atomic_open(path) as handle:
+        np.savez(
+            handle,
+            x_adv=np.stack([np.stack([r.x_adv.numpy() for r in row]) for row in grid]).astype(np.float32),
+            attacks=np.array(labels, dtype=str),
+            eps=np.array(eps_list, dtype=np.float64),
+            labels=data.split.y.numpy(),
+            indices=np.array(list(data.indices), dtype=np.int64),
+            success=np.stack([np.stack([r.success.numpy() for r in row]) for row in grid]),
+            prediction=np.stack([np.stack([r.prediction.numpy() for r in row]) for row in grid]),
+        )
+    return path
+
+
+def write_examples(out: Path, runs: Sequence[AttackRun], data: EvalData, clean_prediction: Tensor) -> Path:
+    """``examples.png``: up to :data:`EXAMPLE_ROWS` samples (those broken at the largest eps first), clean and
+    under every attack and eps, titled with the predicted classes."""
+    from robustkit.reports.images import ExampleColumn, save_examples_grid
+
+    largest = max(r.eps for r in runs)
+    broken = worst_case(runs, largest)
+    order = [p for p in range(data.n) if bool(broken[p])] + [p for p in range(data.n) if not bool(broken[p])]
+    rows = sorted(order[:EXAMPLE_ROWS])
+    columns = [
+        ExampleColumn(f"{run.label.replace(':', ':' + chr(10))}\neps {run.eps:g}", run.x_adv[rows],
+                      run.prediction[rows].tolist())
+        for run in runs
+    ]
+    return save_examples_grid(
+        out / "examples.png", data.split.x[rows], data.split.y[rows].tolist(), clean_prediction[rows].tolist(),
+        columns, data.dataset.class_names, [f"#{data.start + p}" for p in rows],
+    )
+
+
+def format_summary(runs: Sequence[AttackRun], data: EvalData, clean_prediction: Tensor) -> str:
+    """The terminal table: one row per attack and eps, then the worst case per eps."""
+    from robustkit.reports.tables import format_table
+
+    clean = f"{100 * float((clean_prediction == data.split.y).float().mean()):.1f}%"
+    rows = []
+    for eps in dict.fromkeys(r.eps for r in runs):
+        same_eps = [r for r in runs if r.eps == eps]
+        for run in same_eps:
+            rows.append([run.label, f"{eps:g}", clean, f"{100 * (1 - run.n_broken / data.n):.1f}%",
+                         str(run.n_broken), f"{run.time_s / data.n:.3g}s"])
+        broken = int(worst_case(runs, eps).sum())
+        total = sum(r.time_s for r in same_eps)
+        rows.append([WORST_CASE_LABEL, f"{eps:g}", clean, f"{100 * (1 - broken / data.n):.1f}%", str(broken),
+                     f"{total / data.n:.3g}s"])
+    return format_table(["attack", "eps", "clean acc", "robust acc", "broken", "time/sample"], rows)
+
+
+# ------------------------------------------------------------------------------------------ command
+
+
+@click.command("attack")
+@model_options
+@data_options
+@eps_option()
+@click.option("--attack", "attacks", required=True, callback=_attack_callback, metavar="NAME[,NAME...]",
+              help=f"Comma-separated attacks: {', '.join(n for n in ATTACKS if n != ENSEMBLE)} (foolbox's LinfPGD) "
+                   "or foolbox:CLASS for any L-inf attack class of foolbox.attacks (e.g. "
+                   "foolbox:LinfDeepFoolAttack).")
+@click.option("--steps", type=click.IntRange(min=1), metavar="N",
+              help="Gradient steps: pgd/cw-linf/cw-l2 'steps', interval 'inner_steps', foolbox 'steps'.")
+@click.option("--restarts", type=click.IntRange(min=1), metavar="R",
+              help="Restarts on the samples still robust: pgd/cw-linf/interval/foolbox 'restarts'.")
+@out_option("attack")
+@click.option("--save-adv", is_flag=True, help="Also write the adversarial images to adv.npz.")
+@click.pass_context
+def attack(
+    ctx: click.Context,
+    model_args: ModelArgs,
+    data_args: DataArgs,
+    eps: list[float],
+    attacks: list[str],
+    steps: int | None,
+    restarts: int | None,
+    out: Path | None,
+    save_adv: bool,
+) -> None:
+    """Attack a model on test samples with one or more attacks and report robust accuracy.
+
+    Prints clean and robust accuracy, broken samples and the time per sample for every attack and eps, and the
+    per-sample worst case over the attacks (robust accuracy counts all samples: clean-misclassified ones count
+    as broken). Writes attack.csv (per sample), summary.csv, examples.png and, with --save-adv, adv.npz to
+    --out. Every adversarial example is re-checked first; a failed re-check is a bug (exit code 1).
+
+    Example: robustkit attack --model mnist_small --checkpoint w.pt --eps 0.1,0.3 --attack pgd,cw-linf,interval
+    """
+    options = global_options(ctx)
+    data = load_eval_data(data_args)
+    model = load_cli_model(model_args, data.dataset, options)
+    built: dict[str, Attack] = {}
+    for label in attacks:
+        built[label], notes = build_attack(label, steps, restarts)
+        for note in notes:
+            click.echo(f"Note: {note}.", err=True)
+
+    folder = output_dir(out, "attack")  # before the long part, so that a bad --out fails at once
+
+    clean_prediction = predict(model, data)
+    runs = [run for label, instance in built.items() for run in run_attack(model, data, label, instance, eps,
+                                                                            options.seed)]
+    problems = recheck(model, data, runs)
+    if problems:
+        for problem in problems[:MAX_REPORTED]:
+            click.echo(f"Error: re-check failed: {problem}", err=True)
+        raise click.ClickException(
+            f"{len(problems)} adversarial example(s) failed the re-check (a bug in the attack; first ones listed "
+            "above); no results were written"
+        )
+    written = write_results(folder, runs, data, clean_prediction, model_args, options.seed)
+    written.append(write_examples(folder, runs, data, clean_prediction))
+    if save_adv:
+        written.append(write_adversarial(folder, runs, data))
+
+    click.echo(format_summary(runs, data, clean_prediction))
+    click.echo(
+        f"{data.n} test samples of {data.dataset.name} (indices {data.start} to {data.start + data.n - 1}). "
+        "Robust accuracy counts all of them: clean-misclassified samples count as broken. The worst case is per "
+        "sample: broken when any of the attacks breaks it."
+    )
+    click.echo(f"Wrote {', '.join(str(path) for path in written)}.")

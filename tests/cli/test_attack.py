@@ -1,0 +1,340 @@
+"""``robustkit attack``: result files checked against the library and a fresh forward pass, third-party model
+formats, the --steps/--restarts mapping, the re-check of adversarial examples, and one-line user errors."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+
+from robustkit import __version__
+from robustkit.attacks import ATTACKS, PGD, Attack, AttackResult
+from robustkit.cli import main
+from robustkit.cli.attack import SUMMARY_COLUMNS, sample_columns
+from robustkit.data import load_dataset
+from robustkit.models import build_model
+
+SUMMARY_FIELDS = [
+    "dataset", "model", "checkpoint", "trainer", "method", "config", "eps", "seed", "n", "clean_acc", "robust_acc",
+    "n_broken", "time_s", "time_per_sample_s", "robustkit_version",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny networks: one torch thread keeps this file fast and steady on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def read_csv(path):
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def one_line_error(result, *fragments: str) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return load_dataset("mnist5k").test
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """mnist_fc_small after two seeded epochs of Adam on mnist5k (about 90% clean accuracy), and its weights."""
+    data = load_dataset("mnist5k")
+    model = build_model("mnist_fc_small", seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        order = torch.randperm(len(data.train), generator=generator)
+        for start in range(0, len(order), 50):
+            batch = order[start:start + 50]
+            loss = F.cross_entropy(model(data.train.x[batch]), data.train.y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    path = tmp_path_factory.mktemp("weights") / "fc.pt"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def test_results_match_the_library_and_a_fresh_forward_pass(tmp_path, trained, test_split):
+    model, weights = trained
+    out = tmp_path / "run"
+    labels = ["pgd", "cw-linf", "foolbox:LinfDeepFoolAttack"]
+    result = run("--seed", "3", "attack", "--model", "mnist_fc_small", "--checkpoint", str(weights),
+                 "--eps", "0.03,0.08", "--attack", ",".join(labels), "--steps", "10", "--n-examples", "60",
+                 "--start", "100", "--batch-size", "25", "--out", str(out), "--save-adv")
+    assert result.exit_code == 0, result.output
+
+    columns, rows = read_csv(out / "attack.csv")
+    assert columns == list(sample_columns(labels))
+    assert columns[:10] == ["dataset", "model", "checkpoint", "trainer", "eps", "seed", "n", "index", "label",
+                            "clean_prediction"]
+    assert columns[10:14] == ["pgd_success", "pgd_prediction", "pgd_linf", "pgd_l2"]
+    assert len(rows) == 2 * 60
+    x, y = test_split.x[100:160], test_split.y[100:160]
+    with torch.no_grad():
+        clean = model(x).argmax(1)
+    assert clean.eq(y).float().mean() > 0.8
+    for eps in (0.03, 0.08):
+        mine = [r for r in rows if float(r["eps"]) == eps]
+        assert [int(r["index"]) for r in mine] == list(range(100, 160))
+        assert [int(r["label"]) for r in mine] == y.tolist()
+        assert [int(r["clean_prediction"]) for r in mine] == clean.tolist()
+        for r in mine:
+            assert r["dataset"] == "mnist5k" and r["seed"] == "3" and r["n"] == "60"
+            assert r["robustkit_version"] == __version__ and r["checkpoint"] == str(weights)
+            broken = False
+            for label in labels:
+                success = r[f"{label}_success"] == "1"
+                assert success == (r[f"{label}_prediction"] != r["label"])
+                assert float(r[f"{label}_linf"]) <= eps + 1e-6
+                assert float(r[f"{label}_l2"]) >= float(r[f"{label}_linf"])
+                broken |= success
+            assert (r["worst_case_success"] == "1") == broken
+            if r["clean_prediction"] != r["label"]:  # clean-misclassified samples count as broken
+                assert r["worst_case_success"] == "1" and r["pgd_success"] == "1"
+
+        # the command's pgd is the library's PGD, batch by batch, with a generator seeded from --seed per eps
+        generator = torch.Generator().manual_seed(3)
+        expected = torch.cat([
+            PGD(steps=10)(model, x[i:i + 25], y[i:i + 25], eps=eps, generator=generator).success for i in (0, 25, 50)
+        ])
+        assert [r["pgd_success"] == "1" for r in mine] == expected.tolist()
+
+    columns, summary = read_csv(out / "summary.csv")
+    assert columns == SUMMARY_FIELDS == list(SUMMARY_COLUMNS)
+    assert [r["method"] for r in summary] == [*labels, "worst-case"] * 2
+    robust = {}
+    for r in summary:
+        eps = float(r["eps"])
+        mine = [s for s in rows if float(s["eps"]) == eps]
+        column = "worst_case_success" if r["method"] == "worst-case" else f"{r['method']}_success"
+        broken = sum(s[column] == "1" for s in mine)
+        assert int(r["n_broken"]) == broken
+        assert float(r["robust_acc"]) == pytest.approx(1 - broken / 60)
+        assert float(r["clean_acc"]) == pytest.approx(float(clean.eq(y).float().mean()))
+        assert r["seed"] == "3" and r["n"] == "60" and r["trainer"] == "" and float(r["time_s"]) > 0
+        robust[r["method"], eps] = float(r["robust_acc"])
+    assert "steps=10" in summary[0]["config"] and "options=(('steps', 10),)" in summary[2]["config"]
+    for eps in (0.03, 0.08):
+        assert robust["worst-case", eps] <= min(robust[label, eps] for label in labels)
+    assert 0 < robust["worst-case", 0.08] < robust["worst-case", 0.03] < 0.95
+
+    with np.load(out / "adv.npz") as saved:
+        assert saved["attacks"].tolist() == labels and saved["eps"].tolist() == [0.03, 0.08]
+        assert saved["indices"].tolist() == list(range(100, 160)) and saved["labels"].tolist() == y.tolist()
+        assert saved["x_adv"].shape == (3, 2, 60, 1, 28, 28) and saved["x_adv"].dtype == np.float32
+        for a, label in enumerate(labels):
+            for e, eps in enumerate((0.03, 0.08)):
+                adv = torch.from_numpy(saved["x_adv"][a, e])
+                assert float((adv - x).abs().max()) <= eps + 1e-6 and 0 <= float(adv.min()) <= float(adv.max()) <= 1
+                with torch.no_grad():
+                    prediction = model(adv).argmax(1)
+                assert prediction.tolist() == saved["prediction"][a, e].tolist()
+                mine = [r for r in rows if float(r["eps"]) == eps]
+                assert saved["success"][a, e].tolist() == [r[f"{label}_success"] == "1" for r in mine]
+                assert (prediction != y).tolist() == saved["success"][a, e].tolist()
+
+    with Image.open(out / "examples.png") as image:
+        assert image.format == "PNG"
+        assert image.size == (round(100 * 1.45 * 7), round(100 * (1.6 * 8 + 0.9)))  # clean + 3 attacks x 2 eps
+
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:2] == ["attack", "eps"]
+    assert [line.split()[0] for line in lines[2:10]] == [*labels, "worst", *labels, "worst"]
+    assert "clean-misclassified samples count as broken" in result.stdout
+    assert str(out / "adv.npz") in result.stdout
+
+
+def test_same_seed_same_results_and_no_npz_without_save_adv(tmp_path, trained):
+    _, weights = trained
+    outputs = []
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        out = tmp_path / name
+        result = run("--seed", seed, "--quiet", "attack", "--model", "mnist_fc_small", "--checkpoint", str(weights),
+                     "--eps", "0.05", "--attack", "pgd,foolbox", "--steps", "3", "--n-examples", "30", "--out",
+                     str(out))
+        assert result.exit_code == 0, result.output
+        outputs.append(read_csv(out / "attack.csv")[1])
+        assert not (out / "adv.npz").exists() and (out / "examples.png").is_file()
+    strip = [[{k: v for k, v in r.items() if k != "seed"} for r in rows] for rows in outputs]
+    assert strip[0] == strip[1]
+    # the random start differs with the seed: the perturbations (though maybe not the outcomes) change
+    assert [r["pgd_l2"] for r in strip[0]] != [r["pgd_l2"] for r in strip[2]]
+
+
+def test_steps_and_restarts_map_to_each_attacks_option(tmp_path, trained):
+    _, weights = trained
+    out = tmp_path / "run"
+    result = run("attack", "--model", "mnist_fc_small", "--checkpoint", str(weights), "--eps", "0.05", "--attack",
+                 "pgd,interval,cw-l2,foolbox:LinfDeepFoolAttack,foolbox:FGSM", "--steps", "3", "--restarts", "2",
+                 "--n-examples", "4", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    config = {r["method"]: r["config"] for r in read_csv(out / "summary.csv")[1]}
+    assert "steps=3" in config["pgd"] and "restarts=2" in config["pgd"]
+    assert "inner_steps=3" in config["interval"] and "restarts=2" in config["interval"]
+    assert "steps=3" in config["cw-l2"] and "restarts" not in config["cw-l2"]
+    assert config["foolbox:LinfDeepFoolAttack"] == (
+        "FoolboxAttack(attack='LinfDeepFoolAttack', options=(('steps', 3),), restarts=2)"
+    )
+    assert config["foolbox:FGSM"] == "FoolboxAttack(attack='FGSM', options=(), restarts=2)"
+    assert "--restarts is ignored by cw-l2" in result.stderr
+    assert "--steps is ignored by foolbox:FGSM" in result.stderr
+
+
+# ------------------------------------------------------------------------------------ third-party models
+
+
+FACTORY_SOURCE = """\
+from torch import nn
+
+
+def build():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 50), nn.ReLU(), nn.Linear(50, 50), nn.ReLU(),
+                         nn.Linear(50, 10))
+"""
+
+
+def third_party(kind, tmp_path, monkeypatch, model, weights):
+    """``--model``/``--checkpoint`` arguments for ``model`` saved in the format ``kind``."""
+    if kind == "torchscript":
+        path = tmp_path / "net.ts"
+        torch.jit.save(torch.jit.trace(model, torch.rand(1, 1, 28, 28)), str(path))
+        return ["--model", str(path)]
+    if kind == "onnx":
+        pytest.importorskip("onnx")
+        path = tmp_path / "net.onnx"
+        torch.onnx.export(model, (torch.rand(1, 1, 28, 28),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+        return ["--model", str(path)]
+    if kind == "legacy-state-dict":
+        path = tmp_path / "legacy.pt"
+        torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False)
+        return ["--model", "mnist_fc_small", "--checkpoint", str(path)]
+    (tmp_path / "third_party_nets.py").write_text(FACTORY_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return ["--model", "third_party_nets:build", "--checkpoint", str(weights)]
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "onnx", "legacy-state-dict", "factory"])
+def test_third_party_models(kind, tmp_path, monkeypatch, trained, test_split):
+    model, weights = trained
+    model_args = third_party(kind, tmp_path, monkeypatch, model, weights)
+    out = tmp_path / "run"
+    labels = ["pgd", "interval", "foolbox:LinfDeepFoolAttack"]
+    result = run("--quiet", "attack", *model_args, "--eps", "0.05", "--attack", ",".join(labels), "--steps", "5",
+                 "--restarts", "1", "--n-examples", "24", "--batch-size", "12", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    _, rows = read_csv(out / "attack.csv")
+    x, y = test_split.x[:24], test_split.y[:24]
+    with torch.no_grad():
+        assert [int(r["clean_prediction"]) for r in rows] == model(x).argmax(1).tolist()  # the same network
+    # the command's pgd equals the library's on the original module: the loaded model computes the same function
+    generator = torch.Generator().manual_seed(0)
+    expected = torch.cat([PGD(steps=5)(model, x[i:i + 12], y[i:i + 12], eps=0.05, generator=generator).success
+                          for i in (0, 12)])
+    assert [r["pgd_success"] == "1" for r in rows] == expected.tolist()
+    _, summary = read_csv(out / "summary.csv")
+    assert [r["method"] for r in summary] == [*labels, "worst-case"]
+    worst = float(summary[-1]["robust_acc"])
+    assert 0 < worst <= min(float(r["robust_acc"]) for r in summary[:-1]) < 1
+    assert (out / "examples.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------ re-check
+
+
+@dataclass(frozen=True, kw_only=True)
+class Liar(Attack):
+    """Claims every sample broken and returns points outside the ball: what a buggy attack might do."""
+
+    name: ClassVar[str] = "liar"
+
+    def run(self, model, x, y, eps, generator):
+        raise NotImplementedError("__call__ is overridden")
+
+    def __call__(self, model, x, y, *, eps, generator=None):
+        with torch.no_grad():
+            prediction = model(x).argmax(1)
+        return AttackResult(attack=repr(self), eps=eps, norm="linf", x_adv=(x + 2 * eps).clamp(0, 1),
+                            success=torch.ones_like(y, dtype=torch.bool), margin=-torch.ones(len(y)),
+                            prediction=prediction, time_s=0.0)
+
+
+def test_failed_recheck_is_an_error_and_nothing_is_written(tmp_path, monkeypatch, trained):
+    monkeypatch.setitem(ATTACKS._items, Liar.name, Liar)  # no removal API on purpose; only for this test
+    _, weights = trained
+    out = tmp_path / "run"
+    result = run("attack", "--model", "mnist_fc_small", "--checkpoint", str(weights), "--eps", "0.05", "--attack",
+                 "pgd,liar", "--steps", "3", "--n-examples", "5", "--out", str(out))
+    assert result.exit_code == 1, result.output
+    assert "re-check failed: liar at eps 0.05, test sample 0: outside the eps-ball" in result.stderr
+    assert "classifies it correctly" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("Error: ")
+    assert "failed the re-check" in result.stderr.splitlines()[-1]
+    assert not (out / "attack.csv").exists() and not (out / "summary.csv").exists()
+
+
+# ------------------------------------------------------------------------------------ user errors
+
+
+def test_unknown_attack_suggests_close_match():
+    line = one_line_error(run("attack", "--model", "mnist_small", "--eps", "0.1", "--attack", "pgd,cw-lnf"),
+                          "--attack", "unknown attack 'cw-lnf'", "Did you mean 'cw-linf'", "foolbox:CLASS")
+    assert "worst-case" not in line.split("Valid choices:")[1]
+
+
+def test_unknown_foolbox_class_suggests_close_match():
+    one_line_error(run("attack", "--model", "mnist_small", "--eps", "0.1", "--attack", "foolbox:LinfDeepFool"),
+                   "--attack", "unknown foolbox attack 'LinfDeepFool'", "Did you mean 'LinfDeepFoolAttack'")
+
+
+@pytest.mark.parametrize(("attack", "message"), [
+    ("foolbox:L2DeepFoolAttack", "attacks in the l2 norm, but --eps gives L-inf radii"),
+    ("worst-case", "always reported"),
+    ("pgd,,cw-linf", "comma-separated attack names"),
+])
+def test_attacks_the_command_cannot_run(attack, message):
+    one_line_error(run("attack", "--model", "mnist_small", "--eps", "0.1", "--attack", attack), "--attack", message)
+
+
+@pytest.mark.parametrize(("eps", "message"), [
+    ("1.5", "eps must be in [0, 1]"), ("0.1,,0.3", "empty value"), ("abc", "'abc' is not a number"),
+])
+def test_bad_eps(eps, message):
+    one_line_error(run("attack", "--model", "mnist_small", "--eps", eps, "--attack", "pgd"), "--eps", message)
+
+
+def test_bad_steps_and_model():
+    one_line_error(run("attack", "--model", "mnist_small", "--eps", "0.1", "--attack", "pgd", "--steps", "0"),
+                   "--steps")
+    one_line_error(run("attack", "--model", "mnist_smal", "--eps", "0.1", "--attack", "pgd"),
+                   "unknown model 'mnist_smal'", "Did you mean 'mnist_small'")
