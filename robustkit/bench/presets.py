@@ -1,0 +1,128 @@
+"""Built-in benchmark configurations (TOML, the same format as ``--config`` files).
+
+* ``paper`` (the default): the MixTrain paper's comparison on the embedded data: mnist5k, mnist_small,
+  eps 0.1, trainers standard, pgd, verifiable (symbolic), verifiable (interval) and mixtrain; sized to finish
+  in about 45 minutes on 2 CPU cores.
+* ``quick``: the same shape on the small fully connected net and a subset of the data, in a few minutes at
+  most (used by the test suite).
+"""
+
+from __future__ import annotations
+
+PAPER = """
+seed = 0
+
+[grid]
+datasets = ["mnist5k"]
+models = ["mnist_small"]
+eps = [0.1]
+trainers = ["standard", "pgd", "verifiable-symbolic", "verifiable-interval", "mixtrain"]
+
+[data]
+n_test = 1000
+val_size = 100
+
+[training]
+batch_size = 50
+lr = 0.001
+lr_schedule = "step"
+
+[trainers.standard]
+trainer = "standard"
+epochs = 10
+
+[trainers.pgd]
+trainer = "pgd"
+steps = 10
+epochs = 10
+
+[trainers.verifiable-symbolic]
+trainer = "verifiable"
+method = "symbolic"
+epochs = 5
+warmup_epochs = 1
+ramp_epochs = 2
+
+[trainers.verifiable-interval]
+trainer = "verifiable"
+method = "interval"
+epochs = 30
+warmup_epochs = 1
+ramp_epochs = 15
+kappa_start = 1.0
+kappa_end = 0.5
+
+[trainers.mixtrain]
+trainer = "mixtrain"
+epochs = 20
+warmup_epochs = 1
+ramp_epochs = 5
+
+[evaluation]
+pgd_steps = 40
+pgd_restarts = 5
+cw_steps = 40
+interval_attack = { iterations = 2, restarts = 1 }
+verifiers = ["interval", "symbolic", "crown"]
+exact = "auto"
+eps_sweep = [0.02, 0.05, 0.1, 0.15, 0.2]
+sweep_n = 200
+"""
+
+QUICK = """
+seed = 0
+
+[grid]
+datasets = ["mnist5k"]
+models = ["mnist_fc_small"]
+eps = [0.1]
+trainers = ["standard", "pgd", "verifiable-symbolic", "verifiable-interval", "mixtrain"]
+
+[data]
+n_train = 600
+n_test = 100
+val_size = 50
+
+[training]
+batch_size = 50
+lr = 0.002
+lr_schedule = "constant"
+epochs = 3
+
+[trainers.standard]
+trainer = "standard"
+
+[trainers.pgd]
+trainer = "pgd"
+steps = 5
+
+[trainers.verifiable-symbolic]
+trainer = "verifiable"
+method = "symbolic"
+ramp_epochs = 1
+
+[trainers.verifiable-interval]
+trainer = "verifiable"
+method = "interval"
+ramp_epochs = 1
+kappa_start = 1.0
+kappa_end = 0.5
+
+[trainers.mixtrain]
+trainer = "mixtrain"
+ramp_epochs = 1
+schedule_size = 50
+
+[evaluation]
+pgd_steps = 10
+pgd_restarts = 1
+cw_steps = 10
+interval_attack = { inner_steps = 10, iterations = 1, restarts = 1 }
+verifiers = ["interval", "symbolic", "crown"]
+exact = "auto"
+exact_time_limit = 2.0
+eps_sweep = [0.05, 0.1]
+sweep_n = 50
+"""
+
+PRESETS: dict[str, str] = {"paper": PAPER, "quick": QUICK}

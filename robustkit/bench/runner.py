@@ -1,0 +1,223 @@
+"""The benchmark runner: train and evaluate every cell of the grid, loss-free and resumable.
+
+A run folder holds ``config.json`` (the resolved configuration), one folder per cell under ``cells/`` (the
+trainer's checkpoint after every epoch, ``model.pt`` once trained and ``result.json`` once evaluated, each
+written atomically), and the aggregated ``results.csv`` and ``epochs.csv`` (rewritten after every cell), from
+which :func:`robustkit.reports.build_report` makes the summary tables, plots and ``index.html``. Re-running
+with ``resume`` skips finished cells, resumes a half-trained one from its last epoch and re-evaluates a
+trained but unevaluated one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robustkit.bench.config import BenchConfig, TrainerSpec
+from robustkit.bench.evaluate import evaluate_model
+from robustkit.data import Dataset, load_dataset
+from robustkit.errors import InputError
+from robustkit.io import atomic_write_text, torch_save_atomic, write_csv
+from robustkit.progress import progress
+from robustkit.runtime import PeakMemory, resolve_device
+
+RESULT_COLUMNS = ("dataset", "model", "trainer", "trainer_name", "train_eps", "eval_eps", "metric", "value", "n",
+                  "time_s", "seed", "robustkit_version", "torch_version", "config")
+EPOCH_COLUMNS = ("dataset", "model", "trainer", "trainer_name", "train_eps", "seed", "epoch", "train_time_s",
+                 "epoch_time_s", "loss", "loss_natural", "loss_robust", "weight", "eps", "lr", "train_acc",
+                 "clean_acc", "pgd_acc", "verified_acc", "n_val", "eval_time_s")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One trained model of the grid."""
+
+    dataset: str
+    model: str
+    trainer: TrainerSpec
+    eps: float
+
+    @property
+    def key(self) -> str:
+        text = f"{self.dataset}__{self.model}__{self.trainer.label}__eps{self.eps:g}"
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
+@dataclass(frozen=True)
+class CellOutcome:
+    """What a finished cell produced (results rows, epoch rows, violations) and whether it was reused."""
+
+    cell: Cell
+    results: list[dict[str, Any]]
+    epochs: list[dict[str, Any]]
+    violations: list[str]
+    reused: bool
+
+    def metric(self, name: str) -> float:
+        for row in self.results:
+            if row["metric"] == name and float(row["eval_eps"]) == self.cell.eps:
+                return float(row["value"])
+        return float("nan")
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """A finished run: its folder, every cell's outcome and every consistency violation."""
+
+    folder: Path
+    outcomes: tuple[CellOutcome, ...]
+    report_files: tuple[Path, ...]
+
+    @property
+    def violations(self) -> list[str]:
+        return [f"{o.cell.key}: {v}" for o in self.outcomes for v in o.violations]
+
+
+def plan(config: BenchConfig) -> list[Cell]:
+    """The grid's cells in run order: dataset, model, eps, then the trainers in their listed order."""
+    return [
+        Cell(dataset, model, trainer, eps)
+        for dataset in config.datasets for model in config.models for eps in config.eps for trainer in config.trainers
+    ]
+
+
+def _versions() -> tuple[str, str]:
+    from robustkit import __version__
+
+    return __version__, torch.__version__
+
+
+def _check_folder(folder: Path, config: BenchConfig, device: str, resume: bool) -> None:
+    saved_file = folder / "config.json"
+    if not resume:
+        if folder.exists() and any(folder.iterdir()):
+            raise InputError(f"output folder {folder} is not empty: use --resume to continue that run or a new --out")
+        return
+    if not saved_file.is_file():
+        raise InputError(f"cannot resume: {folder} holds no bench run (no config.json)")
+    saved = json.loads(saved_file.read_text())["config"]
+    mine = json.loads(json.dumps(config.to_dict()))
+    differing = sorted(k for k in set(saved) | set(mine) if k != "source" and saved.get(k) != mine.get(k))
+    if differing:
+        raise InputError(f"cannot resume {folder}: it was run with different settings ({', '.join(differing)})")
+
+
+def _train(cell: Cell, config: BenchConfig, train: Any, monitor: Any, folder: Path, device: str,
+           resume: bool) -> tuple[torch.nn.Module, Any, float]:
+    from robustkit.models import build_model
+    from robustkit.trainers import get_trainer
+    from robustkit.trainers.base import TrainConfig
+
+    model = build_model(cell.model, seed=config.seed)
+    trainer = get_trainer(cell.trainer.name, **cell.trainer.options)
+    settings = TrainConfig(**cell.trainer.training, eps=cell.eps, seed=config.seed, device=device,
+                           val_size=config.val_size)
+    with PeakMemory() as memory:
+        result = trainer.fit(model, train, monitor, settings, checkpoint=folder / "checkpoint.pt", resume=resume)
+    torch_save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, folder / "model.pt")
+    return model, result, memory.peak_mb
+
+
+def run_cell(cell: Cell, config: BenchConfig, data: Dataset, folder: Path, device: str, resume: bool) -> CellOutcome:
+    """Train (or resume) and evaluate one cell; its ``result.json`` is written atomically at the end."""
+    version, torch_version = _versions()
+    folder.mkdir(parents=True, exist_ok=True)
+    train = data.train.subset(0, config.n_train or None)
+    test = data.test.subset(0, config.n_test or None)
+    monitor = data.test.subset(0, config.val_size) if config.val_size else None
+    model, result, train_memory = _train(cell, config, train, monitor, folder, device, resume)
+    evaluation = evaluate_model(model, test, cell.eps, config.evaluation, config.seed, resolve_device(device))
+    base = {"dataset": cell.dataset, "model": cell.model, "trainer": cell.trainer.label,
+            "trainer_name": cell.trainer.name, "train_eps": cell.eps, "seed": config.seed}
+    tail = {"robustkit_version": version, "torch_version": torch_version}
+    results = [
+        {**base, "eval_eps": cell.eps, "metric": metric, "value": value, "n": n, "time_s": seconds, **tail,
+         "config": text}
+        for metric, value, n, seconds, text in [
+            ("train_time_s", result.train_time_s, len(train), result.train_time_s,
+             f"{result.trainer} {json.dumps(cell.trainer.training, sort_keys=True)}"),
+            ("epochs", float(len(result.history)), len(train), result.train_time_s, ""),
+            ("eval_time_s", evaluation.eval_time_s, len(test), evaluation.eval_time_s, ""),
+            ("peak_memory_mb", max(train_memory, evaluation.peak_memory_mb), len(test), 0.0, "train and evaluation"),
+        ]
+    ]
+    results += [
+        {**base, "eval_eps": m.eval_eps, "metric": m.metric, "value": m.value, "n": m.n, "time_s": m.time_s, **tail,
+         "config": m.config}
+        for m in evaluation.measurements
+    ]
+    epochs = [{**base, **record.to_dict()} for record in result.history]
+    outcome = CellOutcome(cell, results, epochs, list(evaluation.violations), reused=False)
+    atomic_write_text(folder / "result.json", json.dumps(
+        {"results": results, "epochs": epochs, "violations": outcome.violations}, indent=1, default=_plain))
+    return outcome
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _load_outcome(cell: Cell, file: Path) -> CellOutcome:
+    saved = json.loads(file.read_text())
+    nan = float("nan")
+    fix = lambda rows: [{k: (nan if v is None else v) for k, v in row.items()} for row in rows]  # noqa: E731
+    return CellOutcome(cell, fix(saved["results"]), fix(saved["epochs"]), list(saved["violations"]), reused=True)
+
+
+def _write_tables(folder: Path, outcomes: list[CellOutcome]) -> None:
+    def cell_value(value: Any) -> Any:
+        return format(value, ".9g") if isinstance(value, float) else value
+
+    write_csv(folder / "results.csv", RESULT_COLUMNS,
+              [[cell_value(row.get(c, "")) for c in RESULT_COLUMNS] for o in outcomes for row in o.results])
+    write_csv(folder / "epochs.csv", EPOCH_COLUMNS,
+              [[cell_value(row.get(c, "")) for c in EPOCH_COLUMNS] for o in outcomes for row in o.epochs])
+
+
+def run_bench(
+    config: BenchConfig,
+    folder: str | Path,
+    *,
+    resume: bool = False,
+    device: str = "cpu",
+    on_cell: Callable[[CellOutcome, int, int], None] | None = None,
+) -> BenchRun:
+    """Run (or resume) the whole grid into ``folder``; see the module docstring."""
+    folder = Path(folder)
+    _check_folder(folder, config, device, resume)
+    folder.mkdir(parents=True, exist_ok=True)
+    version, torch_version = _versions()
+    if not (folder / "config.json").is_file():
+        atomic_write_text(folder / "config.json", json.dumps(
+            {"config": config.to_dict(), "robustkit_version": version, "torch_version": torch_version,
+             "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+    cells = plan(config)
+    datasets: dict[str, Dataset] = {}
+    outcomes: list[CellOutcome] = []
+    for position, cell in enumerate(progress(cells, desc="bench cells", unit="cell")):
+        cell_folder = folder / "cells" / cell.key
+        result_file = cell_folder / "result.json"
+        if resume and result_file.is_file():
+            outcome = _load_outcome(cell, result_file)
+        else:
+            if cell.dataset not in datasets:
+                datasets[cell.dataset] = load_dataset(cell.dataset, config.data_dir)
+            outcome = run_cell(cell, config, datasets[cell.dataset], cell_folder, device, resume)
+        outcomes.append(outcome)
+        _write_tables(folder, outcomes)
+        if on_cell is not None:
+            on_cell(outcome, position + 1, len(cells))
+    from robustkit.reports import build_report
+
+    files = build_report(folder)
+    return BenchRun(folder, tuple(outcomes), tuple(files))

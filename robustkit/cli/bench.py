@@ -1,0 +1,90 @@
+"""``robustkit bench``: train and evaluate the grid of a configuration and write the paper-style report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from robustkit.cli.options import global_options, output_dir
+
+if TYPE_CHECKING:
+    from robustkit.bench import CellOutcome
+
+
+def _percent(value: float) -> str:
+    return "n/a" if value != value else f"{100 * value:.1f}%"
+
+
+def _cell_line(outcome: CellOutcome, position: int, total: int) -> str:
+    cell = outcome.cell
+    parts = [
+        f"[{position}/{total}] {cell.dataset} {cell.model} {cell.trainer.label} eps {cell.eps:g}:",
+        f"clean {_percent(outcome.metric('clean_acc'))}",
+        f"pgd {_percent(outcome.metric('pgd_acc'))}",
+        f"worst attack {_percent(outcome.metric('worst_attack_acc'))}",
+        f"verified {_percent(outcome.metric('verified_best'))}",
+        f"train {outcome.metric('train_time_s'):.0f}s",
+        f"eval {outcome.metric('eval_time_s'):.0f}s",
+    ]
+    if outcome.reused:
+        parts.append("(finished earlier, reused)")
+    return " ".join(parts)
+
+
+@click.command("bench")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE.toml",
+              help="A benchmark configuration (see examples/bench.toml); default: the preset.")
+@click.option("--preset", "preset_name", default=None, metavar="NAME",
+              help="A built-in configuration: paper (default) or quick.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder (default runs/bench-<date-time>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out: finished cells are kept.")
+@click.option("--seed", type=int, default=None, help="Seed for training and evaluation (overrides the config).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (overrides the root --device).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder with the files of datasets read from disk (overrides data.data_dir).")
+@click.pass_context
+def bench(ctx: click.Context, config_file: str | None, preset_name: str | None, out: Path | None, resume: bool,
+          seed: int | None, device: str | None, data_dir: str | None) -> None:
+    """Train every trainer of the grid, evaluate each model with attacks and verifiers, and report.
+
+    Writes results.csv (one row per cell and measurement), epochs.csv (training curves), summary.csv,
+    summary.md, plots (PNG and PDF) and index.html to --out. Accuracies count every test sample; a
+    clean-misclassified sample is broken and not verified. Any sample verified but broken by an attack is a
+    soundness error: it is printed and the exit code is 1.
+    """
+    import dataclasses
+
+    from robustkit.bench import load_config, preset, run_bench
+    from robustkit.runtime import resolve_device
+
+    options = global_options(ctx)
+    if config_file is not None and preset_name is not None:
+        raise click.UsageError("give either --config or --preset, not both")
+    config = load_config(config_file) if config_file is not None else preset(preset_name or "paper")
+    root = ctx.find_root()
+    if seed is None and root.get_parameter_source("seed") is click.core.ParameterSource.COMMANDLINE:
+        seed = options.seed  # robustkit --seed S bench ...
+    if seed is not None:
+        config = dataclasses.replace(config, seed=seed)
+    if data_dir is not None:
+        config = dataclasses.replace(config, data_dir=data_dir)
+    chosen_device = str(resolve_device(device if device is not None else options.device))
+    if resume and out is None:
+        raise click.UsageError("--resume needs the --out folder of the run to continue")
+    folder = out if out is not None else output_dir(None, "bench")
+    click.echo(f"robustkit bench: {config.source}, {len(config.trainers)} trainer(s) x {len(config.models)} model(s) "
+               f"x {len(config.datasets)} dataset(s) x {len(config.eps)} eps, device {chosen_device}, into {folder}")
+    run = run_bench(config, folder, resume=resume, device=chosen_device,
+                    on_cell=lambda outcome, i, n: click.echo(_cell_line(outcome, i, n)))
+    summary = folder / "summary.md"
+    if summary.is_file():
+        click.echo("")
+        click.echo(summary.read_text().rstrip())
+    click.echo(f"\nWrote {len(run.report_files)} report files; open {folder / 'index.html'}")
+    if run.violations:
+        for violation in run.violations:
+            click.echo(f"Error: {violation}", err=True)
+        raise click.ClickException(f"{len(run.violations)} consistency violation(s); results are in {folder}")

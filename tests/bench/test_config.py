@@ -1,0 +1,74 @@
+"""Bench configuration: presets, the example file, and errors that name the key and the valid choices."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from robustkit.bench import PRESETS, load_config, parse_config, plan, preset
+from robustkit.errors import InputError, UnknownNameError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_presets_parse_and_plan_the_paper_grid():
+    paper = preset("paper")
+    assert [c.trainer.label for c in plan(paper)] == [
+        "standard", "pgd", "verifiable-symbolic", "verifiable-interval", "mixtrain"]
+    assert paper.datasets == ("mnist5k",) and paper.models == ("mnist_small",) and paper.eps == (0.1,)
+    symbolic = next(t for t in paper.trainers if t.label == "verifiable-symbolic")
+    assert symbolic.name == "verifiable" and symbolic.options == {"method": "symbolic"}
+    assert symbolic.training["batch_size"] == 50 and "epochs" in symbolic.training
+    quick = preset("quick")
+    assert quick.n_train > 0 and quick.n_test <= 200
+    assert set(PRESETS) == {"paper", "quick"}
+
+
+def test_example_file_is_valid():
+    config = load_config(str(ROOT / "examples" / "bench.toml"))
+    assert len(plan(config)) == 12
+    assert config.evaluation.eps_sweep == (0.02, 0.05, 0.1, 0.15, 0.2)
+
+
+def test_unknown_preset():
+    with pytest.raises(UnknownNameError, match="Did you mean 'paper'"):
+        preset("papr")
+
+
+def base() -> dict:
+    return tomllib.loads(PRESETS["quick"])
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda c: c["grid"].update(models=["mnist_smal"]), r"grid.models: unknown model 'mnist_smal'.*mnist_small"),
+    (lambda c: c["grid"].update(datasets=["cifar"]), r"grid.datasets: unknown dataset 'cifar'.*cifar10"),
+    (lambda c: c["grid"].update(eps=[0.1, 1.5]), r"grid.eps: 1.5 is not a number in \[0, 1\]"),
+    (lambda c: c["grid"].update(trainers=["standard", "mixtrian"]), r"grid.trainers: 'mixtrian'.*mixtrain"),
+    (lambda c: c["trainers"]["pgd"].update(stepz=3), r"trainers.pgd.stepz: unknown option.*steps"),
+    (lambda c: c["trainers"]["pgd"].update(trainer="pgdd"), r"trainers.pgd.trainer: unknown trainer 'pgdd'"),
+    (lambda c: c["trainers"]["mixtrain"].update(k=0), r"trainers.mixtrain: k must be >= 1"),
+    (lambda c: c["trainers"]["standard"].update(epochs=0), r"trainers.standard: epochs and batch size"),
+    (lambda c: c["evaluation"].update(verifiers=["symbolc"]), r"evaluation.verifiers: unknown verifier 'symbolc'"),
+    (lambda c: c["evaluation"].update(exact="maybe"), r"evaluation.exact: 'maybe' is not a choice.*auto"),
+    (lambda c: c["evaluation"].update(pgd_stepz=3), r"evaluation.pgd_stepz: unknown key.*pgd_steps"),
+    (lambda c: c.update(gird={}), r"gird: unknown section.*grid"),
+    (lambda c: c["grid"].update(datasets=["mnist"]), r"data.data_dir: dataset 'mnist' is read from files"),
+    (lambda c: c["data"].update(n_test=-1), r"data.n_test: must be an integer >= 0"),
+    (lambda c: c["evaluation"].update(interval_attack={"radius": -1}), r"evaluation.interval_attack"),
+])
+def test_invalid_configs_name_the_key(change, match):
+    config = base()
+    change(config)
+    with pytest.raises(InputError, match=match):
+        parse_config(config, "test")
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_config(str(tmp_path / "nope.toml"))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[grid\nmodels = 3")
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_config(str(broken))
