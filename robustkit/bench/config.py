@@ -18,7 +18,9 @@ from robustkit.errors import InputError
 from robustkit.trainers.base import TrainConfig
 
 # TrainConfig fields a bench config may set (eps, seed, device and the monitoring size come from the grid)
-TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("eps", "seed", "device", "val_size"))
+TRAIN_KEYS = tuple(
+    f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("eps", "seed", "device", "val_size")
+)
 EXACT_CHOICES = ("auto", "true", "false")
 
 
@@ -185,8 +187,10 @@ def parse_config(raw: Mapping[str, Any], source: str) -> BenchConfig:
     for key in ("verifiers",):
         if key in settings:
             settings[key] = _names(settings[key], f"evaluation.{key}", VERIFIERS, "verifier")
-    if "eps_sweep" in settings:
-        settings["eps_sweep"] = _eps_list(settings["eps_sweep"], "evaluation.eps_sweep") if settings["eps_sweep"] else ()
+    if settings.get("eps_sweep"):
+        settings["eps_sweep"] = _eps_list(settings["eps_sweep"], "evaluation.eps_sweep")
+    elif "eps_sweep" in settings:
+        settings["eps_sweep"] = ()
     if "exact" in settings:
         settings["exact"] = str(settings["exact"]).lower()
         if settings["exact"] not in EXACT_CHOICES:

@@ -55,6 +55,11 @@ def exact_applicable(model: nn.Module, input_shape: tuple[int, ...], max_relus: 
     return relus <= max_relus
 
 
+def _fraction(mask: Tensor) -> float:
+    """Exact share of True entries (count / n, not a float32 mean)."""
+    return int(mask.sum()) / max(mask.numel(), 1)
+
+
 def _batched(x: Tensor, y: Tensor, size: int, run: Callable[[Tensor, Tensor], Tensor], desc: str) -> Tensor:
     parts = [run(x[i : i + size], y[i : i + size]) for i in progress(range(0, len(y), size), desc=desc, unit="batch")]
     return torch.cat(parts)
@@ -65,6 +70,7 @@ def evaluate_model(
 ) -> Evaluation:
     """Evaluate ``model`` (eval mode) on ``test`` at radius ``eps``; see the module docstring."""
     from robustkit.attacks import PGD, CWLinf, IntervalAttack
+    from robustkit.attacks.base import Attack
     from robustkit.verifiers import Status, get_verifier
 
     model.eval()
@@ -73,9 +79,13 @@ def evaluate_model(
     measurements: list[Measurement] = []
     started = time.perf_counter()
     with PeakMemory() as memory:
-        with torch.no_grad():
-            correct = _batched(x, y, settings.batch_size, lambda a, b: model(a).argmax(1) == b, "clean")
-        measurements.append(Measurement("clean_acc", eps, float(correct.float().mean()), n, 0.0))
+        def predict(a: Tensor, b: Tensor) -> Tensor:
+            with torch.no_grad():
+                correct: Tensor = model(a).argmax(1) == b
+            return correct
+
+        correct = _batched(x, y, settings.batch_size, predict, "clean")
+        measurements.append(Measurement("clean_acc", eps, _fraction(correct), n, 0.0))
         attacks = {
             "pgd_acc": PGD(steps=settings.pgd_steps, restarts=settings.pgd_restarts),
             "cw_acc": CWLinf(steps=settings.cw_steps),
@@ -85,13 +95,15 @@ def evaluate_model(
         for metric, attack in attacks.items():
             generator = torch.Generator(device=device).manual_seed(seed)
             clock = time.perf_counter()
-            broken = _batched(x, y, settings.batch_size,
-                              lambda a, b, attack=attack, g=generator: attack(model, a, b, eps=eps, generator=g).success,
-                              metric.removesuffix("_acc"))
+
+            def run(a: Tensor, b: Tensor, attack: Attack = attack, generator: torch.Generator = generator) -> Tensor:
+                return attack(model, a, b, eps=eps, generator=generator).success
+
+            broken = _batched(x, y, settings.batch_size, run, metric.removesuffix("_acc"))
             broken_any |= broken
-            measurements.append(Measurement(metric, eps, float((~broken).float().mean()), n,
+            measurements.append(Measurement(metric, eps, _fraction(~broken), n,
                                             time.perf_counter() - clock, repr(attack)))
-        measurements.append(Measurement("worst_attack_acc", eps, float((~broken_any).float().mean()), n, 0.0))
+        measurements.append(Measurement("worst_attack_acc", eps, _fraction(~broken_any), n, 0.0))
         verified_any = torch.zeros(n, dtype=torch.bool, device=device)
         violations: list[str] = []
         for name in settings.verifiers:
@@ -103,7 +115,7 @@ def evaluate_model(
                                             eps).status
             verified = torch.tensor([s is Status.VERIFIED for s in statuses], device=device)
             verified_any |= verified
-            measurements.append(Measurement(f"verified_{name}", eps, float(verified.float().mean()), n,
+            measurements.append(Measurement(f"verified_{name}", eps, _fraction(verified), n,
                                             time.perf_counter() - clock, repr(verifier)))
             for index in (verified & broken_any).nonzero().flatten().tolist():
                 violations.append(f"test sample {index}: verified by {name} at eps {eps:g} but broken by an attack")
@@ -120,23 +132,25 @@ def evaluate_model(
                     if status is Status.FALSIFIED and bool(verified_any[position]):
                         violations.append(f"test sample {position}: verified but falsified by exact at eps {eps:g}")
             verified_any |= exact_verified
-            measurements.append(Measurement("verified_exact", eps, float(exact_verified.float().mean()), n,
+            measurements.append(Measurement("verified_exact", eps, _fraction(exact_verified), n,
                                             time.perf_counter() - clock, repr(exact)))
-        best = float(verified_any.float().mean())
+        best = _fraction(verified_any)
         measurements.append(Measurement("verified_best", eps, best, n, 0.0))
-        worst = float((~broken_any).float().mean())
-        clean = float(correct.float().mean())
+        worst = _fraction(~broken_any)
+        clean = _fraction(correct)
         if not best <= worst <= clean:
             violations.append(f"accuracies out of order at eps {eps:g}: verified {best:.4f}, worst-case attack "
                               f"{worst:.4f}, clean {clean:.4f} (must be verified <= attack <= clean)")
-        measurements += _sweep(model, x, y, settings, seed, device)
+        measurements += _sweep(model, x, y, settings, seed, device, eps)
     return Evaluation(tuple(measurements), tuple(violations), time.perf_counter() - started, memory.peak_mb)
 
 
 def _sweep(
-    model: nn.Module, x: Tensor, y: Tensor, settings: EvaluationSettings, seed: int, device: torch.device
+    model: nn.Module, x: Tensor, y: Tensor, settings: EvaluationSettings, seed: int, device: torch.device,
+    train_eps: float,
 ) -> list[Measurement]:
-    """Clean, PGD and interval/symbolic-verified accuracy at several eps on the first ``sweep_n`` samples."""
+    """Clean, PGD and interval/symbolic-verified accuracy at several eps on the first ``sweep_n`` samples
+    (the training eps itself is measured on all test samples, so the sweep leaves it out)."""
     from robustkit.attacks import PGD
     from robustkit.verifiers import verify
 
@@ -146,19 +160,19 @@ def _sweep(
     n = len(y)
     rows = []
     with torch.no_grad():
-        clean = float((model(x).argmax(1) == y).float().mean())
-    for eps in progress(settings.eps_sweep, desc="eps sweep", unit="eps"):
+        clean = _fraction(model(x).argmax(1) == y)
+    for eps in progress([e for e in settings.eps_sweep if e != train_eps], desc="eps sweep", unit="eps"):
         rows.append(Measurement("clean_acc", eps, clean, n, 0.0))
         clock = time.perf_counter()
         attack = PGD(steps=20)
         generator = torch.Generator(device=device).manual_seed(seed)
         robust = ~attack(model, x, y, eps=eps, generator=generator).success
-        rows.append(Measurement("pgd_acc", eps, float(robust.float().mean()), n, time.perf_counter() - clock,
+        rows.append(Measurement("pgd_acc", eps, _fraction(robust), n, time.perf_counter() - clock,
                                 repr(attack)))
         for method in ("interval", "symbolic"):
             clock = time.perf_counter()
             verified = torch.cat([verify(model, x[i : i + settings.batch_size], y[i : i + settings.batch_size], eps,
                                          method=method).verified for i in range(0, n, settings.batch_size)])
-            rows.append(Measurement(f"verified_{method}", eps, float(verified.float().mean()), n,
+            rows.append(Measurement(f"verified_{method}", eps, _fraction(verified), n,
                                     time.perf_counter() - clock))
     return rows

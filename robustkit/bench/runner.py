@@ -169,9 +169,11 @@ def _plain(value: Any) -> Any:
 
 def _load_outcome(cell: Cell, file: Path) -> CellOutcome:
     saved = json.loads(file.read_text())
-    nan = float("nan")
-    fix = lambda rows: [{k: (nan if v is None else v) for k, v in row.items()} for row in rows]  # noqa: E731
-    return CellOutcome(cell, fix(saved["results"]), fix(saved["epochs"]), list(saved["violations"]), reused=True)
+    def restore(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: (float("nan") if v is None else v) for k, v in row.items()} for row in rows]
+
+    return CellOutcome(cell, restore(saved["results"]), restore(saved["epochs"]), list(saved["violations"]),
+                       reused=True)
 
 
 def _write_tables(folder: Path, outcomes: list[CellOutcome]) -> None:
@@ -217,7 +219,7 @@ def run_bench(
         _write_tables(folder, outcomes)
         if on_cell is not None:
             on_cell(outcome, position + 1, len(cells))
-    from robustkit.reports import build_report
+    from robustkit.reports.build import build_report
 
     files = build_report(folder)
     return BenchRun(folder, tuple(outcomes), tuple(files))

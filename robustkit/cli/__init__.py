@@ -19,9 +19,12 @@ from robustkit.errors import RobustkitError
 
 # command name -> (module, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "bench": ("robustkit.cli.bench", "bench", "The paper's comparison: train, attack and verify a grid; report."),
     "attack": ("robustkit.cli.attack", "attack", "Robust accuracy of a model under attacks, and their worst case."),
     "datasets": ("robustkit.cli.datasets", "datasets", "List the registered datasets."),
     "models": ("robustkit.cli.models", "models", "List the model zoo with shapes and parameter counts."),
+    "report": ("robustkit.cli.report", "report", "Rebuild a bench run's tables, plots and web page; compare runs."),
+    "train": ("robustkit.cli.train", "train", "Train a zoo network (standard, pgd, verifiable, mixtrain); resumable."),
     "verify": ("robustkit.cli.verify", "verify", "Verified robust accuracy of a model with the bound methods."),
 }
 

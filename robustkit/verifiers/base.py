@@ -12,7 +12,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import ClassVar
 
 import torch
@@ -22,7 +22,7 @@ from robustkit.errors import InputError
 from robustkit.verifiers.graph import Graph, build_graph, check_reproduces, node_shapes
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     """Verification outcome of one sample."""
 
     VERIFIED = "verified"

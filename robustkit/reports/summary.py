@@ -1,0 +1,236 @@
+"""The paper-style summary table: one row per trained cell, grouped by dataset, model and training eps.
+
+The columns read like the MixTrain paper's table: Trainer | Clean | PGD | CW | Interval attack |
+Verified (interval) | Verified (symbolic) | Verified (best) | Train time | Time vs MixTrain. Every value comes
+from the ``results.csv`` rows measured at the cell's own radius (eval eps = train eps). "Time vs MixTrain"
+divides a cell's training time by that of the MixTrain cell of the same dataset, model and training eps (the
+cell labelled ``mixtrain``, else the first cell whose trainer is ``mixtrain``); it is ``n/a`` without one.
+
+:func:`summary_frame` builds the table as a DataFrame (fractions and seconds), :func:`summary_markdown` renders
+it for people (percentages with one decimal, readable times), :func:`write_summary` writes ``summary.csv`` and
+``summary.md``. Cells keep the order of their first row in ``results.csv``, so the same file gives the same
+table, byte for byte.
+
+>>> format_percent(0.9712), format_duration(4521.0), format_ratio(15.24), format_ratio(float("nan"))
+('97.1%', '1.3 h', '15.2x', 'n/a')
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from robustkit.reports.records import (
+    ACCURACY_METRICS,
+    CELL_KEYS,
+    CELL_METRICS,
+    GROUP_KEYS,
+    METRIC_LABELS,
+    MIXTRAIN,
+    cell_rows,
+    format_eps,
+    ordered_unique,
+)
+
+__all__ = [
+    "ACCURACY_NOTE", "NOT_AVAILABLE", "SUMMARY_COLUMNS", "SUMMARY_CSV", "SUMMARY_MD", "TABLE_HEADERS",
+    "TABLE_METRICS", "format_duration", "format_percent", "format_ratio", "group_title", "iter_groups",
+    "mixtrain_reference", "sample_count", "summary_frame", "summary_markdown", "table_cells", "write_summary",
+]
+
+SUMMARY_CSV = "summary.csv"
+SUMMARY_MD = "summary.md"
+NOT_AVAILABLE = "n/a"
+
+TABLE_METRICS = (
+    "clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "verified_interval", "verified_symbolic",
+    "verified_best",
+)
+TABLE_HEADERS = ("Trainer", *(METRIC_LABELS[m] for m in TABLE_METRICS), "Train time", "Time vs MixTrain")
+SUMMARY_COLUMNS = (
+    *GROUP_KEYS, "trainer", "trainer_name", "seed", "n", *ACCURACY_METRICS, *CELL_METRICS, "time_vs_mixtrain",
+)
+ACCURACY_NOTE = (
+    "Accuracies count all n test samples of each cell, at the cell's training eps: clean-misclassified samples "
+    "count as broken by the attacks and as not verified. Verified (best) is the per-sample best of the "
+    "verifiers run. Time vs MixTrain is the training time divided by that of the MixTrain cell in the same table."
+)
+
+
+# ------------------------------------------------------------------------------------------- formatting
+
+
+def _missing(value: float) -> bool:
+    return math.isnan(value)
+
+
+def format_percent(fraction: float) -> str:
+    """An accuracy (a fraction) as a percentage with one decimal; ``n/a`` when it was not measured."""
+    return NOT_AVAILABLE if _missing(fraction) else f"{100 * fraction:.1f}%"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for people: ``0.421 s``, ``45.2 s``, ``12.5 min``, ``3.1 h``, ``2.0 d``; ``n/a`` when missing.
+
+    >>> [format_duration(s) for s in (0.4213, 3.0, 45.21, 750.0, 11160.0, 172800.0)]
+    ['0.421 s', '3 s', '45.2 s', '12.5 min', '3.1 h', '2.0 d']
+    """
+    if _missing(seconds):
+        return NOT_AVAILABLE
+    if seconds < 9.995:
+        return f"{seconds:.3g} s"
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    if seconds < 3600 - 3:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 86400 - 180:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def format_ratio(ratio: float) -> str:
+    """A time ratio: ``0.33x``, ``1.00x``, ``15.2x``, ``150x``; ``n/a`` when there is nothing to compare with."""
+    if _missing(ratio):
+        return NOT_AVAILABLE
+    if ratio < 9.995:
+        return f"{ratio:.2f}x"
+    if ratio < 99.95:
+        return f"{ratio:.1f}x"
+    return f"{ratio:.0f}x"
+
+
+def group_title(dataset: str, model: str, train_eps: float) -> str:
+    """The heading of one table: ``mnist5k / mnist_small / train eps 0.1``."""
+    return f"{dataset} / {model} / train eps {format_eps(train_eps)}"
+
+
+# ------------------------------------------------------------------------------------------------ table
+
+
+def mixtrain_reference(group: pd.DataFrame) -> float:
+    """The training time of the group's MixTrain cell (the one labelled ``mixtrain``, else the first whose
+    trainer is ``mixtrain``); NaN when the group has none or its time is missing or zero."""
+    candidates = group.loc[group["trainer_name"] == MIXTRAIN]
+    if candidates.empty:
+        return math.nan
+    labelled = candidates.loc[candidates["trainer"] == MIXTRAIN]
+    reference = float((labelled if not labelled.empty else candidates)["train_time_s"].iloc[0])
+    return reference if reference > 0 else math.nan
+
+
+def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell (dataset, model, trainer, train eps) with :data:`SUMMARY_COLUMNS`.
+
+    Accuracies are fractions and times seconds, NaN where a metric was not measured. ``n`` is the number of
+    test samples of the clean accuracy (else the largest ``n`` among the cell's rows). Groups and, inside a
+    group, trainers are ordered by their first row in ``results``.
+    """
+    measured = cell_rows(results)
+    trainer_rank = {t: i for i, t in enumerate(ordered_unique(results["trainer"]))}
+    group_rank = {g: i for i, g in enumerate(ordered_unique(zip(*(results[k] for k in GROUP_KEYS), strict=True)))}
+    rows: list[dict[str, Any]] = []
+    for key, cell in measured.groupby(list(CELL_KEYS), sort=False):
+        dataset, model, trainer, train_eps = key
+        values = dict(zip(cell["metric"], cell["value"], strict=True))
+        counts = cell.loc[cell["metric"] == "clean_acc", "n"].dropna()
+        if counts.empty:
+            counts = cell["n"].dropna()
+        row: dict[str, Any] = {
+            "dataset": dataset, "model": model, "train_eps": float(train_eps), "trainer": trainer,
+            "trainer_name": cell["trainer_name"].iloc[0], "seed": int(cell["seed"].iloc[0]),
+            "n": float(counts.max()) if not counts.empty else math.nan,
+        }
+        for metric in (*ACCURACY_METRICS, *CELL_METRICS):
+            row[metric] = float(values.get(metric, math.nan))
+        row["_order"] = (group_rank[(dataset, model, train_eps)], trainer_rank[trainer])
+        rows.append(row)
+    rows.sort(key=lambda r: r["_order"])
+    frame = pd.DataFrame(rows, columns=[*SUMMARY_COLUMNS[:-1]])
+    ratios = pd.Series(math.nan, index=frame.index, dtype="float64")
+    for _, group in iter_groups(frame):
+        reference = mixtrain_reference(group)
+        ratios.loc[group.index] = group["train_time_s"] / reference
+    frame["time_vs_mixtrain"] = ratios
+    return frame.reset_index(drop=True)
+
+
+def iter_groups(summary: pd.DataFrame) -> Iterator[tuple[tuple[str, str, float], pd.DataFrame]]:
+    """``((dataset, model, train_eps), rows)`` per table, in the summary's order."""
+    for key, group in summary.groupby(list(GROUP_KEYS), sort=False):
+        dataset, model, train_eps = key
+        yield (str(dataset), str(model), float(train_eps)), group
+
+
+def table_cells(row: pd.Series) -> list[str]:
+    """One summary row as the table shows it (:data:`TABLE_HEADERS`)."""
+    return [
+        str(row["trainer"]),
+        *(format_percent(float(row[m])) for m in TABLE_METRICS),
+        format_duration(float(row["train_time_s"])),
+        format_ratio(float(row["time_vs_mixtrain"])),
+    ]
+
+
+def sample_count(group: pd.DataFrame) -> str:
+    """``n = 1,000 test samples`` for a table (a range when its cells differ)."""
+    counts = sorted({int(n) for n in group["n"] if not math.isnan(n)})
+    if not counts:
+        return "n unknown"
+    if len(counts) == 1:
+        return f"n = {counts[0]:,} test samples"
+    return f"n = {counts[0]:,} to {counts[-1]:,} test samples (per cell in {SUMMARY_CSV})"
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def _markdown_cell(text: str) -> str:
+    return " ".join(text.split()).replace("\\", "\\\\").replace("|", "\\|")
+
+
+def summary_markdown(summary: pd.DataFrame, title: str = "Benchmark summary") -> str:
+    """``summary.md``: the accuracy note, then one Markdown table per dataset, model and training eps."""
+    lines = [f"# {_markdown_cell(title)}", "", ACCURACY_NOTE, ""]
+    if summary.empty:
+        lines += ["No cell has been evaluated yet.", ""]
+    for (dataset, model, train_eps), group in iter_groups(summary):
+        lines += [f"## {_markdown_cell(group_title(dataset, model, train_eps))}", "", f"{sample_count(group)}.", ""]
+        lines.append("| " + " | ".join(TABLE_HEADERS) + " |")
+        lines.append("|" + "|".join([":---", *("---:" for _ in TABLE_HEADERS[1:])]) + "|")
+        for _, row in group.iterrows():
+            lines.append("| " + " | ".join(_markdown_cell(c) for c in table_cells(row)) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _csv_value(value: Any, integer: bool) -> str:
+    if isinstance(value, str):
+        return value
+    number = float(value)
+    if math.isnan(number):
+        return ""
+    return str(int(number)) if integer else repr(number)
+
+
+def write_summary(
+    summary: pd.DataFrame, out_dir: str | os.PathLike[str], formats: Sequence[str] = ("csv", "md")
+) -> list[Path]:
+    """Write ``summary.csv`` (fractions, seconds; empty where not measured) and/or ``summary.md`` atomically."""
+    from robustkit.io import atomic_write_text, write_csv
+
+    folder = Path(out_dir)
+    written = []
+    if "csv" in formats:
+        rows = [
+            [_csv_value(record[c], integer=c in ("seed", "n")) for c in SUMMARY_COLUMNS]
+            for record in summary.to_dict("records")
+        ]
+        written.append(write_csv(folder / SUMMARY_CSV, SUMMARY_COLUMNS, rows))
+    if "md" in formats:
+        written.append(atomic_write_text(folder / SUMMARY_MD, summary_markdown(summary)))
+    return written

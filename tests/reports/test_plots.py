@@ -1,0 +1,108 @@
+"""The plots: which are drawn, what they show, stable file names and reproducible bytes."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from robustkit.reports.plots import (
+    PLOT_KINDS,
+    plan_plots,
+    plot_stem,
+    render_plot,
+    save_figure,
+    trainer_styles,
+    write_plots,
+)
+from robustkit.reports.records import load_run
+from tests.reports.runs import CELLS, GROUP, N_VAL, SMALL_CELLS, SMALL_GROUP, SWEEP_EPS, sweep_value
+
+
+@pytest.fixture
+def records(run_dir):
+    return load_run(run_dir)
+
+
+def _spec(records, kind, group):
+    (spec,) = [s for s in plan_plots(records) if s.kind == kind and s.group == group]
+    return spec
+
+
+def test_plan_covers_every_kind_with_data(records):
+    plans = plan_plots(records)
+    assert [(s.group, s.kind) for s in plans] == [
+        *((GROUP, kind) for kind in PLOT_KINDS),
+        *((SMALL_GROUP, kind) for kind in PLOT_KINDS if kind != "accuracy_vs_eps"),  # no eps sweep there
+    ]
+    assert plans[0].stem == "plots/verified_vs_time__mnist5k__mnist_small__eps0.1"
+    assert plans[0].title == "Verified accuracy vs training time: mnist5k / mnist_small / train eps 0.1"
+    assert f"{N_VAL} monitoring test samples" in plans[0].caption
+
+
+def test_stems_are_safe_and_distinct():
+    unsafe = plot_stem("train_time", ("my data/set", "m<1>", 2 / 255))
+    other = plot_stem("train_time", ("my-data-set", "m<1>", 2 / 255))
+    name = unsafe.split("/", 1)[1]
+    assert unsafe.startswith("plots/train_time__my-data-set-") and unsafe != other
+    assert all(c.isalnum() or c in "._-" for c in name)
+    assert plot_stem("train_time", ("a", "b", 0.3)) == "plots/train_time__a__b__eps0.3"
+
+
+def test_verified_vs_time_draws_the_monitoring_curves(records):
+    figure = render_plot(_spec(records, "verified_vs_time", GROUP), records)
+    (axes,) = figure.axes
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert list(lines) == list(CELLS)
+    mixtrain = lines["mixtrain"]
+    assert list(mixtrain.get_xdata()) == [25.0, 50.0, 75.0, 100.0]  # cumulative training time
+    expected = [100 * CELLS["mixtrain"][0][6] * k / 4 for k in range(1, 5)]
+    assert list(mixtrain.get_ydata()) == pytest.approx(expected)
+    assert axes.get_xscale() == "log"  # 7.5 s to 1500 s
+    assert lines["pgd"].get_color() == trainer_styles(records)["pgd"].colour
+
+
+def test_accuracy_vs_eps_uses_the_sweep(records):
+    figure = render_plot(_spec(records, "accuracy_vs_eps", GROUP), records)
+    assert [a.get_title() for a in figure.axes] == ["Clean", "PGD", "Verified (symbolic)"]
+    pgd_lines = [line for line in figure.axes[1].get_lines() if line.get_label() == "pgd"]
+    (line,) = pgd_lines
+    assert list(line.get_xdata()) == list(SWEEP_EPS)
+    assert list(line.get_ydata()) == pytest.approx([100 * sweep_value("pgd", "pgd_acc", e) for e in SWEEP_EPS])
+
+
+def test_training_curves_and_time_bars(records):
+    curves = render_plot(_spec(records, "training_curves", GROUP), records)
+    assert [a.get_title() for a in curves.axes] == ["training loss", "training eps", "loss weight (a / kappa)"]
+    weighted = [line.get_label() for line in curves.axes[2].get_lines()]
+    assert weighted == ["verifiable-symbolic", "verifiable-interval", "mixtrain"]  # standard and pgd have none
+    bars = render_plot(_spec(records, "train_time", GROUP), records)
+    widths = [patch.get_width() for patch in bars.axes[0].patches]
+    assert widths == [seconds for _, seconds in CELLS.values()]
+    assert bars.axes[0].get_xscale() == "log"  # 30 s to 1500 s
+    small = render_plot(_spec(records, "train_time", SMALL_GROUP), records)
+    assert small.axes[0].get_xscale() == "linear"  # 12 s to 48 s
+    assert [p.get_width() for p in small.axes[0].patches] == [s for _, s in SMALL_CELLS.values()]
+
+
+def test_save_figure_is_byte_reproducible(records, tmp_path):
+    spec = _spec(records, "accuracy_vs_eps", GROUP)
+    first = save_figure(render_plot(spec, records), tmp_path / "a")
+    second = save_figure(render_plot(spec, records), tmp_path / "b")
+    assert [p.name for p in first] == ["a.png", "a.pdf"]
+    for one, two in zip(first, second, strict=True):
+        assert one.read_bytes() == two.read_bytes()
+    assert first[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and first[1].read_bytes().startswith(b"%PDF-")
+    assert b"CreationDate" not in first[1].read_bytes()
+    with pytest.raises(ValueError, match="unknown plot format"):
+        save_figure(render_plot(spec, records), tmp_path / "c", ("svgz",))
+
+
+def test_write_plots_writes_png_and_pdf_per_plan(records, tmp_path):
+    written = write_plots(records, tmp_path, formats=("png",))
+    stems = [s.stem for s in plan_plots(records)]
+    assert written == [tmp_path / f"{stem}.png" for stem in stems]
+    for path in written:
+        image = Image.open(io.BytesIO(path.read_bytes()))
+        assert image.format == "PNG" and image.width >= 500 and image.height >= 150

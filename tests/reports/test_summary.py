@@ -1,0 +1,135 @@
+"""The paper-style summary: numbers checked against the records, Time vs MixTrain, ordering and rendering."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pandas as pd
+import pytest
+
+from robustkit.reports.records import RESULTS_COLUMNS, read_results
+from robustkit.reports.summary import (
+    ACCURACY_NOTE,
+    SUMMARY_COLUMNS,
+    TABLE_HEADERS,
+    format_duration,
+    format_percent,
+    format_ratio,
+    mixtrain_reference,
+    summary_frame,
+    summary_markdown,
+    write_summary,
+)
+from tests.reports.runs import ACCURACY_ORDER, CELLS, EXACT, GROUP, SMALL_CELLS, SMALL_GROUP, TRAINERS, make_run
+
+
+@pytest.fixture
+def summary(run_dir):
+    return summary_frame(read_results(run_dir / "results.csv"))
+
+
+def test_one_row_per_cell_with_the_recorded_numbers(summary):
+    assert list(summary.columns) == list(SUMMARY_COLUMNS)
+    assert len(summary) == len(CELLS) + len(SMALL_CELLS)
+    for group, cells, n in ((GROUP, CELLS, 1000), (SMALL_GROUP, SMALL_CELLS, 500)):
+        rows = summary.loc[(summary["dataset"] == group[0]) & (summary["model"] == group[1])]
+        assert rows["train_eps"].tolist() == [group[2]] * len(cells)
+        assert rows["trainer"].tolist() == list(cells)
+        for (_, row), (label, (accuracies, train_time)) in zip(rows.iterrows(), cells.items(), strict=True):
+            assert row["trainer_name"] == TRAINERS[label] and row["n"] == n and row["seed"] == 0
+            for metric, value in zip(ACCURACY_ORDER, accuracies, strict=True):
+                assert row[metric] == value, (label, metric)
+            assert row["train_time_s"] == train_time
+            exact = EXACT.get(label, math.nan) if group == GROUP else math.nan
+            assert row["verified_exact"] == exact or (math.isnan(exact) and math.isnan(row["verified_exact"]))
+
+
+def test_sweep_rows_do_not_leak_into_the_summary(summary):
+    mixtrain = summary.loc[summary["trainer"] == "mixtrain"].iloc[0]
+    assert mixtrain["pgd_acc"] == CELLS["mixtrain"][0][1]  # the sweep measures pgd_acc at 0.05 and 0.2 too
+    assert mixtrain["n"] == 1000  # the sweep's n is 200
+
+
+def test_sweep_at_the_training_eps_does_not_change_the_summary(summary, tmp_path):
+    overlapping = make_run(tmp_path / "overlap", sweep_eps=(0.05, 0.1, 0.2))  # as the bench presets do
+    pd.testing.assert_frame_equal(summary_frame(read_results(overlapping / "results.csv")), summary)
+
+
+def test_time_vs_mixtrain(summary):
+    main = summary.loc[summary["model"] == GROUP[1]]
+    expected = [CELLS[t][1] / CELLS["mixtrain"][1] for t in CELLS]
+    assert main["time_vs_mixtrain"].tolist() == pytest.approx(expected)
+    assert main.loc[main["trainer"] == "verifiable-symbolic", "time_vs_mixtrain"].item() == pytest.approx(15.0)
+    assert summary.loc[summary["model"] == SMALL_GROUP[1], "time_vs_mixtrain"].isna().all()  # no MixTrain cell
+
+
+def test_mixtrain_reference_prefers_the_cell_labelled_mixtrain():
+    group = pd.DataFrame({
+        "trainer": ["mixtrain-geometric", "mixtrain", "pgd"],
+        "trainer_name": ["mixtrain", "mixtrain", "pgd"],
+        "train_time_s": [80.0, 100.0, 50.0],
+    })
+    assert mixtrain_reference(group) == 100.0
+    assert mixtrain_reference(group.iloc[[0, 2]]) == 80.0
+    assert math.isnan(mixtrain_reference(group.iloc[[2]]))
+    assert math.isnan(mixtrain_reference(group.assign(train_time_s=[0.0, 0.0, 50.0])))
+
+
+def test_trainers_keep_their_order_in_results(tmp_path):
+    order = ["mixtrain", "verifiable-interval", "standard", "pgd", "verifiable-symbolic"]
+    summary = summary_frame(read_results(make_run(tmp_path / "run", order) / "results.csv"))
+    assert summary["trainer"].tolist()[:5] == order
+
+
+def test_markdown_tables(summary):
+    text = summary_markdown(summary)
+    assert ACCURACY_NOTE in text and "clean-misclassified samples count as broken" in text
+    sections = text.split("\n## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == [
+        "mnist5k / mnist_small / train eps 0.1", "mnist5k / mnist_fc / train eps 0.3"]
+    main_rows = [line for line in sections[0].splitlines() if line.startswith("| ")]
+    assert main_rows[0] == "| " + " | ".join(TABLE_HEADERS) + " |"
+    assert main_rows[1:] == [
+        "| standard | 98.9% | 2.1% | 1.3% | 0.4% | 0.0% | 0.0% | 0.1% | 30.0 s | 0.30x |",
+        "| pgd | 98.5% | 93.1% | 92.5% | 91.2% | 0.0% | 12.4% | 30.1% | 1.6 min | 0.95x |",
+        "| verifiable-symbolic | 97.5% | 95.3% | 95.1% | 95.0% | 90.0% | 95.2% | 95.3% | 25.0 min | 15.0x |",
+        "| verifiable-interval | 98.0% | 94.0% | 93.9% | 93.5% | 92.2% | 92.5% | 92.6% | 2.0 min | 1.20x |",
+        "| mixtrain | 98.4% | 95.5% | 95.1% | 95.2% | 91.0% | 95.1% | 95.5% | 1.7 min | 1.00x |",
+    ]
+    assert "n = 1,000 test samples." in sections[0] and "n = 500 test samples." in sections[1]
+    small_rows = [line for line in sections[1].splitlines() if line.startswith("| ")][1:]
+    assert all(line.endswith("| n/a |") for line in small_rows)
+
+
+def test_markdown_escapes_pipes_in_labels(summary):
+    summary.loc[0, "trainer"] = "a|b"
+    assert "| a\\|b | 98.9% |" in summary_markdown(summary)
+
+
+def test_csv_round_trip(summary, tmp_path):
+    written = write_summary(summary, tmp_path)
+    assert written == [tmp_path / "summary.csv", tmp_path / "summary.md"]
+    back = pd.read_csv(tmp_path / "summary.csv")
+    assert list(back.columns) == list(SUMMARY_COLUMNS)
+    pd.testing.assert_frame_equal(back, summary, check_dtype=False)
+    with (tmp_path / "summary.csv").open(newline="") as handle:
+        first = next(csv.DictReader(handle))
+    assert (first["seed"], first["n"], first["clean_acc"], first["verified_exact"]) == ("0", "1000", "0.989", "")
+    assert first["train_time_s"] == "30.0" and first["time_vs_mixtrain"] == "0.3"
+
+
+def test_empty_results(tmp_path):
+    (tmp_path / "results.csv").write_text(",".join(RESULTS_COLUMNS) + "\n")
+    summary = summary_frame(read_results(tmp_path / "results.csv"))
+    assert summary.empty and list(summary.columns) == list(SUMMARY_COLUMNS)
+    assert "No cell has been evaluated yet." in summary_markdown(summary)
+    write_summary(summary, tmp_path)
+    assert (tmp_path / "summary.csv").read_text() == ",".join(SUMMARY_COLUMNS) + "\n"
+
+
+def test_formatting():
+    assert [format_percent(v) for v in (0.0, 0.9712, 1.0, math.nan)] == ["0.0%", "97.1%", "100.0%", "n/a"]
+    assert [format_duration(s) for s in (0.0, 59.99, 3599.0, 86400.0, math.nan)] == [
+        "0 s", "1.0 min", "1.0 h", "1.0 d", "n/a"]
+    assert [format_ratio(r) for r in (0.333, 1.0, 9.999, 15.24, 150.4)] == ["0.33x", "1.00x", "10.0x", "15.2x", "150x"]
