@@ -79,22 +79,22 @@ eps = [0.1]
 trainers = ["standard", "pgd", "verifiable-symbolic", "verifiable-interval", "mixtrain"]
 
 [data]
-n_train = 600
-n_test = 100
-val_size = 50
+n_train = 500
+n_test = 60
+val_size = 30
 
 [training]
 batch_size = 50
-lr = 0.002
+lr = 0.003
 lr_schedule = "constant"
-epochs = 3
+epochs = 2
 
 [trainers.standard]
 trainer = "standard"
 
 [trainers.pgd]
 trainer = "pgd"
-steps = 5
+steps = 3
 
 [trainers.verifiable-symbolic]
 trainer = "verifiable"
@@ -111,18 +111,18 @@ kappa_end = 0.5
 [trainers.mixtrain]
 trainer = "mixtrain"
 ramp_epochs = 1
-schedule_size = 50
+schedule_size = 30
 
 [evaluation]
 pgd_steps = 10
 pgd_restarts = 1
 cw_steps = 10
-interval_attack = { inner_steps = 10, iterations = 1, restarts = 1 }
+interval_attack = { inner_steps = 5, iterations = 1, restarts = 1 }
 verifiers = ["interval", "symbolic", "crown"]
 exact = "auto"
-exact_time_limit = 2.0
-eps_sweep = [0.05, 0.1]
-sweep_n = 50
+exact_time_limit = 0.5
+eps_sweep = [0.05, 0.2]
+sweep_n = 30
 """
 
 PRESETS: dict[str, str] = {"paper": PAPER, "quick": QUICK}

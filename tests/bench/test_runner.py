@@ -1,0 +1,174 @@
+"""The quick preset end to end through the CLI: every output file, consistency, and the resume path."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from robustkit.cli import main
+
+OUTPUTS = ["config.json", "results.csv", "epochs.csv", "summary.csv", "summary.md", "index.html"]
+PLOTS = ["verified_vs_time", "accuracy_vs_eps", "training_curves", "train_time"]
+TRAINERS = ["standard", "pgd", "verifiable-symbolic", "verifiable-interval", "mixtrain"]
+ACCURACY_COLUMNS = ["clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "worst_attack_acc",
+                    "verified_interval", "verified_symbolic", "verified_best"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "run"
+    result = CliRunner().invoke(main, ["--quiet", "bench", "--preset", "quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_every_output_file_is_written(quick_run):
+    out, output = quick_run
+    for name in OUTPUTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for plot in PLOTS:
+        for suffix in ("png", "pdf"):
+            assert list((out / "plots").glob(f"{plot}__*.{suffix}")), (plot, suffix)
+    for trainer in TRAINERS:
+        cell = next((out / "cells").glob(f"*__{trainer}__*"))
+        assert (cell / "model.pt").is_file() and (cell / "result.json").is_file() and (cell / "checkpoint.pt").is_file()
+    assert "| Trainer | Clean | PGD | CW | Interval attack |" in output
+
+
+def test_results_are_long_format_with_every_metric(quick_run):
+    out, _ = quick_run
+    results = rows(out / "results.csv")
+    assert set(results[0]) >= {"dataset", "model", "trainer", "train_eps", "eval_eps", "metric", "value", "n",
+                               "time_s", "seed", "robustkit_version", "torch_version"}
+    for trainer in TRAINERS:
+        mine = {r["metric"]: r for r in results if r["trainer"] == trainer and r["eval_eps"] == r["train_eps"]}
+        for metric in ["clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "worst_attack_acc",
+                       "verified_interval", "verified_symbolic", "verified_crown", "verified_exact",
+                       "verified_best", "train_time_s", "eval_time_s", "peak_memory_mb", "epochs"]:
+            assert metric in mine, (trainer, metric)
+        value = {m: float(r["value"]) for m, r in mine.items()}
+        assert int(mine["clean_acc"]["n"]) == 60
+        # the consistency the bench enforces, visible in the numbers
+        assert value["verified_best"] <= value["worst_attack_acc"] <= value["clean_acc"]
+        assert value["worst_attack_acc"] <= min(value["pgd_acc"], value["cw_acc"], value["interval_attack_acc"])
+        assert value["verified_best"] >= max(value["verified_interval"], value["verified_symbolic"])
+        assert value["verified_crown"] >= value["verified_symbolic"] - 1e-9  # crown takes the better bound
+        sweep = {float(r["eval_eps"]) for r in results if r["trainer"] == trainer and r["eval_eps"] != r["train_eps"]}
+        assert sweep == {0.05, 0.2}
+    epochs = rows(out / "epochs.csv")
+    assert {r["trainer"] for r in epochs} == set(TRAINERS)
+    assert all(r["epoch"] in ("1", "2") for r in epochs)
+    mixtrain = [r for r in epochs if r["trainer"] == "mixtrain"]
+    assert [float(r["weight"]) for r in mixtrain][0] > 0  # the weight a is logged per epoch
+
+
+def test_summary_table_matches_results(quick_run):
+    out, _ = quick_run
+    summary = rows(out / "summary.csv")
+    assert [r["trainer"] for r in summary] == TRAINERS
+    results = rows(out / "results.csv")
+    for row in summary:
+        pgd = next(r for r in results if r["trainer"] == row["trainer"] and r["metric"] == "pgd_acc"
+                   and r["eval_eps"] == r["train_eps"])
+        assert float(row["pgd_acc"]) == pytest.approx(float(pgd["value"]))
+    mixtrain = next(r for r in summary if r["trainer"] == "mixtrain")
+    assert float(mixtrain["time_vs_mixtrain"]) == pytest.approx(1.0)
+    markdown = (out / "summary.md").read_text()
+    assert "mixtrain" in markdown and "Time vs MixTrain" in markdown
+
+
+def test_index_html_references_existing_images(quick_run):
+    out, _ = quick_run
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.images.append(dict(attrs)["src"])
+
+    parser = Collect()
+    parser.feed((out / "index.html").read_text())
+    assert len(parser.images) >= len(PLOTS)
+    assert all((out / src).is_file() for src in parser.images)
+
+
+def test_report_regenerates_identical_tables(quick_run, tmp_path):
+    out, _ = quick_run
+    before = {name: (out / name).read_bytes() for name in ("summary.csv", "summary.md")}
+    result = CliRunner().invoke(main, ["report", str(out), "--format", "md,csv"])
+    assert result.exit_code == 0, result.output
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def checkpoint_epoch(path: Path) -> int:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return -1
+
+
+def test_interrupted_run_resumes_to_the_same_summary(quick_run, tmp_path):
+    reference, _ = quick_run
+    out = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "robustkit", "--quiet", "bench", "--preset", "quick", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    killed_in_cell = None
+    try:
+        # kill the run while a cell is half-trained: its checkpoint holds 1 of its 2 epochs
+        while time.time() < deadline and process.poll() is None:
+            cells = sorted((out / "cells").glob("*")) if (out / "cells").is_dir() else []
+            done = [c for c in cells if (c / "result.json").is_file()]
+            half = [c for c in cells if (c / "checkpoint.pt").is_file() and not (c / "result.json").is_file()]
+            if done and half and checkpoint_epoch(half[0] / "checkpoint.pt") == 1:
+                process.kill()
+                killed_in_cell = half[0]
+                break
+            time.sleep(0.02)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    assert killed_in_cell is not None, "the run finished before it could be interrupted half-way through a cell"
+    assert checkpoint_epoch(killed_in_cell / "checkpoint.pt") == 1
+    result = CliRunner().invoke(main, ["--quiet", "bench", "--preset", "quick", "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "(finished earlier, reused)" in result.output
+    ours = {r["trainer"]: r for r in rows(out / "summary.csv")}
+    theirs = {r["trainer"]: r for r in rows(reference / "summary.csv")}
+    for trainer in TRAINERS:
+        for column in ACCURACY_COLUMNS:
+            assert ours[trainer][column] == theirs[trainer][column], (trainer, column)
+
+
+def test_resume_refuses_other_settings_and_fresh_runs_refuse_used_folders(quick_run):
+    out, _ = quick_run
+    again = CliRunner().invoke(main, ["bench", "--preset", "quick", "--out", str(out)])
+    assert again.exit_code == 2 and "--resume" in again.output
+    other = CliRunner().invoke(main, ["bench", "--preset", "quick", "--out", str(out), "--resume", "--seed", "7"])
+    assert other.exit_code == 2 and "different settings" in other.output
+
+
+def test_invalid_config_fails_before_training(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[grid]\ntrainers = ["standard", "mixtrian"]\n')
+    result = CliRunner().invoke(main, ["bench", "--config", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "grid.trainers" in result.output and "mixtrain" in result.output
+    assert not (tmp_path / "run" / "cells").exists()
