@@ -262,6 +262,7 @@ class Trainer(ABC):
                     bar.set_postfix(
                         loss=f"{float(parts.loss.detach()):.3f}", a=f"{self.weight(state):.2f}", eps=f"{eps:.3f}"
                     )
+            weight = self.weight(state)  # the weight this epoch trained with (end_epoch sets the next one's)
             self.end_epoch(state, train, eps_schedule.ramp_done(epoch + 1))
             sums = distributed.all_sum(sums, info, device)
             epoch_time = time.perf_counter() - started
@@ -271,7 +272,7 @@ class Trainer(ABC):
             record = EpochRecord(
                 epoch=epoch + 1, train_time_s=train_time, epoch_time_s=epoch_time,
                 loss=sums[0] / (batches * info.world), loss_natural=sums[1] / (batches * info.world),
-                loss_robust=sums[2] / sums[3] if sums[3] else float("nan"), weight=self.weight(state), eps=eps,
+                loss_robust=sums[2] / sums[3] if sums[3] else float("nan"), weight=weight, eps=eps,
                 lr=lr, train_acc=sums[4] / max(sums[5], 1), clean_acc=clean, pgd_acc=pgd, verified_acc=verified,
                 n_val=count, eval_time_s=time.perf_counter() - evaluated,
             )

@@ -46,6 +46,7 @@ def backward_bound(
         if isinstance(op, ops.AffineOp):
             bias = op.bias(shapes[index])
             if bias is not None:
+                bias = bias.to(coeff.device, coeff.dtype)
                 constant = constant + (coeff * bias.reshape(1, 1, *shapes[index])).sum(dims)
             incoming = [op.adjoint(coeff, shapes[node.inputs[0]])]
         elif isinstance(op, ops.ReLUOp):

@@ -57,6 +57,7 @@ def spec_lower_from_box(graph: Graph, boxes: dict[int, Box], spec: Tensor) -> Te
         value = (folded * box.center.unsqueeze(1)).sum(dims) - (folded.abs() * box.radius.unsqueeze(1)).sum(dims)
         bias = node.op.bias(out_shape)
         if bias is not None:
+            bias = bias.to(spec.device, spec.dtype)
             value = value + (spec * bias.reshape(1, 1, -1)).sum(2)
         return value
     box = boxes[last]

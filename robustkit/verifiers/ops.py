@@ -304,7 +304,8 @@ class ScalarAffineOp(AffineOp):
         return lam * self.scale
 
     def bias(self, out_shape: tuple[int, ...]) -> Tensor | None:
-        return torch.full(out_shape, self.shift) if self.shift else None
+        # a plain number, broadcast where it is used (so it follows the device and dtype of the bound)
+        return torch.tensor(self.shift).expand(out_shape) if self.shift else None
 
 
 class ReLUOp(BoundOp):
