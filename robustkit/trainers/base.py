@@ -243,14 +243,21 @@ class Trainer(ABC):
             sums = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # loss, natural, robust, robust batches, correct, count
             eps = 0.0
             bar = progress(range(batches), desc=f"{self.name} epoch {epoch + 1}/{config.epochs}", unit="batch")
+            seen = 0
             for batch in bar:
-                index = distributed.shard(order[batch * config.batch_size : (batch + 1) * config.batch_size], info)
+                whole = order[batch * config.batch_size : (batch + 1) * config.batch_size]
+                if len(whole) < info.world:
+                    continue  # under torchrun a last batch smaller than the number of processes is dropped
+                index = distributed.shard(whole, info)
                 x, y = train.x[index].to(device), train.y[index].to(device)
                 eps = eps_schedule(epoch, batch, batches)
                 state.ramp_progress = eps_schedule.progress(epoch, batch, batches)
                 parts = self.batch_loss(x, y, eps, state)
                 optimizer.zero_grad(set_to_none=True)
-                parts.loss.backward()  # type: ignore[no-untyped-call]
+                # DDP averages gradients over processes; weighting by the share keeps it the batch mean
+                share = len(index) * info.world / len(whole)
+                (parts.loss * share).backward()  # type: ignore[no-untyped-call]
+                seen += 1
                 if config.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
@@ -271,7 +278,7 @@ class Trainer(ABC):
             clean, pgd, verified, count = evaluate(model, monitor, config, epoch, info, device)
             record = EpochRecord(
                 epoch=epoch + 1, train_time_s=train_time, epoch_time_s=epoch_time,
-                loss=sums[0] / (batches * info.world), loss_natural=sums[1] / (batches * info.world),
+                loss=sums[0] / max(seen * info.world, 1), loss_natural=sums[1] / max(seen * info.world, 1),
                 loss_robust=sums[2] / sums[3] if sums[3] else float("nan"), weight=weight, eps=eps,
                 lr=lr, train_acc=sums[4] / max(sums[5], 1), clean_acc=clean, pgd_acc=pgd, verified_acc=verified,
                 n_val=count, eval_time_s=time.perf_counter() - evaluated,
