@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 LINKED = ["attacks", "verifiers", "trainers", "reports"]

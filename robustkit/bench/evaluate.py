@@ -71,7 +71,7 @@ def evaluate_model(
     """Evaluate ``model`` (eval mode) on ``test`` at radius ``eps``; see the module docstring."""
     from robustkit.attacks import PGD, CWLinf, IntervalAttack
     from robustkit.attacks.base import Attack
-    from robustkit.verifiers import Status, get_verifier
+    from robustkit.verifiers import Status, get_verifier, verify_many
 
     model.eval()
     x, y = test.x.to(device), test.y.to(device)
@@ -106,17 +106,19 @@ def evaluate_model(
         measurements.append(Measurement("worst_attack_acc", eps, _fraction(~broken_any), n, 0.0))
         verified_any = torch.zeros(n, dtype=torch.bool, device=device)
         violations: list[str] = []
+        statuses: dict[str, list[Status]] = {name: [] for name in settings.verifiers}
+        seconds = dict.fromkeys(settings.verifiers, 0.0)
+        for i in progress(range(0, n, settings.batch_size), desc="verify", unit="batch"):
+            batch = verify_many(model, x[i : i + settings.batch_size], y[i : i + settings.batch_size], eps,
+                                list(settings.verifiers))
+            for name, result in batch.items():
+                statuses[name] += result.status
+                seconds[name] += float(result.time_s.sum())
         for name in settings.verifiers:
-            verifier = get_verifier(name)
-            clock = time.perf_counter()
-            statuses: list[Status] = []
-            for i in progress(range(0, n, settings.batch_size), desc=f"verify {name}", unit="batch"):
-                statuses += verifier.verify(model, x[i : i + settings.batch_size], y[i : i + settings.batch_size],
-                                            eps).status
-            verified = torch.tensor([s is Status.VERIFIED for s in statuses], device=device)
+            verified = torch.tensor([s is Status.VERIFIED for s in statuses[name]], device=device)
             verified_any |= verified
-            measurements.append(Measurement(f"verified_{name}", eps, _fraction(verified), n,
-                                            time.perf_counter() - clock, repr(verifier)))
+            measurements.append(Measurement(f"verified_{name}", eps, _fraction(verified), n, seconds[name],
+                                            repr(get_verifier(name))))
             for index in (verified & broken_any).nonzero().flatten().tolist():
                 violations.append(f"test sample {index}: verified by {name} at eps {eps:g} but broken by an attack")
         if settings.exact == "true" or (settings.exact == "auto" and

@@ -197,21 +197,28 @@ class Verifier(ABC):
             logits = model(x)
             check_labels(labels, logits.shape[1])
             margins = self.margin_bounds(model, x, labels, eps)
-        prediction = logits.argmax(1)
-        worst = worst_margin(margins, labels)
-        status = tuple(
-            Status.FALSIFIED if p != t else (Status.VERIFIED if m > 0 else Status.UNKNOWN)
-            for p, t, m in zip(prediction.tolist(), labels.tolist(), worst.tolist(), strict=True)
-        )
-        counterexample = torch.full_like(x, float("nan"))
-        wrong = prediction != labels
-        counterexample[wrong] = x[wrong]
-        elapsed = time.perf_counter() - start
-        return VerificationResult(
-            method=self.name, eps=eps, status=status, margin_lower=worst.cpu(), margins_lower=margins.cpu(),
-            prediction=prediction.cpu(), time_s=torch.full((x.shape[0],), elapsed / x.shape[0]),
-            counterexample=counterexample.cpu(),
-        )
+        return result_from_margins(self.name, eps, x, labels, logits, margins, time.perf_counter() - start)
+
+
+def result_from_margins(
+    method: str, eps: float, x: Tensor, labels: Tensor, logits: Tensor, margins: Tensor, elapsed: float
+) -> VerificationResult:
+    """The per-sample outcome of a relaxation: verified where every margin bound is > 0, falsified where the
+    clean point is misclassified (it is its own counterexample), unknown otherwise."""
+    prediction = logits.argmax(1)
+    worst = worst_margin(margins, labels)
+    status = tuple(
+        Status.FALSIFIED if p != t else (Status.VERIFIED if m > 0 else Status.UNKNOWN)
+        for p, t, m in zip(prediction.tolist(), labels.tolist(), worst.tolist(), strict=True)
+    )
+    counterexample = torch.full_like(x, float("nan"))
+    wrong = prediction != labels
+    counterexample[wrong] = x[wrong]
+    return VerificationResult(
+        method=method, eps=eps, status=status, margin_lower=worst.cpu(), margins_lower=margins.cpu(),
+        prediction=prediction.cpu(), time_s=torch.full((x.shape[0],), elapsed / x.shape[0]),
+        counterexample=counterexample.cpu(),
+    )
 
 
 def worst_margin(margins: Tensor, labels: Tensor) -> Tensor:

@@ -72,7 +72,7 @@ def test_results_are_long_format_with_every_metric(quick_run):
     assert {r["trainer"] for r in epochs} == set(TRAINERS)
     assert all(r["epoch"] in ("1", "2") for r in epochs)
     mixtrain = [r for r in epochs if r["trainer"] == "mixtrain"]
-    assert [float(r["weight"]) for r in mixtrain][0] > 0  # the weight a is logged per epoch
+    assert float(mixtrain[0]["weight"]) > 0  # the weight a is logged per epoch
 
 
 def test_summary_table_matches_results(quick_run):

@@ -238,3 +238,17 @@ def test_tiled_rows_give_exactly_the_dense_bounds(case, eps):
         assert torch.allclose(bound, results[0][0], rtol=1e-5, atol=1e-5)
         for got, expected in zip(grads, results[0][1], strict=True):
             assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * (1 + float(expected.abs().max())))
+
+
+def test_verify_many_equals_separate_calls():
+    from robustkit.verifiers import verify_many
+
+    model = build_model("mnist_small", seed=5).eval()
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    y = torch.arange(6)
+    many = verify_many(model, x, y, 0.005, ["interval", "symbolic", "crown", "symbolic-naive"])
+    assert list(many) == ["interval", "symbolic", "crown", "symbolic-naive"]
+    for name, result in many.items():
+        alone = verify(model, x, y, 0.005, method=name)
+        assert result.status == alone.status
+        assert torch.allclose(result.margins_lower, alone.margins_lower, atol=1e-6)
