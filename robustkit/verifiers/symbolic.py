@@ -147,12 +147,14 @@ class SymbolicNaiveVerifier(Verifier):
 
 
 def box_bounds(
-    model: nn.Module, lower: Tensor, upper: Tensor, spec: Tensor, coefficients: bool = False
+    model: nn.Module, lower: Tensor, upper: Tensor, spec: Tensor, coefficients: bool = False,
+    memory_limit_gb: float = 4.0,
 ) -> SymbolicPass:
     """Symbolic lower bounds of ``spec @ f`` over an arbitrary box [lower, upper] inside [0, 1].
 
     ``spec`` is (B, K, n_outputs). Used by the interval attack, whose boxes are small neighbourhoods of its
-    current point rather than eps-balls around the clean input.
+    current point rather than eps-balls around the clean input. Large batches are bounded in pieces within
+    ``memory_limit_gb`` (the pre-activation bounds are then not returned).
     """
     if lower.shape != upper.shape or bool((lower > upper).any()):
         raise InputError("box_bounds needs lower <= upper of the same shape")
@@ -160,4 +162,16 @@ def box_bounds(
         raise InputError("box_bounds needs a box inside [0, 1]")
     graph = build_graph(model)
     check_reproduces(graph, model, lower[:2])
-    return symbolic_pass(graph, lower, upper, spec, coefficients=coefficients)
+    size = symbolic_chunk(graph, tuple(lower.shape[1:]), memory_limit_gb)
+    pieces = [
+        symbolic_pass(graph, lower[i : i + size], upper[i : i + size], spec[i : i + size], coefficients=coefficients)
+        for i in range(0, lower.shape[0], size)
+    ]
+    if len(pieces) == 1:
+        return pieces[0]
+    found = [p.input_coefficients for p in pieces]
+    return SymbolicPass(
+        spec_lower=torch.cat([p.spec_lower for p in pieces]),
+        pre_activation={},
+        input_coefficients=torch.cat(found) if all(f is not None for f in found) else None,  # type: ignore[arg-type]
+    )
