@@ -88,10 +88,18 @@ class CrownVerifier(Verifier):
             raise InputError(f"crown intermediate bounds must be 'symbolic' or 'interval', got {self.intermediate!r}")
 
     def spec_lower(self, graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> Tensor:
-        if self.intermediate == "symbolic":
-            first = symbolic_pass(graph, lower, upper, spec)
-            base, pre = first.spec_lower, first.pre_activation
-        else:
-            second = interval_pass(graph, lower, upper, spec)
-            base, pre = second.spec_lower, second.pre_activation
-        return torch.maximum(backward_bound(graph, lower, upper, spec, pre), base)
+        return crown_pass(graph, lower, upper, spec, self.intermediate)[0]
+
+
+def crown_pass(
+    graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor, intermediate: str = "symbolic"
+) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
+    """The better of the backward bound and the ``intermediate`` method's own bound of ``spec @ f``, and the
+    pre-activation bounds of every ReLU node that both used."""
+    if intermediate == "symbolic":
+        found = symbolic_pass(graph, lower, upper, spec)
+        base, pre = found.spec_lower, found.pre_activation
+    else:
+        box = interval_pass(graph, lower, upper, spec)
+        base, pre = box.spec_lower, box.pre_activation
+    return torch.maximum(backward_bound(graph, lower, upper, spec, pre), base), pre

@@ -62,10 +62,9 @@ from robustkit.verifiers.base import (
     output_size,
     worst_margin,
 )
-from robustkit.verifiers.crown import backward_bound
+from robustkit.verifiers.crown import crown_pass
 from robustkit.verifiers.graph import INPUT, Graph, graph_forward, node_shapes
-from robustkit.verifiers.interval import interval_pass
-from robustkit.verifiers.symbolic import symbolic_chunk, symbolic_pass
+from robustkit.verifiers.symbolic import symbolic_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -381,13 +380,7 @@ class ExactVerifier(Verifier):
         bounds: it decides which margins need a MILP, and in which order.
         """
         with torch.no_grad():
-            if self.bounds_method == "symbolic":
-                found = symbolic_pass(graph, lower, upper, spec)
-                base, pre = found.spec_lower, found.pre_activation
-            else:
-                box = interval_pass(graph, lower, upper, spec)
-                base, pre = box.spec_lower, box.pre_activation
-            return torch.maximum(base, backward_bound(graph, lower, upper, spec, pre)), pre
+            return crown_pass(graph, lower, upper, spec, self.bounds_method)
 
     @staticmethod
     def _encode(graph: Graph, maps: dict[int, AffineMap | None], lower: Tensor, upper: Tensor,
