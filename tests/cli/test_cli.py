@@ -75,3 +75,15 @@ def test_console_script_entry_point_runs():
 def test_help_does_not_import_torch():
     code = "import sys; from robustkit.cli import main; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_threads_option_sets_torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        result = run("--threads", "1", "datasets")
+        assert result.exit_code == 0 and torch.get_num_threads() == 1
+        one_line_error(run("--threads", "0", "datasets"), "--threads")
+    finally:
+        torch.set_num_threads(before)
