@@ -157,7 +157,7 @@ def plan_plots(records: RunRecords) -> list[PlotSpec]:
             "accuracy_vs_eps": (
                 not sweep.loc[sweep["metric"].isin(EPS_SWEEP_METRICS)].empty,
                 "Clean, PGD and symbolically verified accuracy against the evaluation radius on the sweep subset; "
-                "hollow markers: the training radius on all n test samples.",
+                "hollow markers: the training radius, measured on all n test samples.",
             ),
             "training_curves": (
                 not epochs.empty,
@@ -217,6 +217,8 @@ def _draw_verified_vs_time(figure: Figure, epochs: pd.DataFrame, styles: dict[st
 
 
 def _draw_accuracy_vs_eps(figure: Figure, results: pd.DataFrame, styles: dict[str, TrainerStyle]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     panels = figure.subplots(1, len(EPS_SWEEP_METRICS), sharey=True, squeeze=False)[0]
     sweep = sweep_rows(results)
     cells = cell_rows(results)
@@ -224,11 +226,12 @@ def _draw_accuracy_vs_eps(figure: Figure, results: pd.DataFrame, styles: dict[st
         for trainer in ordered_unique(results["trainer"]):
             style = styles[trainer]
             line = sweep.loc[(sweep["trainer"] == trainer) & (sweep["metric"] == metric) & sweep["value"].notna()]
-            line = line.sort_values("eval_eps")
+            own = cells.loc[(cells["trainer"] == trainer) & (cells["metric"] == metric) & cells["value"].notna()]
+            # the curve passes through the training radius too (measured there on all n samples)
+            line = pd.concat([line, own]).sort_values("eval_eps")
             if not line.empty:
                 axes.plot(line["eval_eps"], 100 * line["value"], color=style.colour, marker=style.marker,
                           markersize=4, label=trainer)
-            own = cells.loc[(cells["trainer"] == trainer) & (cells["metric"] == metric) & cells["value"].notna()]
             if not own.empty:
                 axes.plot(own["eval_eps"], 100 * own["value"], linestyle="none", marker=style.marker, markersize=8,
                           markerfacecolor="none", markeredgecolor=style.colour, clip_on=False)
@@ -236,6 +239,7 @@ def _draw_accuracy_vs_eps(figure: Figure, results: pd.DataFrame, styles: dict[st
             axes.axvline(float(cells["train_eps"].iloc[0]), color="0.6", linestyle=":", linewidth=1)
         axes.set_title(METRIC_LABELS[metric], fontsize=10)
         axes.set_xlabel("evaluation eps")
+        axes.xaxis.set_major_locator(MaxNLocator(5))
         _percent_axis(axes)
     panels[0].set_ylabel("accuracy (%)")
     handles, labels = panels[0].get_legend_handles_labels()

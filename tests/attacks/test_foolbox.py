@@ -14,16 +14,11 @@ from robustkit.attacks import FoolboxAttack, get_attack
 from robustkit.attacks.foolbox_adapter import foolbox_attack_names, import_foolbox
 from robustkit.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 foolbox = import_foolbox()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small networks: one torch thread is faster and steadier than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

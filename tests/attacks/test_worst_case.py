@@ -13,13 +13,9 @@ from torch import nn
 from robustkit.attacks import PGD, Attack, CWLinf, FoolboxAttack, WorstCase, get_attack
 from robustkit.errors import InputError, UnknownNameError
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,14 +3,12 @@ formats, the --steps/--restarts mapping, the re-check of adversarial examples, a
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
@@ -19,7 +17,9 @@ from robustkit.attacks import ATTACKS, PGD, Attack, AttackResult
 from robustkit.cli import main
 from robustkit.cli.attack import SUMMARY_COLUMNS, sample_columns
 from robustkit.data import load_dataset
-from robustkit.models import build_model
+from tests.helpers import one_line_error, read_csv, train_mnist_fc
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SUMMARY_FIELDS = [
     "dataset", "model", "checkpoint", "trainer", "method", "config", "eps", "seed", "n", "clean_acc", "robust_acc",
@@ -27,32 +27,14 @@ SUMMARY_FIELDS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny networks: one torch thread keeps this file fast and steady on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
-def read_csv(path):
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        return list(reader.fieldnames or []), list(reader)
 
 
-def one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +45,7 @@ def test_split():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """mnist_fc_small after two seeded epochs of Adam on mnist5k (about 90% clean accuracy), and its weights."""
-    data = load_dataset("mnist5k")
-    model = build_model("mnist_fc_small", seed=0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        order = torch.randperm(len(data.train), generator=generator)
-        for start in range(0, len(order), 50):
-            batch = order[start:start + 50]
-            loss = F.cross_entropy(model(data.train.x[batch]), data.train.y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
+    model = train_mnist_fc(2, 2e-3)
     for p in model.parameters():
         p.requires_grad_(False)
         p.grad = None

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from robustkit import __version__
 from robustkit.cli import main
+from tests.helpers import one_line_error
 
 
 def run(*args: str):
@@ -47,12 +48,6 @@ def test_global_options_are_accepted():
     assert result.exit_code == 0 and "mnist_small" in result.output
 
 
-def one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_unknown_command_is_one_line_with_suggestion():

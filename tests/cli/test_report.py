@@ -13,6 +13,7 @@ from robustkit.reports.html import render_index
 from robustkit.reports.plots import plan_plots
 from robustkit.reports.records import load_run
 from robustkit.reports.summary import summary_frame
+from tests.helpers import one_line_error
 from tests.reports.runs import make_run
 
 
@@ -20,13 +21,6 @@ def run(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
-def one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def test_report_regenerates_identical_outputs(tmp_path):

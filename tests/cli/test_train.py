@@ -3,10 +3,8 @@ after an interruption, and one-line user errors."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +17,21 @@ from robustkit.cli import main
 from robustkit.cli.train import HISTORY_COLUMNS
 from robustkit.models import build_model
 from robustkit.trainers import EpochRecord
+from tests.helpers import one_line_error, read_csv
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 FILES = ("model.pt", "history.csv", "history.jsonl", "config.json", "checkpoint.pt")
 TIMES = ("train_time_s", "epoch_time_s", "eval_time_s")
 SMALL = ["--model", "mnist_fc_small", "--eps", "0.1", "--n-train", "80", "--batch-size", "40", "--val-size", "10"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny networks: one torch thread keeps this file fast and steady on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(*args: str) -> Result:
     return CliRunner().invoke(main, ["--quiet", *args])
 
 
-def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        return list(reader.fieldnames or []), list(reader)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -51,13 +41,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
-def one_line_error(result: Result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return str(lines[0])
 
 
 def test_mixtrain_run_writes_every_file_and_verify_loads_the_model(tmp_path: Path) -> None:

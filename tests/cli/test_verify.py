@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 
 from robustkit import __version__
 from robustkit.cli import main
 from robustkit.cli.verify import SAMPLE_COLUMNS, SUMMARY_COLUMNS
 from robustkit.data import load_dataset
-from robustkit.models import build_model
 from robustkit.verifiers import VERIFIERS, Status, VerificationResult, Verifier, verify
+from tests.helpers import one_line_error, read_csv, train_mnist_fc
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SAMPLE_FIELDS = [
     "dataset", "model", "checkpoint", "trainer", "method", "eps", "seed", "n", "index", "label", "prediction",
@@ -28,33 +28,14 @@ SUMMARY_FIELDS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The networks here are tiny; one torch thread keeps this file fast and steady on a shared 2-core machine,
-    where two OpenMP threads competing with another busy process slow down by 5-50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
-def read_csv(path):
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        return list(reader.fieldnames or []), list(reader)
 
 
-def one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def test_acceptance_untrained_mnist_small(tmp_path):
@@ -100,19 +81,7 @@ def test_acceptance_untrained_mnist_small(tmp_path):
 @pytest.fixture(scope="module")
 def trained_fc(tmp_path_factory):
     """mnist_fc_small after 320 seeded Adam steps on mnist5k, and its saved state_dict."""
-    data = load_dataset("mnist5k")
-    model = build_model("mnist_fc_small", seed=0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(4):
-        order = torch.randperm(len(data.train), generator=generator)
-        for start in range(0, len(order), 50):
-            batch = order[start:start + 50]
-            loss = F.cross_entropy(model(data.train.x[batch]), data.train.y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
+    model = train_mnist_fc(4, 2e-3)
     path = tmp_path_factory.mktemp("weights") / "fc.pt"
     torch.save(model.state_dict(), path)
     return model, path

@@ -17,7 +17,7 @@ from robustkit.reports.plots import (
     write_plots,
 )
 from robustkit.reports.records import load_run
-from tests.reports.runs import CELLS, GROUP, N_VAL, SMALL_CELLS, SMALL_GROUP, SWEEP_EPS, sweep_value
+from tests.reports.runs import ACCURACY_ORDER, CELLS, GROUP, N_VAL, SMALL_CELLS, SMALL_GROUP, SWEEP_EPS, sweep_value
 
 
 @pytest.fixture
@@ -68,8 +68,12 @@ def test_accuracy_vs_eps_uses_the_sweep(records):
     assert [a.get_title() for a in figure.axes] == ["Clean", "PGD", "Verified (symbolic)"]
     pgd_lines = [line for line in figure.axes[1].get_lines() if line.get_label() == "pgd"]
     (line,) = pgd_lines
-    assert list(line.get_xdata()) == list(SWEEP_EPS)
-    assert list(line.get_ydata()) == pytest.approx([100 * sweep_value("pgd", "pgd_acc", e) for e in SWEEP_EPS])
+    # the sweep points and, at the training eps, the cell's own measurement on all test samples
+    train_eps = GROUP[2]
+    own = dict(zip(ACCURACY_ORDER, CELLS["pgd"][0], strict=True))["pgd_acc"]
+    expected = sorted([(e, 100 * sweep_value("pgd", "pgd_acc", e)) for e in SWEEP_EPS] + [(train_eps, 100 * own)])
+    assert list(line.get_xdata()) == [e for e, _ in expected]
+    assert list(line.get_ydata()) == pytest.approx([v for _, v in expected])
 
 
 def test_training_curves_and_time_bars(records):

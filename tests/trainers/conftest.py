@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
-import torch
 
 from robustkit.data import Dataset, load_dataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """The networks here are tiny; one torch thread keeps the tests fast and steady on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True)
+def _tiny_networks_one_thread(single_thread: None) -> None:
+    """Every trainer test uses tiny networks: one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

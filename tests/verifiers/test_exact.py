@@ -20,14 +20,7 @@ from tests.verifiers.nets import box_points, pgd_points
 GRID = 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tensors here are tiny: a second intra-op thread only adds synchronisation, which costs 100x on a
-    busy 2-core machine (a 6x6 convolution: 0.2 ms with one thread, 40 ms with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: a second thread only adds waiting
 
 
 def sector_labels(points: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,49 @@
+"""Helpers shared by several test modules."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustkit.data import load_dataset
+from robustkit.models import build_model
+
+
+def one_line_error(result: Any, *fragments: str) -> str:
+    """Assert a CLI result is a usage error: exit code 2 and a single ``Error: ...`` line with ``fragments``."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and the rows of a CSV file."""
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def train_mnist_fc(epochs: int, lr: float) -> nn.Module:
+    """``mnist_fc_small`` after ``epochs`` seeded epochs of Adam (batch 50) on mnist5k, in eval mode."""
+    data = load_dataset("mnist5k")
+    model = build_model("mnist_fc_small", seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        order = torch.randperm(len(data.train), generator=generator)
+        for start in range(0, len(order), 50):
+            batch = order[start : start + 50]
+            loss = F.cross_entropy(model(data.train.x[batch]), data.train.y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return model.eval()
