@@ -224,7 +224,7 @@ def read_idx(path: Path, expected_dims: int) -> np.ndarray:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except Exception as exc:  # a damaged .gz fails as OSError, EOFError, zlib.error, ...
         raise DataError(f"cannot read IDX file {path}: {exc}") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != expected_dims:
         raise DataError(
@@ -330,7 +330,7 @@ def _safe_unpickle(path: Path) -> Any:
     try:
         with path.open("rb") as handle:
             return _ArrayUnpickler(io.BufferedReader(handle), encoding="bytes").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as exc:
+    except Exception as exc:  # garbage opcodes fail as KeyError, struct.error, ValueError, ...
         raise DataError(f"corrupt or unsafe pickle file {path}: {exc}") from exc
 
 

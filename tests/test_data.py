@@ -5,13 +5,14 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from robustkit.data import DATASETS, load_dataset
+from robustkit.data import DATASETS, _safe_unpickle, load_dataset, read_idx
 from robustkit.errors import DataError, UnknownNameError
 
 SHARED_MNIST_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-test"
@@ -249,3 +250,29 @@ def test_tinyimagenet_bad_annotation_and_missing(tmp_path):
     annotations.write_text("val_0.JPEG\tn99999999\t0\t0\t1\t1\n")
     with pytest.raises(DataError, match="line 1"):
         load_dataset("tinyimagenet", tmp_path)
+
+
+def test_damaged_idx_and_pickle_files_fail_with_data_error(tmp_path):
+    # A damaged .gz fails inside zlib (zlib.error) and a damaged pickle as KeyError, struct.error, ...:
+    # each must be a DataError naming the file, never a traceback.
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    header = b"\x00\x00\x08\x03" + b"".join(int(n).to_bytes(4, "big") for n in images.shape)
+    sources = {
+        "images.gz": (gzip.compress(header + images.tobytes()), lambda path: read_idx(path, 3)),
+        "batch.pkl": (pickle.dumps({b"data": images.reshape(2, -1), b"labels": [1, 2]}, protocol=2), _safe_unpickle),
+    }
+    rng = random.Random(0)
+    for name, (good, read) in sources.items():
+        path = tmp_path / name
+        refused = 0
+        for _ in range(300):
+            damaged = bytearray(good)
+            for _ in range(rng.randint(1, 5)):
+                damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+            path.write_bytes(rng.choice([bytes(damaged), good[: rng.randrange(len(good))], rng.randbytes(200)]))
+            try:
+                read(path)
+            except DataError as exc:
+                assert str(path) in str(exc)
+                refused += 1
+        assert refused >= 250, (name, refused)

@@ -41,12 +41,12 @@ _FACTORY = re.compile(r"^(?P<target>[\w.]+|.+\.py):(?P<function>[A-Za-z_]\w*)$")
 
 def _is_torchscript(path: Path) -> bool:
     """TorchScript archives are zip files with a ``code/`` folder; weight checkpoints have none."""
-    if not zipfile.is_zipfile(path):
-        return False
     try:
+        if not zipfile.is_zipfile(path):
+            return False
         with zipfile.ZipFile(path) as archive:
             return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # noqa: BLE001 - a damaged archive (BadZipFile, NotImplementedError, ...) is not TorchScript
         return False
 
 
@@ -112,11 +112,14 @@ def _pickle_globals(path: Path) -> list[str]:
     import io
     import pickletools
 
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            blobs = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
-    else:
-        blobs = [path.read_bytes()]
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                blobs = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+        else:
+            blobs = [path.read_bytes()]
+    except Exception:  # noqa: BLE001 - a damaged archive has no globals to report; the caller says it is corrupt
+        return []
     found: list[str] = []
     for blob in blobs:
         stream = io.BytesIO(blob)
@@ -130,7 +133,7 @@ def _pickle_globals(path: Path) -> list[str]:
                         found.append(f"{strings[-2]}.{strings[-1]}")
                     elif isinstance(arg, str):
                         strings.append(arg)
-            except (ValueError, EOFError, pickle.UnpicklingError):
+            except Exception:  # noqa: BLE001 - garbage opcodes end the scan, whatever they raise
                 break
     return found
 
@@ -163,7 +166,8 @@ def load_checkpoint(path: str | Path) -> Any:
         raise ModelLoadError(
             f"cannot read checkpoint {path}: corrupt or not a PyTorch weights file ({first_line})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # noqa: BLE001 - garbage bytes reach the unpickler as any error at all
+        # (KeyError for a memo reference it never stored, IndexError, TypeError, struct.error, ...)
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({first_line})") from None
 
@@ -241,8 +245,9 @@ def _load_torchscript(path: Path) -> nn.Module:
             # reading TorchScript is what the user asked for; torch's deprecation notice is not for them
             warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated")
             scripted = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read TorchScript file {path}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged archive fails inside torch with any error type
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"cannot read TorchScript file {path}: corrupt ({first_line})") from None
     eager = to_eager(scripted)
     return scripted if eager is None else eager
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustkit.errors import ModelLoadError
+from robustkit.errors import ModelLoadError, RobustkitError
 from robustkit.nn import Normalize, Residual
 
 __all__ = ["SUPPORTED_OPS", "load_onnx"]
@@ -332,8 +332,23 @@ def load_onnx(path: str | Path) -> nn.Module:
         ) from exc
     try:
         model = onnx.load(str(path))
-    except Exception as exc:
-        raise ModelLoadError(f"cannot read ONNX file {path}: {exc}") from exc
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - protobuf and the checker raise many types for damaged files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"cannot read ONNX file {path}: corrupt or not a valid ONNX model ({first_line})"
+        ) from None
+    try:
+        return _convert(model, path, numpy_helper)
+    except RobustkitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed graph the checker let through must not crash the caller
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot convert ONNX file {path}: malformed graph ({type(exc).__name__}: "
+                             f"{first_line})") from None
+
+
+def _convert(model: Any, path: Path, numpy_helper: Any) -> nn.Module:
     graph = model.graph
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     unsupported = sorted({n.op_type for n in graph.node if n.op_type not in SUPPORTED_OPS})

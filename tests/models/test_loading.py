@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 from collections import OrderedDict
 
 import pytest
@@ -87,7 +88,7 @@ def test_whole_pickled_model_is_refused_with_advice(tmp_path):
 
 def test_corrupt_missing_and_mismatched_checkpoints(tmp_path):
     corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(os.urandom(200))
+    corrupt.write_bytes(random.Random(0).randbytes(200))
     with pytest.raises(ModelLoadError, match="cannot read checkpoint"):
         load_model("toy2d", checkpoint=corrupt)
     truncated = tmp_path / "truncated.pt"
@@ -107,6 +108,49 @@ def test_corrupt_missing_and_mismatched_checkpoints(tmp_path):
     torch.save({"epoch": 3, "lr": 0.1}, notes)
     with pytest.raises(ModelLoadError, match="not a state_dict"):
         load_model("toy2d", checkpoint=notes)
+
+
+def _damaged(rng: random.Random, data: bytes) -> bytes:
+    """``data`` with a few random bytes overwritten, cut short, or replaced by random bytes."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        damaged = bytearray(data)
+        for _ in range(rng.randint(1, 5)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        return bytes(damaged)
+    if kind == 1:
+        return data[: rng.randrange(len(data))]
+    return rng.randbytes(rng.randint(1, 400))
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "torchscript", "onnx"])
+def test_damaged_files_load_or_fail_with_a_clear_error(tmp_path, fmt):
+    # Garbage reaches torch's unpickler and zip reader as KeyError, IndexError, NotImplementedError,
+    # UnicodeDecodeError, ...: every one must come out as a ModelLoadError (or the file still loads).
+    net = build_model("toy2d", seed=0)
+    good = tmp_path / "good"
+    if fmt == "torchscript":
+        torch.jit.save(torch.jit.script(net), good)
+    elif fmt == "onnx":
+        pytest.importorskip("onnx")
+        torch.onnx.export(net, (torch.zeros(1, 1, 1, 2),), str(good), dynamo=False)
+    else:
+        torch.save(net.state_dict(), good, _use_new_zipfile_serialization=fmt == "zip")
+    data = good.read_bytes()
+    rng = random.Random(fmt)
+    path = tmp_path / ("bad.ts" if fmt == "torchscript" else "bad.onnx" if fmt == "onnx" else "bad.pt")
+    outcomes = {"loaded": 0, "refused": 0}
+    for _ in range(150):
+        path.write_bytes(_damaged(rng, data))
+        try:
+            if fmt in ("torchscript", "onnx"):
+                load_model(str(path))
+            else:
+                load_model("toy2d", checkpoint=path)
+            outcomes["loaded"] += 1
+        except (ModelLoadError, InputError):
+            outcomes["refused"] += 1
+    assert outcomes["refused"] >= 50, outcomes
 
 
 def test_nan_weights_are_refused(tmp_path):
