@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import secrets
 import stat
@@ -88,6 +89,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically (no newline translation: ``\\n`` stays ``\\n``); returns the path."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+def json_value(value: Any) -> Any:
+    """``value`` ready for strict JSON: a NaN or infinite float becomes ``None`` (``null``), the rest stays."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _cell(value: Any) -> Any:

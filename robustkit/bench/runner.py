@@ -11,7 +11,6 @@ trained but unevaluated one.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from robustkit.bench.config import BenchConfig, TrainerSpec
 from robustkit.bench.evaluate import evaluate_model
 from robustkit.data import Dataset, load_dataset
 from robustkit.errors import InputError
-from robustkit.io import atomic_write_text, torch_save_atomic, write_csv
+from robustkit.io import atomic_write_text, json_value, torch_save_atomic, write_csv
 from robustkit.progress import progress
 from robustkit.runtime import PeakMemory, resolve_device
 
@@ -95,7 +94,7 @@ def _versions() -> tuple[str, str]:
     return __version__, torch.__version__
 
 
-def _check_folder(folder: Path, config: BenchConfig, device: str, resume: bool) -> None:
+def _check_folder(folder: Path, config: BenchConfig, resume: bool) -> None:
     saved_file = folder / "config.json"
     if not resume:
         if folder.exists() and any(folder.iterdir()):
@@ -156,15 +155,14 @@ def run_cell(cell: Cell, config: BenchConfig, data: Dataset, folder: Path, devic
     ]
     epochs = [{**base, **record.to_dict()} for record in result.history]
     outcome = CellOutcome(cell, results, epochs, list(evaluation.violations), reused=False)
+    def strict(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: json_value(v) for k, v in row.items()} for row in rows]
+
+    # NaN (a metric that does not apply) is written as null, so result.json is strict JSON
     atomic_write_text(folder / "result.json", json.dumps(
-        {"results": results, "epochs": epochs, "violations": outcome.violations}, indent=1, default=_plain))
+        {"results": strict(results), "epochs": strict(epochs), "violations": outcome.violations}, indent=1,
+        allow_nan=False))
     return outcome
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def _load_outcome(cell: Cell, file: Path) -> CellOutcome:
@@ -196,7 +194,7 @@ def run_bench(
 ) -> BenchRun:
     """Run (or resume) the whole grid into ``folder``; see the module docstring."""
     folder = Path(folder)
-    _check_folder(folder, config, device, resume)
+    _check_folder(folder, config, resume)
     folder.mkdir(parents=True, exist_ok=True)
     version, torch_version = _versions()
     if not (folder / "config.json").is_file():

@@ -144,10 +144,6 @@ def _parse_eps(ctx: click.Context, param: click.Parameter, value: str) -> float:
     return values[0]
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 def history_rows(run: Run, history: Sequence[EpochRecord]) -> list[list[Any]]:
     """The rows of ``history.csv`` (and, as dicts, of ``history.jsonl``)."""
     from robustkit import __version__
@@ -158,12 +154,12 @@ def history_rows(run: Run, history: Sequence[EpochRecord]) -> list[list[Any]]:
 
 def write_history(folder: Path, run: Run, history: Sequence[EpochRecord]) -> None:
     """Rewrite ``history.csv`` and ``history.jsonl`` atomically (NaN -> ``nan`` in CSV, ``null`` in JSON)."""
-    from robustkit.io import atomic_write_text, write_csv
+    from robustkit.io import atomic_write_text, json_value, write_csv
 
     rows = history_rows(run, history)
     write_csv(folder / "history.csv", HISTORY_COLUMNS, rows)
     lines = [
-        json.dumps({k: _finite(v) if isinstance(v, float) else v for k, v in zip(HISTORY_COLUMNS, row, strict=True)})
+        json.dumps({k: json_value(v) for k, v in zip(HISTORY_COLUMNS, row, strict=True)})
         for row in rows
     ]
     atomic_write_text(folder / "history.jsonl", "".join(f"{line}\n" for line in lines))

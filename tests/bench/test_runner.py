@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 import time
@@ -45,6 +46,9 @@ def test_every_output_file_is_written(quick_run):
     for trainer in TRAINERS:
         cell = next((out / "cells").glob(f"*__{trainer}__*"))
         assert (cell / "model.pt").is_file() and (cell / "result.json").is_file() and (cell / "checkpoint.pt").is_file()
+        # strict JSON: a metric that does not apply is null, never a bare NaN token
+        saved = json.loads((cell / "result.json").read_text(), parse_constant=lambda token: pytest.fail(token))
+        assert saved["results"] and saved["violations"] == []
     assert "| Trainer | Clean | PGD | CW | Interval attack |" in output
 
 
