@@ -83,37 +83,41 @@ def verify_many(
     from robustkit.verifiers.symbolic import symbolic_pass
 
     verifiers = [get_verifier(m) for m in methods]
-    shared = [v for v in verifiers if type(v) is SymbolicVerifier or (type(v) is CrownVerifier
-                                                                     and v.intermediate == "symbolic")]
+    symbolic = next((v for v in verifiers if type(v) is SymbolicVerifier), None)
+    crown = next((v for v in verifiers if type(v) is CrownVerifier and v.intermediate == "symbolic"), None)
     results: dict[str, VerificationResult] = {}
-    if len({type(v) for v in shared}) == 2:
+    if symbolic is not None and crown is not None:
         start = time.perf_counter()
         with torch.no_grad():
-            graph, x, labels, eps = shared[0]._prepare(model, x, y, eps)
+            graph, inputs, labels, radius = symbolic._prepare(model, x, y, eps)
             assert labels is not None
-            logits = model(x)
+            logits = model(inputs)
             check_labels(labels, logits.shape[1])
-            spec = margin_spec(labels, output_size(graph, tuple(x.shape[1:]))).to(x.dtype)
-            lower, upper = input_box(x, eps)
-            size = shared[0].chunk_size(graph, tuple(x.shape[1:])) or x.shape[0]
+            spec = margin_spec(labels, output_size(graph, tuple(inputs.shape[1:]))).to(inputs.dtype)
+            lower, upper = input_box(inputs, radius)
+            sizes = [v.chunk_size(graph, tuple(inputs.shape[1:])) for v in (symbolic, crown)]
+            size = min((s for s in sizes if s), default=inputs.shape[0])
             symbolic_parts, crown_parts = [], []
-            symbolic_time = 0.0
-            for i in range(0, x.shape[0], size):
+            symbolic_time = backward_time = 0.0
+            for i in range(0, inputs.shape[0], size):
                 piece = slice(i, i + size)
+                clock = time.perf_counter()
                 found = symbolic_pass(graph, lower[piece], upper[piece], spec[piece])
-                symbolic_time = time.perf_counter() - start
                 symbolic_parts.append(found.spec_lower)
+                symbolic_time += time.perf_counter() - clock
+                clock = time.perf_counter()
                 crown_parts.append(torch.maximum(
                     backward_bound(graph, lower[piece], upper[piece], spec[piece], found.pre_activation),
                     found.spec_lower))
-        for verifier, parts, seconds in ((SymbolicVerifier(), symbolic_parts, symbolic_time),
-                                         (CrownVerifier(), crown_parts, time.perf_counter() - start)):
-            results[verifier.name] = result_from_margins(verifier.name, eps, x, labels, logits, torch.cat(parts),
-                                                         seconds)
-    for other in verifiers:
-        if other.name not in results:
-            results[other.name] = other.verify(model, x, y, eps)
-    return {get_verifier(m).name: results[get_verifier(m).name] for m in methods}
+                backward_time += time.perf_counter() - clock
+        setup_time = time.perf_counter() - start - symbolic_time - backward_time
+        for name, parts, seconds in ((symbolic.name, symbolic_parts, setup_time + symbolic_time),
+                                     (crown.name, crown_parts, setup_time + symbolic_time + backward_time)):
+            results[name] = result_from_margins(name, radius, inputs, labels, logits, torch.cat(parts), seconds)
+    for verifier in verifiers:
+        if verifier.name not in results:
+            results[verifier.name] = verifier.verify(model, x, y, eps)
+    return {verifier.name: results[verifier.name] for verifier in verifiers}
 
 
 def bounds(model: nn.Module, x: Tensor, eps: float, method: str | Verifier = "symbolic", **options: Any) -> LogitBounds:
