@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from robustkit.errors import InputError
-from robustkit.verifiers import ops
 from robustkit.verifiers.base import Verifier
 from robustkit.verifiers.graph import INPUT, Graph, node_shapes
 from robustkit.verifiers.interval import interval_pass
@@ -30,10 +29,16 @@ def backward_bound(
     upper: Tensor,
     spec: Tensor,
     pre_activation: dict[int, tuple[Tensor, Tensor]],
+    slopes: dict[int, Tensor] | None = None,
+    output: int | None = None,
 ) -> Tensor:
-    """Lower bounds (B, K) of ``spec @ f`` by backward linear relaxation with the given ReLU input bounds."""
+    """Lower bounds (B, K) of ``spec @ v`` by backward linear relaxation with the given bounds of every
+    non-linear node's input, where v is the output of node ``output`` (default: the network's).
+
+    ``slopes`` (node -> (B, K, *shape)) replaces the lower-relaxation slopes of those nodes' unstable neurons
+    (alpha-CROWN; each operator clamps them to its sound range)."""
     shapes = node_shapes(graph, tuple(lower.shape[1:]))
-    last = len(graph.nodes) - 1
+    last = len(graph.nodes) - 1 if output is None else output
     lam: dict[int, Tensor] = {last: spec.reshape(*spec.shape[:2], *shapes[last])}
     constant = torch.zeros(spec.shape[:2], device=spec.device, dtype=spec.dtype)
     for index in range(last, -1, -1):
@@ -41,29 +46,10 @@ def backward_bound(
             continue
         coeff = lam.pop(index)
         node = graph.nodes[index]
-        op = node.op
-        dims = tuple(range(2, coeff.dim()))
-        if isinstance(op, ops.AffineOp):
-            bias = op.bias(shapes[index])
-            if bias is not None:
-                bias = bias.to(coeff.device, coeff.dtype)
-                constant = constant + (coeff * bias.reshape(1, 1, *shapes[index])).sum(dims)
-            incoming = [op.adjoint(coeff, shapes[node.inputs[0]])]
-        elif isinstance(op, ops.ReLUOp):
-            low, high = pre_activation[index]
-            crossing = (low < 0) & (high > 0)
-            active = (low >= 0).to(coeff.dtype)
-            denominator = torch.where(crossing, high - low, torch.ones_like(low))
-            upper_slope = torch.where(crossing, high / denominator, active)
-            upper_offset = torch.where(crossing, -upper_slope * low, torch.zeros_like(low))
-            lower_slope = torch.where(crossing, (high >= -low).to(coeff.dtype), active)
-            positive, negative = coeff.clamp(min=0), coeff.clamp(max=0)
-            constant = constant + (negative * upper_offset.unsqueeze(1)).sum(dims)
-            incoming = [positive * lower_slope.unsqueeze(1) + negative * upper_slope.unsqueeze(1)]
-        elif isinstance(op, ops.AddOp):
-            incoming = [coeff, coeff]
-        else:
-            raise TypeError(f"no backward rule for {type(op).__name__}")
+        incoming, extra = node.op.backward(coeff, [shapes[source] for source in node.inputs], shapes[index],
+                                           pre_activation.get(index), None if slopes is None else slopes.get(index))
+        if extra is not None:
+            constant = constant + extra
         for source, value in zip(node.inputs, incoming, strict=True):
             lam[source] = lam[source] + value if source in lam else value
     coeff = lam[INPUT]

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
@@ -59,16 +60,16 @@ from robustkit.verifiers.base import (
     worst_margin,
 )
 from robustkit.verifiers.crown import crown_pass
-from robustkit.verifiers.graph import Graph, graph_forward
+from robustkit.verifiers.graph import INPUT, Graph, graph_forward, node_shapes
 from robustkit.verifiers.milp import (
     BOUND_SLACK,
     AffineMap,
     Array,
+    Expression,
+    MilpBuilder,
     MilpEncoding,
     MilpOutcome,
-    affine_maps,
     as_numpy,
-    encode,
     minimise,
 )
 from robustkit.verifiers.symbolic import symbolic_chunk
@@ -80,6 +81,33 @@ _MIN_SLICE_S = 0.02  # a shorter MILP is not worth starting (presolve alone take
 _FIRST_SLICE = 1 / 16  # of the time limit: the most each MILP gets in the first pass (see ``_schedule``)
 _ATTACK_RESTARTS = 2  # of the PGD search that precedes the MILPs of ``verify``
 _MEMORY_LIMIT_GB = 4.0  # for the batched ``symbolic`` relaxation (the symbolic verifier's default)
+
+
+def affine_maps(graph: Graph, input_shape: tuple[int, ...], like: Tensor) -> dict[int, AffineMap | None]:
+    """What each node's MILP rule needs that depends only on the weights (``op.milp_map``: the sparse matrix
+    and bias of affine layers), on ``like``'s device and dtype."""
+    shapes = node_shapes(graph, input_shape)
+    return {index: node.op.milp_map(shapes[node.inputs[0]], shapes[index], like)
+            for index, node in enumerate(graph.nodes)}
+
+
+def encode(graph: Graph, maps: dict[int, AffineMap | None], lower: Array, upper: Array,
+           pre_activation: dict[int, tuple[Array, Array]]) -> MilpEncoding:
+    """The MILP of one sample over the flat input box [lower, upper] with flat pre-activation bounds."""
+    builder = MilpBuilder()
+    n_input = lower.shape[0]
+    builder.variables(lower, upper)
+    builder.rows.append((sp.csr_matrix((0, n_input)), np.zeros(0), np.zeros(0)))  # a network without ReLU
+    values: dict[int, Expression] = {INPUT: Expression(sp.identity(n_input, format="csr"), np.zeros(n_input))}
+    remaining = {key: len(users) for key, users in graph.consumers().items()}
+    for index, node in enumerate(graph.nodes):
+        inputs = [values[source] for source in node.inputs]
+        values[index] = node.op.milp(builder, inputs, pre_activation.get(index), maps.get(index))
+        for used in set(node.inputs):
+            remaining[used] -= node.inputs.count(used)
+            if remaining[used] == 0:
+                del values[used]  # free expressions no node needs any more
+    return builder.finish(values[len(graph.nodes) - 1], n_input)
 
 
 def _schedule(tasks: list[int], deadline: float, first: float,

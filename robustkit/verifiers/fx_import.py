@@ -1,8 +1,9 @@
 """Read a module with its own ``forward`` (a user's network class) into bound operators with ``torch.fx``.
 
 The module is traced symbolically; robustkit's own layers and every standard layer stay leaves, so each
-``call_module`` goes through the same builder as ``nn.Sequential`` children. Functions understood: ReLU
-(``F.relu``, ``torch.relu``, ``x.relu()``), flattening (``torch.flatten(x, 1)``, ``x.flatten(1)``,
+``call_module`` goes through the same builder as ``nn.Sequential`` children. Functions understood: those the
+operator registry lists for its layers (:mod:`robustkit.verifiers.ops.registry`: ``F.relu``, ``torch.relu``,
+``x.relu()``, ``F.leaky_relu``, ...), flattening (``torch.flatten(x, 1)``, ``x.flatten(1)``,
 ``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``), the sum of two tensors (a skip connection) and
 adding, subtracting, multiplying or dividing by a number. Anything else is reported as unsupported.
 """
@@ -10,19 +11,17 @@ adding, subtracting, multiplying or dividing by a number. Anything else is repor
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from robustkit.verifiers import ops
+from robustkit.verifiers.ops.registry import OPERATORS, PASS_THROUGH, FunctionRule, function_rule, method_rule
 
 if TYPE_CHECKING:
     from robustkit.verifiers.graph import _Builder
 
-_RELU: tuple[Callable[..., Any], ...] = (F.relu, torch.relu)
 _ADD = (operator.add, torch.add, operator.iadd)
 _BATCH = "batch"  # marker for values equal to the batch size (x.size(0), x.shape[0])
 _SHAPE = "shape"  # marker for x.shape / x.size()
@@ -32,8 +31,6 @@ class _LeafTracer(fx.Tracer):
     """Keeps every module the builder knows (and robustkit's own layers) as a leaf."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from robustkit.verifiers.graph import OPERATORS, PASS_THROUGH
-
         if isinstance(m, tuple(OPERATORS) + PASS_THROUGH) or type(m).__module__ == "robustkit.nn":
             return True
         return bool(super().is_leaf_module(m, module_qualified_name))
@@ -92,6 +89,13 @@ def emit_traced(builder: _Builder, module: nn.Module, source: int, path: str) ->
             values[node.name] = _SHAPE
         elif node.op == "call_function" and node.target is operator.getitem and first == _SHAPE and args[1] == 0:
             values[node.name] = _BATCH
+        elif isinstance(first, int) and (rule := _rule(node)) is not None:
+            made = rule(tuple(args[1:]), dict(node.kwargs))
+            if isinstance(made, str):
+                builder.unsupported.append(f"{name} ({_called(node)}: {made})")
+                values[node.name] = None
+            else:
+                values[node.name] = builder.add(made, (first,))
         elif node.op == "call_function" and len(args) == 2 and not node.kwargs and len(tensor_args) == 1 and (
             _is_number(args[0]) or _is_number(args[1])
         ):
@@ -99,10 +103,6 @@ def emit_traced(builder: _Builder, module: nn.Module, source: int, path: str) ->
         elif not isinstance(first, int):
             builder.unsupported.append(f"{name} ({node.op} {getattr(node.target, '__name__', node.target)})")
             values[node.name] = None
-        elif (node.op == "call_function" and node.target in _RELU) or (
-            node.op == "call_method" and node.target in ("relu", "relu_")
-        ):
-            values[node.name] = builder.add(ops.ReLUOp(), (first,))
         elif (node.op == "call_function" and node.target is torch.flatten and args[1:] in ((1,), (1, -1))) or (
             node.op == "call_method" and node.target == "flatten" and args[1:] in ((1,), (1, -1))
         ) or (node.op == "call_method" and node.target in ("view", "reshape") and _flatten_target(args[1:], values)):
@@ -113,6 +113,22 @@ def emit_traced(builder: _Builder, module: nn.Module, source: int, path: str) ->
             builder.unsupported.append(f"{name} ({node.op} {getattr(node.target, '__name__', node.target)})")
             values[node.name] = None
     return result
+
+
+def _rule(node: fx.Node) -> FunctionRule | None:
+    """The registry's rule for a traced function or tensor method call, or None."""
+    if node.op == "call_function" and callable(node.target):
+        try:
+            return function_rule(node.target)
+        except TypeError:  # an unhashable target is not registered
+            return None
+    if node.op == "call_method" and isinstance(node.target, str):
+        return method_rule(node.target)
+    return None
+
+
+def _called(node: fx.Node) -> str:
+    return f"{node.op} {getattr(node.target, '__name__', node.target)}"
 
 
 def _scalar(builder: _Builder, node: fx.Node, values: dict[str, Any], name: str) -> int | None:

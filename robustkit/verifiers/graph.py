@@ -10,33 +10,17 @@ their two branches joined by an addition node. Every layer that cannot be analys
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from robustkit.errors import UnsupportedLayerError
-from robustkit.nn import Normalize, Residual
+from robustkit.nn import Residual
 from robustkit.verifiers import ops
+from robustkit.verifiers.ops.registry import PASS_THROUGH, keeps_forward, lookup, supported_names
 
 INPUT = -1
-
-# module type -> factory of its bound operator; subclasses count only if they keep the parent's forward
-OPERATORS: dict[type[nn.Module], Callable[[nn.Module], ops.BoundOp]] = {
-    nn.Linear: ops.LinearOp,
-    nn.Conv2d: ops.Conv2dOp,
-    nn.ReLU: lambda m: ops.ReLUOp(),
-    nn.Flatten: ops.FlattenOp,
-    Normalize: ops.NormalizeOp,
-    nn.BatchNorm2d: ops.BatchNorm2dOp,
-    nn.AvgPool2d: ops.PoolOp,
-    nn.AdaptiveAvgPool2d: ops.PoolOp,
-}
-PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout)
-SUPPORTED_NAMES = sorted(
-    [t.__name__ for t in OPERATORS] + [t.__name__ for t in PASS_THROUGH] + ["Sequential", "Residual"]
-)
 
 
 @dataclass(frozen=True)
@@ -69,8 +53,7 @@ def node_shapes(graph: Graph, input_shape: tuple[int, ...]) -> dict[int, tuple[i
     if input_shape not in known:
         shapes: dict[int, tuple[int, ...]] = {INPUT: input_shape}
         for index, node in enumerate(graph.nodes):
-            source = shapes[node.inputs[0]]
-            shapes[index] = source if isinstance(node.op, ops.ReLUOp | ops.AddOp) else node.op.out_shape(source)
+            shapes[index] = node.op.out_shape(*(shapes[source] for source in node.inputs))
         known[input_shape] = shapes
     return known[input_shape]
 
@@ -84,10 +67,7 @@ def graph_forward(graph: Graph, x: torch.Tensor) -> torch.Tensor:
     """Evaluate the graph on concrete inputs (used to check that it reproduces the model)."""
     values: dict[int, torch.Tensor] = {INPUT: x}
     for index, node in enumerate(graph.nodes):
-        if isinstance(node.op, ops.AddOp):
-            values[index] = values[node.inputs[0]] + values[node.inputs[1]]
-        else:
-            values[index] = node.op.forward(values[node.inputs[0]])
+        values[index] = node.op.forward(*(values[source] for source in node.inputs))
     return values[len(graph.nodes) - 1]
 
 
@@ -108,16 +88,12 @@ def check_reproduces(graph: Graph, model: nn.Module, x: torch.Tensor) -> None:
         raise UnsupportedLayerError(
             [f"model (robustkit's reading of its layers does not reproduce its outputs: largest difference "
              f"{difference:.3g}; its forward may use operations that are not visible as layers)"],
-            SUPPORTED_NAMES,
+            supported_names(),
         )
     _checked[graph].add(key)
 
 
 _checked: weakref.WeakKeyDictionary[Graph, set[tuple[int, ...]]] = weakref.WeakKeyDictionary()
-
-
-def _keeps_forward(module: nn.Module, base: type[nn.Module]) -> bool:
-    return isinstance(module, base) and type(module).forward is base.forward
 
 
 class _Builder:
@@ -131,35 +107,33 @@ class _Builder:
 
     def emit(self, module: nn.Module, source: int, path: str) -> int:
         kind = type(module).__name__
-        if _keeps_forward(module, nn.Sequential):
+        where = path or "model"
+        if keeps_forward(module, nn.Sequential):
             for name, child in module.named_children():
                 source = self.emit(child, source, f"{path}.{name}" if path else name)
             return source
-        if _keeps_forward(module, Residual):
+        if keeps_forward(module, Residual):
             assert isinstance(module, Residual)
             main = self.emit(module.main, source, f"{path}.main")
             skip = source if module.skip is None else self.emit(module.skip, source, f"{path}.skip")
             return self.add(ops.AddOp(), (main, skip))
         for base in PASS_THROUGH:
-            if _keeps_forward(module, base):
+            if keeps_forward(module, base):
                 if module.training and base is nn.Dropout:
-                    self.unsupported.append(f"{path or 'model'} (Dropout in training mode: call model.eval())")
+                    self.unsupported.append(f"{where} (Dropout in training mode: call model.eval())")
                 return source
-        for base, factory in OPERATORS.items():
-            if _keeps_forward(module, base):
-                if isinstance(module, nn.BatchNorm2d) and module.training:
-                    self.unsupported.append(f"{path or 'model'} (BatchNorm2d in training mode: call model.eval())")
-                    return source
-                problem = ops.check_module(module)
-                if problem:
-                    self.unsupported.append(f"{path or 'model'} ({kind}: {problem})")
-                    return source
-                return self.add(factory(module), (source,))
+        entry = lookup(module)
+        if entry is not None:
+            problem = entry.check(module) if entry.check is not None else None
+            if problem:
+                self.unsupported.append(f"{where} ({kind}: {problem})")
+                return source
+            return self.add(entry.build(module), (source,))
         if type(module).__module__.startswith("torch.nn."):
-            self.unsupported.append(f"{path or 'model'} ({kind})")
+            self.unsupported.append(f"{where} ({kind})")
             return source
         if isinstance(module, torch.jit.ScriptModule):
-            self.unsupported.append(f"{path or 'model'} (TorchScript module {module.original_name} with its own code)")
+            self.unsupported.append(f"{where} (TorchScript module {module.original_name} with its own code)")
             return source
         from robustkit.verifiers.fx_import import emit_traced
 
@@ -183,7 +157,7 @@ def build_graph(model: nn.Module) -> Graph:
     builder = _Builder()
     output = builder.emit(model, INPUT, "")
     if builder.unsupported:
-        raise UnsupportedLayerError(builder.unsupported, SUPPORTED_NAMES)
+        raise UnsupportedLayerError(builder.unsupported, supported_names())
     if output == INPUT:
         builder.add(ops.IdentityOp(), (INPUT,))
     graph = Graph(tuple(builder.nodes))

@@ -1,8 +1,9 @@
 """Interval bound propagation (IBP) over a bound-operator graph, in centre/radius form.
 
-Affine layers map the centre exactly and the radius through |W|; a ReLU maps the box [l, u] to
-[relu(l), relu(u)]. The output specification C (e.g. margins f_y - f_j) is folded into the last affine layer,
-so the margin bound is computed from the penultimate box through the rows of C W, as in Gowal et al.'s IBP.
+Every operator gives its own interval rule (``op.interval``; non-linear ones ``op.interval_bounds``): affine
+layers map the centre exactly and the radius through |W|; a ReLU maps the box [l, u] to [relu(l), relu(u)].
+The output specification C (e.g. margins f_y - f_j) is folded into the last affine layer, so the margin
+bound is computed from the penultimate box through the rows of C W, as in Gowal et al.'s IBP.
 """
 
 from __future__ import annotations
@@ -14,34 +15,9 @@ from torch import Tensor
 
 from robustkit.verifiers import ops
 from robustkit.verifiers.graph import INPUT, Graph
+from robustkit.verifiers.ops.base import Box
 
-
-@dataclass
-class Box:
-    """An axis-aligned box in centre/radius form, batched: centre and radius have shape (B, *shape)."""
-
-    center: Tensor
-    radius: Tensor
-
-    @property
-    def lower(self) -> Tensor:
-        return self.center - self.radius
-
-    @property
-    def upper(self) -> Tensor:
-        return self.center + self.radius
-
-    @classmethod
-    def from_bounds(cls, lower: Tensor, upper: Tensor) -> Box:
-        return cls((upper + lower) / 2, (upper - lower) / 2)
-
-
-def affine_box(op: ops.AffineOp, box: Box) -> Box:
-    return Box(op.forward(box.center), op.abs_linear(box.radius))
-
-
-def relu_box(lower: Tensor, upper: Tensor) -> Box:
-    return Box.from_bounds(torch.relu(lower), torch.relu(upper))
+__all__ = ["Box", "IntervalPass", "interval_pass", "spec_lower_from_box"]
 
 
 def spec_lower_from_box(graph: Graph, boxes: dict[int, Box], spec: Tensor) -> Tensor:
@@ -83,20 +59,15 @@ def interval_pass(graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> I
     last = len(graph.nodes) - 1
     for index, node in enumerate(graph.nodes):
         op = node.op
-        if isinstance(op, ops.AffineOp):
-            if index == last:
-                shapes[index] = op.out_shape(shapes[node.inputs[0]])
-                break  # the specification is folded into the last affine layer
-            box = affine_box(op, boxes[node.inputs[0]])
-        elif isinstance(op, ops.ReLUOp):
-            source = boxes[node.inputs[0]]
-            pre[index] = (source.lower, source.upper)
-            box = relu_box(source.lower, source.upper)
-        elif isinstance(op, ops.AddOp):
-            first, second = (boxes[i] for i in node.inputs)
-            box = Box(first.center + second.center, first.radius + second.radius)
+        if index == last and isinstance(op, ops.AffineOp):
+            shapes[index] = op.out_shape(shapes[node.inputs[0]])
+            break  # the specification is folded into the last affine layer
+        sources = [boxes[source] for source in node.inputs]
+        if isinstance(op, ops.NonlinearOp):
+            pre[index] = (sources[0].lower, sources[0].upper)
+            box = Box.from_bounds(*op.interval_bounds(*pre[index]))
         else:
-            raise TypeError(f"no interval rule for {type(op).__name__}")
+            box = op.interval(sources)
         boxes[index] = box
         shapes[index] = tuple(box.center.shape[1:])
     return IntervalPass(spec_lower_from_box(graph, boxes, spec), pre, shapes)

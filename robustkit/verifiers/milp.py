@@ -1,10 +1,11 @@
 """Mixed-integer linear programs of ReLU networks (Tjeng, Xiao and Tedrake, arXiv:1711.07356), solved with
 ``scipy.optimize.milp`` (HiGHS): the encoding used by the ``exact`` verifier (:mod:`robustkit.verifiers.exact`).
 
-Affine layers become sparse matrices (the Jacobian of ``op.linear`` on identity bases), so chains of affine
-layers and skip connections need no variables; a ReLU with pre-activation bounds [l, u] is fixed at 0 when
-u <= 0, equal to its input when l >= 0, and otherwise a binary d with the big-M encoding
-a >= 0, a >= z, a <= u d, a <= z - l (1 - d).
+Each bound operator encodes itself (``op.milp``): affine layers become sparse matrices (``op.milp_map``, the
+Jacobian of ``op.linear`` on identity bases), so chains of affine layers and skip connections need no
+variables; a ReLU with pre-activation bounds [l, u] is fixed at 0 when u <= 0, equal to its input when l >= 0,
+and otherwise a binary d with the big-M encoding a >= 0, a >= z, a <= u d, a <= z - l (1 - d). A layer without
+an encoding (a smooth activation) raises :class:`~robustkit.verifiers.ops.base.NotApplicable`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,9 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 from numpy.typing import NDArray
 from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import Tensor
-
-from robustkit.verifiers import ops
-from robustkit.verifiers.graph import INPUT, Graph, node_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +30,6 @@ Array = NDArray[np.float64]
 # Relative widening of the relaxation's pre-activation bounds, computed in the model's precision (float32 sums
 # of hundreds of terms), so that the big-M constraints never cut off a point of the box.
 BOUND_SLACK = 1e-5
-# Jacobians are built from identity bases in chunks of at most this many values (a conv layer of a CIFAR-sized
-# input never materialises its dense Jacobian at once).
-_CHUNK_VALUES = 1 << 22
 # HiGHS stops at a relative gap of 1e-4 by default; minima should be exact to about its precision. The RINS and
 # RENS sub-MIP heuristics take most of the root node's time on these problems: without them, solves are 2-3x
 # faster on small networks and decisions 2-7x faster on the MNIST benchmark network.
@@ -51,38 +45,6 @@ class AffineMap:
 
     matrix: sp.csr_matrix
     bias: Array
-
-
-def affine_maps(graph: Graph, input_shape: tuple[int, ...], like: Tensor) -> dict[int, AffineMap | None]:
-    """The matrix and bias of every affine node (None for reshapes, which keep the row-major order).
-
-    The matrix is the transposed Jacobian of the layer's linear part: ``op.linear`` of an identity basis of its
-    input, on ``like``'s device and dtype.
-    """
-    shapes = node_shapes(graph, input_shape)
-    maps: dict[int, AffineMap | None] = {}
-    with torch.no_grad():
-        for index, node in enumerate(graph.nodes):
-            op = node.op
-            if not isinstance(op, ops.AffineOp):
-                continue
-            if isinstance(op, ops.FlattenOp | ops.IdentityOp):
-                maps[index] = None
-                continue
-            in_shape, out_shape = shapes[node.inputs[0]], shapes[index]
-            n_in, n_out = ops.numel(in_shape), ops.numel(out_shape)
-            step = max(1, _CHUNK_VALUES // max(n_out, 1))
-            blocks = []
-            for start in range(0, n_in, step):
-                rows = torch.arange(min(step, n_in - start), device=like.device)
-                basis = torch.zeros(rows.numel(), n_in, device=like.device, dtype=like.dtype)
-                basis[rows, start + rows] = 1.0
-                jacobian = op.linear(basis.view(-1, *in_shape)).reshape(rows.numel(), n_out)
-                blocks.append(sp.csr_matrix(jacobian.cpu().double().numpy()))
-            bias = op.bias(out_shape)
-            maps[index] = AffineMap(sp.csr_matrix(sp.vstack(blocks).T),
-                                    np.zeros(n_out) if bias is None else as_numpy(bias))
-    return maps
 
 
 def _widen(matrix: sp.csr_matrix, columns: int) -> sp.csr_matrix:
@@ -114,8 +76,9 @@ class MilpEncoding:
 
 
 @dataclass
-class _Builder:
-    """Collects variables (bounds, integrality) and constraint rows while :func:`encode` walks the graph."""
+class MilpBuilder:
+    """Collects variables (bounds, integrality) and constraint rows while :func:`encode` walks the graph; the
+    operators' ``milp`` rules append to it."""
 
     bounds: list[tuple[Array, Array, bool]] = field(default_factory=list)
     rows: list[tuple[sp.csr_matrix, Array, Array]] = field(default_factory=list)
@@ -127,34 +90,14 @@ class _Builder:
         self.n_vars += int(lower.shape[0])
         return self.n_vars - int(lower.shape[0])
 
-    def relu(self, pre: Expression, low: Array, high: Array) -> Expression:
-        """Encode relu(pre) with per-neuron bounds [low, high]; returns the output as an expression."""
-        n = low.shape[0]
-        act, cross = np.flatnonzero((low >= 0) & (high > 0)), np.flatnonzero((low < 0) & (high > 0))
-        n_act, n_cross = act.size, cross.size
-        low = low - BOUND_SLACK * (1 + np.abs(low))  # widened: never cut off a point of the box
-        high = high + BOUND_SLACK * (1 + np.abs(high))
-        # one variable per active neuron (equal to its input), a and d per crossing neuron
-        first = self.variables(np.concatenate([low[act], np.zeros(n_cross)]), np.concatenate([high[act], high[cross]]))
-        binary = self.variables(np.zeros(n_cross), np.ones(n_cross), integer=True)
-        columns = self.n_vars
-        matrix = _widen(pre.matrix, columns)
+    def widen(self, matrix: sp.csr_matrix) -> sp.csr_matrix:
+        """``matrix`` over all the variables there are now."""
+        return _widen(matrix, self.n_vars)
 
-        def unit(indices: NDArray[np.intp], scale: Array | float = 1.0) -> sp.csr_matrix:
-            values = np.broadcast_to(np.asarray(scale, dtype=np.float64), indices.shape)
-            return sp.csr_matrix((values, (np.arange(indices.size), indices)), shape=(indices.size, columns))
-
-        v, a, d = first + np.arange(n_act), first + n_act + np.arange(n_cross), binary + np.arange(n_cross)
-        c, lo, hi, free = pre.const[cross], low[cross], high[cross], np.full(n_cross, np.inf)
-        self.rows += [
-            (unit(v) - matrix[act], pre.const[act], pre.const[act]),  # v = z, with z = M w + c
-            (unit(a) - matrix[cross], c, free),  # a >= z
-            (unit(a) - matrix[cross] - unit(d, lo), -free, c - lo),  # a <= z - l (1 - d)
-            (unit(a) - unit(d, hi), -free, np.zeros(n_cross)),  # a <= u d
-        ]
-        out = sp.csr_matrix((np.ones(n_act + n_cross), (np.concatenate([act, cross]), np.concatenate([v, a]))),
-                            shape=(n, columns))
-        return Expression(out, np.zeros(n))
+    def unit(self, indices: NDArray[np.intp], scale: Array | float = 1.0) -> sp.csr_matrix:
+        """Rows selecting the variables ``indices`` (times ``scale``), over all the variables there are now."""
+        values = np.broadcast_to(np.asarray(scale, dtype=np.float64), indices.shape)
+        return sp.csr_matrix((values, (np.arange(indices.size), indices)), shape=(indices.size, self.n_vars))
 
     def finish(self, output: Expression, n_input: int) -> MilpEncoding:
         """The encoding, every row and the outputs widened to the final number of variables."""
@@ -169,38 +112,6 @@ class _Builder:
             output=Expression(_widen(output.matrix, columns), output.const), n_input=n_input,
             n_binary=int(integrality.sum()),
         )
-
-
-def encode(graph: Graph, maps: dict[int, AffineMap | None], lower: Array, upper: Array,
-           pre_activation: dict[int, tuple[Array, Array]]) -> MilpEncoding:
-    """The MILP of one sample over the flat input box [lower, upper] with flat pre-activation bounds."""
-    builder = _Builder()
-    n_input = lower.shape[0]
-    builder.variables(lower, upper)
-    builder.rows.append((sp.csr_matrix((0, n_input)), np.zeros(0), np.zeros(0)))  # a network without ReLU
-    values: dict[int, Expression] = {INPUT: Expression(sp.identity(n_input, format="csr"), np.zeros(n_input))}
-    remaining = {key: len(users) for key, users in graph.consumers().items()}
-    for index, node in enumerate(graph.nodes):
-        op, source = node.op, values[node.inputs[0]]
-        if isinstance(op, ops.AffineOp):
-            layer = maps[index]
-            value = source if layer is None else Expression(
-                sp.csr_matrix(layer.matrix @ _widen(source.matrix, builder.n_vars)),
-                layer.matrix @ source.const + layer.bias)
-        elif isinstance(op, ops.ReLUOp):
-            value = builder.relu(source, *pre_activation[index])
-        elif isinstance(op, ops.AddOp):
-            other = values[node.inputs[1]]
-            value = Expression(sp.csr_matrix(_widen(source.matrix, builder.n_vars)
-                                             + _widen(other.matrix, builder.n_vars)), source.const + other.const)
-        else:
-            raise TypeError(f"no MILP rule for {type(op).__name__}")
-        values[index] = value
-        for used in set(node.inputs):
-            remaining[used] -= node.inputs.count(used)
-            if remaining[used] == 0:
-                del values[used]  # free expressions no node needs any more
-    return builder.finish(values[len(graph.nodes) - 1], n_input)
 
 
 @dataclass(frozen=True)

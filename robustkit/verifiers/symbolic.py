@@ -19,8 +19,8 @@ from robustkit.errors import InputError
 from robustkit.verifiers import ops
 from robustkit.verifiers.base import Verifier
 from robustkit.verifiers.graph import INPUT, Graph, build_graph, check_reproduces, node_shapes
-from robustkit.verifiers.interval import Box, affine_box, relu_box, spec_lower_from_box
-from robustkit.verifiers.symstate import INPUT_BLOCK, SymState, add, affine, relaxation, relu, spec_lower
+from robustkit.verifiers.interval import Box, spec_lower_from_box
+from robustkit.verifiers.symstate import INPUT_BLOCK, SymState, spec_lower
 
 
 @dataclass
@@ -59,39 +59,37 @@ TILES_PER_SIDE = 4
 
 def symbolic_pass(
     graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor, naive: bool = False, coefficients: bool = False,
-    tiles_per_side: int = TILES_PER_SIDE,
+    tiles_per_side: int = TILES_PER_SIDE, intersect: bool = True,
 ) -> SymbolicPass:
     """Propagate symbolic intervals over the box [lower, upper] and bound ``spec @ f`` from below.
 
     With ``tiles_per_side`` > 0, rows with local support on image grids are kept in about that many tiles per
     side (:mod:`robustkit.verifiers.tiles`); the bounds are the same, computed faster; 0 keeps them dense.
+    With ``intersect`` (the default) the bounds of every non-linear layer's input are intersected with interval
+    arithmetic's and the final bound is the better of both; without it the analysis is the paper's alone.
     """
     states: dict[int, SymState] = {INPUT: SymState.from_box(lower, upper, tiles_per_side)}
     boxes: dict[int, Box] = {INPUT: Box.from_bounds(lower, upper)}
     remaining = {key: len(users) for key, users in graph.consumers().items()}
     pre: dict[int, tuple[Tensor, Tensor]] = {}
+    mode = ops.NAIVE if naive else ops.SYMBOLIC
     for index, node in enumerate(graph.nodes):
         op = node.op
-        if isinstance(op, ops.AffineOp):
-            state = affine(op, states[node.inputs[0]])
-            box = affine_box(op, boxes[node.inputs[0]])
-        elif isinstance(op, ops.ReLUOp):
-            source, source_box = states[node.inputs[0]], boxes[node.inputs[0]]
-            radius = source.radius()
-            low = torch.maximum(source.center - radius, source_box.lower)
-            high = torch.minimum(source.center + radius, source_box.upper)
-            high = torch.maximum(high, low)  # both bounds are sound; guard against rounding crossing them
+        sources = [states[source] for source in node.inputs]
+        if isinstance(op, ops.NonlinearOp):
+            radius = sources[0].radius()
+            low, high = sources[0].center - radius, sources[0].center + radius
+            if intersect:
+                source_box = boxes[node.inputs[0]]
+                low, high = torch.maximum(low, source_box.lower), torch.minimum(high, source_box.upper)
+                high = torch.maximum(high, low)  # both bounds are sound; guard against rounding crossing them
+                boxes[index] = Box.from_bounds(*op.interval_bounds(low, high))
             pre[index] = (low, high)
-            state = relu(source, relaxation(low, high, naive), block=index)
-            box = relu_box(low, high)
-        elif isinstance(op, ops.AddOp):
-            first, second = node.inputs
-            state = add(states[first], states[second])
-            box = Box(boxes[first].center + boxes[second].center, boxes[first].radius + boxes[second].radius)
+            states[index] = op.symbolic(sources, (low, high), index, mode)
         else:
-            raise TypeError(f"no symbolic rule for {type(op).__name__}")
-        states[index] = state
-        boxes[index] = box
+            states[index] = op.symbolic(sources, None, index, mode)
+            if intersect:
+                boxes[index] = op.interval([boxes[source] for source in node.inputs])
         for source_index in set(node.inputs):
             remaining[source_index] -= node.inputs.count(source_index)
             if remaining[source_index] == 0:
@@ -99,8 +97,10 @@ def symbolic_pass(
     last = len(graph.nodes) - 1
     flat_spec = spec.reshape(spec.shape[0], spec.shape[1], -1)
     symbolic = spec_lower(states[last], flat_spec)
-    interval = spec_lower_from_box(graph, boxes, spec)
     found = _input_coefficients(states[last], flat_spec, tuple(lower.shape[1:])) if coefficients else None
+    if not intersect:
+        return SymbolicPass(symbolic, pre, found)
+    interval = spec_lower_from_box(graph, boxes, spec)
     return SymbolicPass(torch.maximum(symbolic, interval), pre, found)
 
 

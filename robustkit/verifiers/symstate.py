@@ -19,12 +19,17 @@ block by block, and rows that only one branch has are kept as they are.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from robustkit.verifiers import ops, tiles
+from robustkit.verifiers import tiles
+
+if TYPE_CHECKING:
+    from robustkit.verifiers.ops.base import AffineOp, Relaxation
 
 INPUT_BLOCK = -1
 MAX_SPREAD = 0.4  # keep tiles while each covers at most this share of the grid
@@ -75,7 +80,7 @@ class SymState:
 
     @property
     def neurons(self) -> int:
-        return ops.numel(self.shape)
+        return math.prod(self.shape)
 
     def untiled(self, blocks: set[int] | None = None) -> SymState:
         """The same state with tiled blocks (all, or those in ``blocks``) in the shared (input) or dense form."""
@@ -124,24 +129,24 @@ class SymState:
         return total.view(self.batch, *self.shape)
 
 
-def _onehot_jacobian(op: ops.AffineOp, hot: OneHotRows, in_shape: tuple[int, ...]) -> Tensor:
+def _onehot_jacobian(op: AffineOp, hot: OneHotRows, in_shape: tuple[int, ...]) -> Tensor:
     """Rows of ``op``'s Jacobian for one-hot inputs, scaled: (B, k, *out_shape)."""
-    if isinstance(op, ops.LinearOp):
-        weight_t = op.module.weight.t()
+    if op.weight_matrix is not None:
+        weight_t = op.weight_matrix.t()
         rows = weight_t[hot.index]  # (B, k, out)
         return rows * hot.magnitude.unsqueeze(2)
     unique, position = torch.unique(hot.index, return_inverse=True)
-    basis = torch.zeros(unique.numel(), ops.numel(in_shape), device=hot.index.device, dtype=hot.magnitude.dtype)
+    basis = torch.zeros(unique.numel(), math.prod(in_shape), device=hot.index.device, dtype=hot.magnitude.dtype)
     basis[torch.arange(unique.numel(), device=basis.device), unique] = 1.0
     jac = op.linear(basis.view(-1, *in_shape))  # (u, *out_shape)
     rows = jac[position]  # (B, k, *out_shape)
     return rows * hot.magnitude.view(*hot.magnitude.shape, *([1] * (rows.dim() - 2)))
 
 
-def _tiled_through(op: ops.AffineOp, tiled: tiles.TiledRows, block: int, out: SymState) -> None:
+def _tiled_through(op: AffineOp, tiled: tiles.TiledRows, block: int, out: SymState) -> None:
     """Put a tiled block through ``op`` into the state ``out`` (tiled, shared or dense, whatever fits)."""
-    if isinstance(op, ops.LinearOp) and tiled.flat:
-        rows = tiles.tiled_linear(op, tiled)
+    if op.weight_matrix is not None and tiled.flat:
+        rows = tiles.tiled_linear(op.weight_matrix, tiled)
         if tiled.shared and block == INPUT_BLOCK:
             out.scale, out.shared = tiled.scale, rows
         else:
@@ -164,19 +169,26 @@ def _tiled_through(op: ops.AffineOp, tiled: tiles.TiledRows, block: int, out: Sy
         out.dense[block] = op.linear_rows(dense.dense[block])
 
 
-def affine(op: ops.AffineOp, state: SymState) -> SymState:
+def _channel_factor(op: AffineOp, channels: int) -> Tensor:
+    factor = op.channel_factor(channels)
+    assert factor is not None
+    return factor
+
+
+def affine(op: AffineOp, state: SymState) -> SymState:
     """Map a symbolic interval through an affine layer: exact, no relaxation."""
     in_shape = state.shape
     out = state.like(op.forward(state.center))
     scale, shared = state.scale, state.shared
+    channel_wise = op.channel_factor(in_shape[0]) is not None
     if scale is not None:
-        if shared is None and isinstance(op, ops.ChannelAffineOp):
-            channel = torch.arange(scale.shape[1], device=scale.device) // ops.numel(in_shape[1:])
-            scale = scale * op.channel_scale(in_shape[0])[channel].unsqueeze(0)
-        elif shared is None and isinstance(op, ops.FlattenOp | ops.IdentityOp):
+        if shared is None and channel_wise:
+            channel = torch.arange(scale.shape[1], device=scale.device) // math.prod(in_shape[1:])
+            scale = scale * _channel_factor(op, in_shape[0])[channel].unsqueeze(0)
+        elif shared is None and op.reshape is not None:
             pass
-        elif shared is None and isinstance(op, ops.LinearOp):
-            shared = op.module.weight.t()
+        elif shared is None and op.weight_matrix is not None:
+            shared = op.weight_matrix.t()
         elif shared is None:
             eye = torch.eye(scale.shape[1], device=scale.device, dtype=scale.dtype)
             shared = op.linear(eye.view(-1, *in_shape))
@@ -187,11 +199,11 @@ def affine(op: ops.AffineOp, state: SymState) -> SymState:
     for block, tiled in state.tiled.items():
         _tiled_through(op, tiled, block, out)
     for block, hot in state.onehot.items():
-        if isinstance(op, ops.FlattenOp | ops.IdentityOp):
+        if op.reshape is not None:
             out.onehot[block] = hot
-        elif isinstance(op, ops.ChannelAffineOp):
-            channel = hot.index // ops.numel(in_shape[1:])
-            out.onehot[block] = OneHotRows(hot.index, hot.magnitude * op.channel_scale(in_shape[0])[channel])
+        elif channel_wise:
+            channel = hot.index // math.prod(in_shape[1:])
+            out.onehot[block] = OneHotRows(hot.index, hot.magnitude * _channel_factor(op, in_shape[0])[channel])
         else:
             out.dense[block] = _onehot_jacobian(op, hot, in_shape)
     return out
@@ -208,44 +220,48 @@ def _tile_errors(state: SymState, count: int) -> bool:
     return count > state.shape[0] * (side + 2) ** 2
 
 
-@dataclass
-class ReluRelaxation:
-    """Per-neuron linear relaxation relu(v) in {slope * v + offset + e * error : e in [-1, 1]}."""
-
-    slope: Tensor
-    offset: Tensor
-    error: Tensor
-    crossing: Tensor
-
-
-def relaxation(lower: Tensor, upper: Tensor, naive: bool) -> ReluRelaxation:
-    """Neurify's symbolic linear relaxation (or ReluVal's concretisation when ``naive``) of ReLU on [l, u].
-
-    Crossing neurons (l < 0 < u): the relaxation is the band between the parallel lines s*v and s*(v - l)
-    with s = u / (u - l), i.e. s*v - s*l/2 plus an error term of half-width -s*l/2. ReluVal instead replaces
-    the neuron by the concrete interval [0, u]: centre u/2 and an error term u/2.
-    """
-    crossing = (lower < 0) & (upper > 0)
-    active = lower >= 0
-    zeros = torch.zeros_like(lower)
-    if naive:
-        slope = active.to(lower.dtype)
-        half = torch.where(crossing, upper / 2, zeros)
+def relax(state: SymState, relaxation: Relaxation, block: int) -> SymState:
+    """Apply a layer's parallel relaxation (one slope s, offsets [lo, hi]): v -> s * v + (lo + hi) / 2 plus
+    a new error term of half-width (hi - lo) / 2 in block ``block`` for the unstable neurons. A relaxation
+    with an ``index`` (each output reads one input neuron) first selects those neurons per sample."""
+    if relaxation.index is not None:
+        state = _select(state, relaxation.index, tuple(relaxation.lower_slope.shape[1:]))
+    slope, low, high = relaxation.lower_slope, relaxation.lower_offset, relaxation.upper_offset
+    if low is None and high is None:
+        offset = error = torch.zeros_like(slope)
+    elif low is None:
+        assert high is not None
+        offset = error = high / 2
+    elif high is None:
+        offset, error = low / 2, -low / 2
     else:
-        ratio = upper / torch.where(crossing, upper - lower, torch.ones_like(lower))
-        slope = torch.where(crossing, ratio, active.to(lower.dtype))
-        half = torch.where(crossing, -slope * lower / 2, zeros)
-    return ReluRelaxation(slope=slope, offset=half, error=half, crossing=crossing)
+        offset, error = (low + high) / 2, (high - low) / 2
+    return _scaled(state, slope, offset, error, relaxation.unstable, block)
 
 
-def relu(state: SymState, relax: ReluRelaxation, block: int) -> SymState:
-    """Apply a ReLU relaxation; crossing neurons get new error terms in block ``block``."""
+def _select(state: SymState, index: Tensor, shape: tuple[int, ...]) -> SymState:
+    """Neurons ``index`` (B, n_out) of every sample, as a state over ``shape`` (all rows dense)."""
+    state = state.untiled()
+    b = state.batch
+    out = SymState(center=state.center.reshape(b, -1).gather(1, index).view(b, *shape),
+                   tiles_per_side=state.tiles_per_side)
+    for block in _blocks(state):
+        rows = _densify(state, block).flatten(2)
+        picked = rows.gather(2, index.unsqueeze(1).expand(-1, rows.shape[1], -1))
+        out.dense[block] = picked.view(b, -1, *shape)
+    return out
+
+
+def _scaled(state: SymState, slope: Tensor, offset: Tensor, error: Tensor, unstable: Tensor,
+            block: int) -> SymState:
+    """Every row times ``slope``, the centre moved by ``offset`` and error terms ``error`` added where
+    ``unstable``; the error terms go to block ``block``."""
     state = state.untiled({k for k, v in state.tiled.items() if v.flat})
     b = state.batch
-    slope_flat = relax.slope.reshape(b, -1)
-    out = state.like(state.center * relax.slope + relax.offset)
+    slope_flat = slope.reshape(b, -1)
+    out = state.like(state.center * slope + offset)
     for key, tiled in state.tiled.items():
-        out.tiled[key] = tiles.tiled_relu(tiled, relax.slope)
+        out.tiled[key] = tiles.tiled_relu(tiled, slope)
     if state.scale is not None and state.shared is not None:
         # materialise the shared input rows and scale them in one pass: scale (B, n, 1) * (shared * slope)
         product = state.shared.flatten(1).unsqueeze(0) * slope_flat.unsqueeze(1)
@@ -253,21 +269,21 @@ def relu(state: SymState, relax: ReluRelaxation, block: int) -> SymState:
     elif state.scale is not None:
         rows = state.input_rows()
         assert rows is not None
-        out.dense[INPUT_BLOCK] = rows * relax.slope.unsqueeze(1)
+        out.dense[INPUT_BLOCK] = rows * slope.unsqueeze(1)
     for key, value in state.dense.items():
-        out.dense[key] = value * relax.slope.unsqueeze(1)
+        out.dense[key] = value * slope.unsqueeze(1)
     for key, hot in state.onehot.items():
         out.onehot[key] = OneHotRows(hot.index, hot.magnitude * slope_flat.gather(1, hot.index))
-    crossing = relax.crossing.reshape(b, -1)
+    crossing = unstable.reshape(b, -1)
     count = int(crossing.sum(1).max().item()) if crossing.numel() else 0
     if count:
         if _tile_errors(state, count):
-            errors = tiles.make_tiles(relax.error.reshape(b, -1), state.shape, state.tiles_per_side, always=True)
+            errors = tiles.make_tiles(error.reshape(b, -1), state.shape, state.tiles_per_side, always=True)
             assert errors is not None
             out.tiled[block] = errors
         else:
             order = torch.argsort(crossing.to(torch.int8), dim=1, descending=True, stable=True)[:, :count]
-            magnitude = relax.error.reshape(b, -1).gather(1, order)
+            magnitude = error.reshape(b, -1).gather(1, order)
             out.onehot[block] = OneHotRows(order, magnitude)
     return out
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from robustkit.verifiers import ops
+if TYPE_CHECKING:
+    from robustkit.verifiers.ops.base import AffineOp
 
 
 @dataclass
@@ -75,34 +77,15 @@ def make_tiles(scale: Tensor, shape: tuple[int, ...], per_side: int, always: boo
     return TiledRows(tiles, scale, shared=True, grid=(channels, height, width))
 
 
-def _window(op: ops.AffineOp) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]] | None:
-    """(kernel, stride, padding, dilation) of a convolution-like layer that tiles can pass, else None."""
-    if isinstance(op, ops.Conv2dOp):
-        kernel = op.module.weight.shape[2:]
-        return (int(kernel[0]), int(kernel[1])), op.stride, op.padding, op.dilation
-    if isinstance(op, ops.PoolOp) and isinstance(op.module, nn.AvgPool2d):
-        pool = op.module
-        padding = _pair(pool.padding)
-        if pool.ceil_mode or pool.divisor_override is not None or (padding != (0, 0) and not pool.count_include_pad):
-            return None
-        stride = pool.stride if pool.stride is not None else pool.kernel_size
-        return _pair(pool.kernel_size), _pair(stride), padding, (1, 1)
-    return None
-
-
-def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
 def spread(tiled: TiledRows) -> float:
     """Mean share of the grid that a tile covers: near 1, tiles cost as much as dense rows and add overhead."""
     area = sum(t.rows.shape[-1] * t.rows.shape[-2] for t in tiled.tiles) / max(len(tiled.tiles), 1)
     return area / (tiled.grid[1] * tiled.grid[2])
 
 
-def passes_tiles(op: ops.AffineOp) -> bool:
+def passes_tiles(op: AffineOp) -> bool:
     """Whether tiles go through ``op`` without becoming dense (convolutions, average pooling)."""
-    return _window(op) is not None
+    return op.window() is not None
 
 
 def _out_range(
@@ -116,10 +99,10 @@ def _out_range(
 
 
 def _region_apply(
-    op: ops.AffineOp, rows: Tensor, tile: Tile, out_hw: tuple[int, int]
+    op: AffineOp, rows: Tensor, tile: Tile, out_hw: tuple[int, int]
 ) -> tuple[Tensor, int, int] | None:
     """Apply a convolution-like layer to rows living on a rectangle; returns the rows on the output rectangle."""
-    window = _window(op)
+    window = op.window()
     assert window is not None
     kernel, stride, padding, dilation = window
     h, w = rows.shape[-2:]
@@ -132,25 +115,22 @@ def _region_apply(
     stop_y = last_y * stride[0] - padding[0] + dilation[0] * (kernel[0] - 1) + 1
     stop_x = last_x * stride[1] - padding[1] + dilation[1] * (kernel[1] - 1) + 1
     canvas = F.pad(rows, (tile.left - start_x, stop_x - (tile.left + w), tile.top - start_y, stop_y - (tile.top + h)))
-    if isinstance(op, ops.Conv2dOp):
-        out = F.conv2d(canvas, op.module.weight, None, stride, 0, dilation, op.module.groups)
-    else:
-        out = F.avg_pool2d(canvas, kernel, stride, 0, ceil_mode=False, count_include_pad=True)
-    return out, first_y, first_x
+    return op.window_apply(canvas), first_y, first_x
 
 
-def tiled_affine(op: ops.AffineOp, tiled: TiledRows, out_shape: tuple[int, ...]) -> TiledRows | None:
+def tiled_affine(op: AffineOp, tiled: TiledRows, out_shape: tuple[int, ...]) -> TiledRows | None:
     """The tiles after an affine layer, or None when the layer needs dense rows (the caller densifies)."""
-    if isinstance(op, ops.IdentityOp):
+    if op.reshape == "identity":
         return tiled
-    if isinstance(op, ops.FlattenOp):
+    if op.reshape == "flatten":
         return replace(tiled, flat=True)
     if tiled.flat:
         return None
-    if isinstance(op, ops.ChannelAffineOp):
-        factor = op.channel_scale(tiled.grid[0]).view(-1, 1, 1)
+    channel_factor = op.channel_factor(tiled.grid[0])
+    if channel_factor is not None:
+        factor = channel_factor.view(-1, 1, 1)
         return replace(tiled, tiles=[replace(t, rows=t.rows * factor) for t in tiled.tiles])
-    if _window(op) is None or len(out_shape) != 3:
+    if op.window() is None or len(out_shape) != 3:
         return None
     tiles = []
     for tile in tiled.tiles:
@@ -163,11 +143,11 @@ def tiled_affine(op: ops.AffineOp, tiled: TiledRows, out_shape: tuple[int, ...])
     return TiledRows(tiles, tiled.scale, tiled.shared, (out_shape[0], out_shape[1], out_shape[2]))
 
 
-def tiled_linear(op: ops.LinearOp, tiled: TiledRows) -> Tensor:
-    """Flatten + Linear on tiles: each tile times its slice of the weight; rows in input order, unscaled:
-    (n_in, out) while shared, (B, n_in, out) afterwards."""
+def tiled_linear(matrix: Tensor, tiled: TiledRows) -> Tensor:
+    """Flatten + Linear (weight ``matrix``, out x in) on tiles: each tile times its slice of the weight; rows
+    in input order, unscaled: (n_in, out) while shared, (B, n_in, out) afterwards."""
     channels, height, width = tiled.grid
-    weight = op.module.weight.view(-1, channels, height, width)
+    weight = matrix.view(-1, channels, height, width)
     lead = () if tiled.shared else (int(tiled.scale.shape[0]),)
     out = torch.zeros(*lead, tiled.inputs, weight.shape[0], device=weight.device, dtype=weight.dtype)
     for tile in tiled.tiles:

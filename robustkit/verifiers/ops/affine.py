@@ -1,69 +1,20 @@
-"""Bound operators: one class per supported layer type, all with the same small contract.
-
-Every affine operator y = L(x) + b exposes
-
-* ``forward(x)``: the layer itself;
-* ``linear(x)``: the linear part L without the bias, applied to a batch of shaped tensors (generator rows of
-  symbolic intervals, identity bases for Jacobians);
-* ``abs_linear(r)``: |L| applied to a non-negative radius (interval arithmetic in centre/radius form);
-* ``adjoint(lam, in_shape)``: L transposed, for backward (CROWN) bound propagation;
-* ``bias(out_shape)``: b as a tensor of the output shape.
-
-``ReLUOp`` and ``AddOp`` are the two non-affine operators; the bound engines handle them themselves.
-"""
+"""The affine bound operators: exact in every method through ``linear``, ``abs_linear``, ``adjoint``, ``bias``
+(see :class:`~robustkit.verifiers.ops.base.AffineOp`)."""
 
 from __future__ import annotations
 
-import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.nn import Normalize
+from robustkit.verifiers.ops.base import AffineOp
 
 
-class BoundOp:
-    """Base of all bound operators."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} has no forward")
-
-    def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Output shape (without batch) for an input of shape ``in_shape``."""
-        with torch.no_grad():
-            probe = torch.zeros((1, *in_shape), device=self.device, dtype=self.dtype)
-            return tuple(self.forward(probe).shape[1:])
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-
-class AffineOp(BoundOp):
-    """An affine layer y = L(x) + b (see the module docstring for the contract)."""
-
-    def linear(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def abs_linear(self, r: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def adjoint(self, lam: Tensor, in_shape: tuple[int, ...]) -> Tensor:
-        raise NotImplementedError
-
-    def bias(self, out_shape: tuple[int, ...]) -> Tensor | None:
-        raise NotImplementedError
-
-    def linear_rows(self, x: Tensor) -> Tensor:
-        """``linear`` on a (B, m, *in_shape) tensor of generator rows, returning (B, m, *out_shape)."""
-        b, m = x.shape[:2]
-        out = self.linear(x.reshape(b * m, *x.shape[2:]))
-        return out.reshape(b, m, *out.shape[1:])
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 class LinearOp(AffineOp):
@@ -79,8 +30,12 @@ class LinearOp(AffineOp):
     def dtype(self) -> torch.dtype:
         return self.module.weight.dtype
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.module.weight, self.module.bias)
+    @property
+    def weight_matrix(self) -> Tensor:
+        return self.module.weight
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return F.linear(inputs[0], self.module.weight, self.module.bias)
 
     def linear(self, x: Tensor) -> Tensor:
         return F.linear(x, self.module.weight)
@@ -117,8 +72,8 @@ class Conv2dOp(AffineOp):
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.module.groups)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv(x, self.module.weight, self.module.bias)
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self._conv(inputs[0], self.module.weight, self.module.bias)
 
     def linear(self, x: Tensor) -> Tensor:
         return self._conv(x, self.module.weight, None)
@@ -146,6 +101,13 @@ class Conv2dOp(AffineOp):
             return None
         return self.module.bias.view(-1, 1, 1).expand(out_shape)
 
+    def window(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
+        kernel = self.module.weight.shape[2:]
+        return (int(kernel[0]), int(kernel[1])), self.stride, self.padding, self.dilation
+
+    def window_apply(self, canvas: Tensor) -> Tensor:
+        return F.conv2d(canvas, self.module.weight, None, self.stride, 0, self.dilation, self.module.groups)
+
 
 class ChannelAffineOp(AffineOp):
     """y = x * scale[c] + shift[c] per channel of NCHW inputs (Normalize, BatchNorm2d in eval mode)."""
@@ -156,9 +118,9 @@ class ChannelAffineOp(AffineOp):
     def _view(self, v: Tensor, ndim: int) -> Tensor:
         return v.view(-1, *([1] * (ndim - 1)))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, *inputs: Tensor) -> Tensor:
         scale, shift = self.scale_shift()
-        return x * self._view(scale, 3) + self._view(shift, 3)
+        return inputs[0] * self._view(scale, 3) + self._view(shift, 3)
 
     def linear(self, x: Tensor) -> Tensor:
         return x * self._view(self.scale_shift()[0], 3)
@@ -172,7 +134,7 @@ class ChannelAffineOp(AffineOp):
     def bias(self, out_shape: tuple[int, ...]) -> Tensor | None:
         return self._view(self.scale_shift()[1], 3).expand(out_shape)
 
-    def channel_scale(self, channels: int) -> Tensor:
+    def channel_factor(self, channels: int) -> Tensor:
         scale = self.scale_shift()[0]
         return scale.expand(channels) if scale.numel() == 1 else scale
 
@@ -219,8 +181,8 @@ class PoolOp(AffineOp):
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
-    def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.module(x)
+    def forward(self, *inputs: Tensor) -> Tensor:
+        out: Tensor = self.module(inputs[0])
         return out
 
     def linear(self, x: Tensor) -> Tensor:
@@ -241,13 +203,31 @@ class PoolOp(AffineOp):
     def bias(self, out_shape: tuple[int, ...]) -> Tensor | None:
         return None
 
+    def window(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]] | None:
+        pool = self.module
+        if not isinstance(pool, nn.AvgPool2d):
+            return None
+        padding = _pair(pool.padding)
+        if pool.ceil_mode or pool.divisor_override is not None or (padding != (0, 0) and not pool.count_include_pad):
+            return None
+        stride = pool.stride if pool.stride is not None else pool.kernel_size
+        return _pair(pool.kernel_size), _pair(stride), padding, (1, 1)
+
+    def window_apply(self, canvas: Tensor) -> Tensor:
+        window = self.window()
+        assert window is not None
+        kernel, stride = window[0], window[1]
+        return F.avg_pool2d(canvas, kernel, stride, 0, ceil_mode=False, count_include_pad=True)
+
 
 class FlattenOp(AffineOp):
+    reshape: ClassVar[str | None] = "flatten"
+
     def __init__(self, module: nn.Module | None = None) -> None:
         self.module = module
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x.flatten(1)
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return inputs[0].flatten(1)
 
     def linear(self, x: Tensor) -> Tensor:
         return x.flatten(1)
@@ -266,8 +246,10 @@ class FlattenOp(AffineOp):
 
 
 class IdentityOp(AffineOp):
-    def forward(self, x: Tensor) -> Tensor:
-        return x
+    reshape: ClassVar[str | None] = "identity"
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return inputs[0]
 
     def linear(self, x: Tensor) -> Tensor:
         return x
@@ -291,8 +273,8 @@ class ScalarAffineOp(AffineOp):
     def __init__(self, scale: float, shift: float) -> None:
         self.scale, self.shift = float(scale), float(shift)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.scale + self.shift
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return inputs[0] * self.scale + self.shift
 
     def linear(self, x: Tensor) -> Tensor:
         return x * self.scale
@@ -306,28 +288,3 @@ class ScalarAffineOp(AffineOp):
     def bias(self, out_shape: tuple[int, ...]) -> Tensor | None:
         # a plain number, broadcast where it is used (so it follows the device and dtype of the bound)
         return torch.tensor(self.shift).expand(out_shape) if self.shift else None
-
-
-class ReLUOp(BoundOp):
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(x)
-
-
-class AddOp(BoundOp):
-    """The join of a skip connection: the sum of its two inputs."""
-
-
-def check_module(module: nn.Module) -> str | None:
-    """Why a module of a supported type still cannot be analysed, or None."""
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r}"
-        if isinstance(module.padding, str):
-            return f"padding={module.padding!r}; use explicit numbers"
-    if isinstance(module, nn.Flatten) and (module.start_dim != 1 or module.end_dim != -1):
-        return f"Flatten(start_dim={module.start_dim}, end_dim={module.end_dim}); only start_dim=1 is supported"
-    return None
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
