@@ -1,9 +1,10 @@
-"""Benchmark of the bound methods: speed, peak memory and tightness at batch 50.
+"""Benchmark of the bound methods: speed, peak memory and tightness at batch 50, and speed at batches 1 and 5.
 
 Trains the zoo networks ``mnist_small`` (conv) and ``mnist_fc`` (784-100-100-10) briefly on the ``mnist5k``
 training split with a plain, seeded Adam loop (weights cached in ``~/.cache/robustkit/benchmarks/``), then,
 for eps in {0.02, 0.1} and every registered verifier except ``exact`` (it has its own benchmark,
-``benchmarks/exact.py``), measures on batches of 50 test points:
+``benchmarks/exact.py``), plus ``crown-crown`` (crown with crown's own per-layer intermediate bounds, where
+registered), measures on batches of 50 test points:
 
 * samples/s of ``margin_bounds`` without gradients ("forward");
 * samples/s of ``margin_bounds`` plus the backward pass of the robust loss cross_entropy(-margin_bounds, y)
@@ -15,6 +16,13 @@ for eps in {0.02, 0.1} and every registered verifier except ``exact`` (it has it
   ``symbolic``'s (up to a float tolerance of 1e-5 * (1 + |bound|)).
 
 Times are medians over ``--repeats`` batches (samples 0-49, 50-99, ...) after ``--warmup`` runs on the first.
+The forward pass is also timed at batches of 1 and 5 (the sizes branch and bound and alpha-crown's inner loop
+call the engine with): samples/s at each size and its share of the batch-50 speed.
+
+With ``--baseline DIR`` (a checkout of another revision, e.g. ``git worktree add /tmp/base HEAD~3``), every
+measurement of a method that revision has is repeated with that revision's package, alternating with this
+one's, and the table gains the time ratio (this / baseline): how a change moved each method's speed, measured
+under the same load.
 
 Peak memory is honest per measurement: every measurement runs in a fresh Python process. After the imports,
 the model and the data are loaded, the process resets the kernel's high-water mark of its resident set
@@ -24,12 +32,14 @@ available it falls back to ``ru_maxrss`` minus the size at that point (which can
 
 Exits with status 1 if a target is missed: ``symbolic`` on mnist_small at eps 0.02 >= 20 samples/s forward
 and >= 8 samples/s forward+backward; ``interval`` >= 2000 samples/s forward (every model and eps); peak
-memory of ``symbolic`` < 4 GiB (every model, eps and mode).
+memory of ``symbolic`` < 4 GiB (every model, eps and mode); ``crown`` at batch 5 >= 60% of its batch-50
+samples/s (every model and eps); with ``--baseline``, no method more than 5% slower than the baseline in the
+forward mode at batch 50 (medians; noisy on a busy machine, so read the load figures with it).
 
 The machine's load average is printed (at the start and its range during the run): other busy processes
 distort the times (see ``--threads``).
 
-    python benchmarks/bounds.py [--repeats 5] [--warmup 1] [--threads N] [--retrain]
+    python benchmarks/bounds.py [--repeats 5] [--warmup 1] [--threads N] [--retrain] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -54,7 +64,12 @@ BATCH = 50
 SEED = 0
 EPOCHS = 3
 LEARNING_RATE = 1e-3
+SMALL_BATCHES = (1, 5)
 EXCLUDED = ("exact",)
+# extra configurations measured beside the registered methods: label -> (method, options)
+VARIANTS = {"crown-crown": ("crown", {"intermediate": "crown"})}
+BATCH5_SHARE = 0.6  # crown at batch 5 must reach this share of its batch-50 samples/s
+SLOWER_LIMIT = 1.05  # with --baseline: at most 5% slower
 CACHE = Path.home() / ".cache" / "robustkit" / "benchmarks"
 GIB = 1 << 30
 MIB = 1 << 20
@@ -156,9 +171,10 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(job["threads"])
     test = load_dataset("mnist5k").test
     model = load_model(job["model"], job["weights"], device="cpu", input_shape=(1, 28, 28), num_classes=10)
-    verifier = get_verifier(job["method"])
+    verifier = get_verifier(job["method"], **job.get("options", {}))
     eps, batch, backward = job["eps"], job["batch"], job["mode"] == "backward"
     batches = [(test.x[i * batch:(i + 1) * batch], test.y[i * batch:(i + 1) * batch]) for i in range(job["repeats"])]
+    torch.manual_seed(0)
 
     def once(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         if not backward:
@@ -189,10 +205,13 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def measure(job: dict[str, Any]) -> dict[str, Any]:
-    """Run ``job`` in a fresh interpreter and return its result."""
+def measure(job: dict[str, Any], package: str | None = None) -> dict[str, Any]:
+    """Run ``job`` in a fresh interpreter (importing robustkit from the checkout ``package`` if given)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-    finished = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if package is not None:
+        env["PYTHONPATH"] = os.pathsep.join([package, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    finished = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if finished.returncode != 0:
         raise RuntimeError(f"measurement {job} failed:\n{finished.stderr.strip()}")
     result: dict[str, Any] = json.loads(finished.stdout.strip().splitlines()[-1])
@@ -231,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads per measurement (default: torch's own choice, one per core); on a "
                              "machine shared with other busy processes, fewer threads than cores avoids the "
                              "large, erratic slow-downs of oversubscribed OpenMP barriers")
+    parser.add_argument("--baseline", help="a checkout of another revision to measure every method against")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -242,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     from robustkit.reports.tables import format_table
     from robustkit.verifiers import VERIFIERS
 
-    methods = [m for m in VERIFIERS if m not in EXCLUDED]
+    configs = {m: (m, {}) for m in VERIFIERS if m not in EXCLUDED}
+    configs.update({label: config for label, config in VARIANTS.items() if config[0] in VERIFIERS})
+    methods = list(configs)
+    baseline_methods = _registered(args.baseline) if args.baseline else []
     loads = [os.getloadavg()[0]]
     started = time.perf_counter()
     weights = {}
@@ -252,20 +275,34 @@ def main(argv: list[str] | None = None) -> int:
               f"clean test accuracy {clean_accuracy(model, weights[model]):.1%} ({weights[model]})", flush=True)
 
     results: dict[tuple[str, float, str, str], dict[str, Any]] = {}
+    small: dict[tuple[str, float, str, int], dict[str, Any]] = {}
+    baseline: dict[tuple[str, float, str, str], dict[str, Any]] = {}
     for model in MODELS:
         for eps in EPS_VALUES:
             for method in methods:
+                name, options = configs[method]
                 for mode in ("forward", "backward"):
-                    job = {"model": model, "weights": str(weights[model]), "method": method, "eps": eps,
-                           "mode": mode, "batch": BATCH, "repeats": args.repeats, "warmup": args.warmup,
-                           "threads": args.threads}
+                    job = {"model": model, "weights": str(weights[model]), "method": name, "options": options,
+                           "eps": eps, "mode": mode, "batch": BATCH, "repeats": args.repeats,
+                           "warmup": args.warmup, "threads": args.threads}
                     results[model, eps, method, mode] = measure(job)
+                    if method in baseline_methods:
+                        baseline[model, eps, method, mode] = measure(job, args.baseline)
                     loads.append(os.getloadavg()[0])
                     print(f"  measured {model} eps {eps:g} {method} {mode}", file=sys.stderr, flush=True)
+                for size in SMALL_BATCHES:
+                    job = {"model": model, "weights": str(weights[model]), "method": name, "options": options,
+                           "eps": eps, "mode": "forward", "batch": size, "repeats": max(args.repeats, 50 // size),
+                           "warmup": max(args.warmup, 1), "threads": args.threads}
+                    small[model, eps, method, size] = measure(job)
+                    loads.append(os.getloadavg()[0])
 
-    def speed(key: tuple[str, float, str, str]) -> float | None:
-        result = results[key]
+    def speed(key: tuple[str, float, str, str], table: dict[Any, dict[str, Any]] | None = None) -> float | None:
+        result = (results if table is None else table)[key]
         return BATCH / statistics.median(result["times"]) if result["measured"] else None
+
+    def small_speed(key: tuple[str, float, str, int]) -> float:
+        return key[3] / statistics.median(small[key]["times"])
 
     rows = []
     for model in MODELS:
@@ -282,6 +319,14 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in ("forward", "backward"):
                     own, base = speed((model, eps, method, mode)), speed((model, eps, "interval", mode))
                     cells.append(f"{base / own:.1f}x" if own and base else "n/a")
+                for size in SMALL_BATCHES:
+                    value = small_speed((model, eps, method, size))
+                    cells.append(f"{value:,.1f} ({value / (speed(forward) or 1):.0%})")
+                if args.baseline:
+                    for mode in ("forward", "backward"):
+                        key = (model, eps, method, mode)
+                        old = speed(key, baseline) if key in baseline else None
+                        cells.append(f"{old / speed(key):.2f}" if old and speed(key) else "n/a")
                 rows.append(cells)
     threads = next(iter(results.values()))["threads"]
     how = next(iter(results.values()))["peak_method"]
@@ -291,11 +336,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{how} high-water mark minus the resident size before the measurement, each in a fresh process")
     print(format_table(
         ["model", "eps", "method", "fwd samples/s", "fwd+bwd samples/s", "fwd peak MiB", "fwd+bwd peak MiB",
-         "mean margin lb", "fwd time vs interval", "fwd+bwd time vs interval"],
+         "mean margin lb", "fwd time vs interval", "fwd+bwd time vs interval",
+         *(f"fwd samples/s at batch {size} (share)" for size in SMALL_BATCHES),
+         *(["fwd time vs baseline", "fwd+bwd time vs baseline"] if args.baseline else [])],
         rows,
     ))
 
-    pairs = [(a, b) for a, b in (("interval", "symbolic"), ("symbolic", "crown")) if a in methods and b in methods]
+    pairs = [(a, b) for a, b in (("interval", "symbolic"), ("symbolic", "crown"), ("crown", "alpha-crown"),
+                                 ("interval", "crown-crown")) if a in methods and b in methods]
     if pairs:
         print()
         print(f"tightness on the {args.repeats * BATCH} test samples (worst-margin lower bound, tolerance "
@@ -320,6 +368,19 @@ def main(argv: list[str] | None = None) -> int:
         label = "forward" if mode == "forward" else "forward+backward"
         if value is None or value < minimum:
             failures.append(f"{method} {label} on {model} eps {eps:g}: {value or 0:,.1f} samples/s < {minimum:,.0f}")
+    for model in MODELS:
+        for eps in EPS_VALUES:
+            if "crown" in methods:
+                share = small_speed((model, eps, "crown", 5)) / (speed((model, eps, "crown", "forward")) or 1)
+                if share < BATCH5_SHARE:
+                    failures.append(f"crown at batch 5 on {model} eps {eps:g}: {share:.0%} of its batch-50 samples/s "
+                                    f"< {BATCH5_SHARE:.0%}")
+    for key in baseline:
+        if key[3] == "forward" and speed(key, baseline) and speed(key):
+            ratio = (speed(key, baseline) or 0) / (speed(key) or 1)
+            if ratio > SLOWER_LIMIT:
+                failures.append(f"{key[2]} on {key[0]} eps {key[1]:g} is {ratio:.2f}x the baseline's time "
+                                f"(> {SLOWER_LIMIT:g})")
     for method, limit in MEMORY_TARGETS.items():
         for key, result in results.items():
             if key[2] == method and result["measured"] and result["peak_bytes"] >= limit:
@@ -334,8 +395,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {failure}")
         return 1
     print("all targets met: symbolic on mnist_small eps 0.02 >= 20 samples/s forward and >= 8 forward+backward; "
-          "interval >= 2000 samples/s forward; symbolic peak memory < 4 GiB")
+          "interval >= 2000 samples/s forward; symbolic peak memory < 4 GiB; crown at batch 5 >= "
+          f"{BATCH5_SHARE:.0%} of batch 50" + (f"; no method slower than {SLOWER_LIMIT:g}x the baseline"
+                                                if args.baseline else ""))
     return 0
+
+
+def _registered(package: str) -> list[str]:
+    """The verifiers registered in the checkout ``package`` (asked in a fresh interpreter)."""
+    env = dict(os.environ, PYTHONPATH=package)
+    code = "from robustkit.verifiers import VERIFIERS; print(' '.join(VERIFIERS))"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return [m for m in found.stdout.split() if m not in EXCLUDED]
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from robustkit.attacks.base import Attack, AttackResult, margins
+from robustkit.attacks.base import Attack, AttackResult
 from robustkit.attacks.cw import CWL2
 from robustkit.attacks.foolbox_adapter import FoolboxAttack
 from robustkit.attacks.interval import IntervalAttack
 from robustkit.attacks.pgd import PGD, CWLinf
 from robustkit.attacks.worst_case import WorstCase
+from robustkit.gradients import margins
 from robustkit.registry import Registry
 
 __all__ = [

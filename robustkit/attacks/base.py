@@ -14,16 +14,16 @@ import math
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.errors import InputError
+from robustkit.gradients import margins, project
 
 NORMS = ("linf", "l2")
 
@@ -52,54 +52,6 @@ class AttackResult:
         return float((~self.success).float().mean())
 
 
-def margins(logits: Tensor, y: Tensor) -> Tensor:
-    """f_y - max_{j != y} f_j per sample."""
-    true = logits.gather(1, y.unsqueeze(1)).squeeze(1)
-    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
-    return true - others.max(1).values
-
-
-def cw_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """Carlini-Wagner margin loss to maximise: max_{j != y} f_j - f_y, the true logit masked out first."""
-    return -margins(logits, y)
-
-
-def ce_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """Per-sample cross-entropy, to maximise."""
-    return F.cross_entropy(logits, y, reduction="none")
-
-
-LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"ce": ce_loss, "cw": cw_loss}
-
-
-def _view(v: Tensor, like: Tensor) -> Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
-def project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
-    """Closest point (in the norm's sense for L-inf; radial for L2) of the eps-ball around x, within [0, 1]."""
-    delta = x_adv - x
-    if norm == "linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        length = delta.flatten(1).norm(dim=1).clamp(min=1e-12)
-        delta = delta * _view(torch.clamp(eps / length, max=1.0), delta)
-    return (x + delta).clamp(0.0, 1.0)
-
-
-def random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator) -> Tensor:
-    """A uniformly random point of the eps-ball around x (clipped to [0, 1])."""
-    if norm == "linf":
-        noise = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
-    else:
-        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        direction = direction / _view(direction.flatten(1).norm(dim=1).clamp(min=1e-12), x)
-        dims = x[0].numel()
-        radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / dims)
-        noise = direction * _view(radius * eps, x)
-    return (x + noise).clamp(0.0, 1.0)
-
-
 @contextmanager
 def preserved_model(model: nn.Module) -> Iterator[None]:
     """Freeze the parameters for the attack and restore ``requires_grad``, ``.grad`` and modes afterwards."""
@@ -117,17 +69,6 @@ def preserved_model(model: nn.Module) -> Iterator[None]:
             p.grad = grad
         for module, mode in modes:
             module.training = mode
-
-
-def input_gradient(
-    model: nn.Module, x: Tensor, y: Tensor, loss: Callable[[Tensor, Tensor], Tensor]
-) -> tuple[Tensor, Tensor]:
-    """Logits at x and the gradient of the per-sample loss with respect to x."""
-    point = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model(point)
-        (grad,) = torch.autograd.grad(loss(logits, y).sum(), point)
-    return logits.detach(), grad
 
 
 def default_generator(device: torch.device) -> torch.Generator:

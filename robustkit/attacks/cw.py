@@ -27,8 +27,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from robustkit.attacks.base import NORMS, Attack, margins
+from robustkit.attacks.base import NORMS, Attack
 from robustkit.errors import InputError
+from robustkit.gradients import margins
 
 
 def _view(v: Tensor, like: Tensor) -> Tensor:

@@ -39,9 +39,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from robustkit.attacks.base import Attack, ce_loss, random_start
-from robustkit.attacks.pgd import gradient_steps
+from robustkit.attacks.base import Attack
 from robustkit.errors import InputError
+from robustkit.gradients import ce_loss, gradient_steps, random_start
 
 
 def _view(v: Tensor, like: Tensor) -> Tensor:

@@ -20,55 +20,15 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from robustkit.attacks.base import LOSSES, NORMS, Attack, input_gradient, margins, project, random_start
+from robustkit.attacks.base import NORMS, Attack
 from robustkit.errors import InputError
-
-
-def gradient_steps(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    start: Tensor,
-    *,
-    eps: float,
-    steps: int,
-    step_size: float,
-    loss: Callable[[Tensor, Tensor], Tensor],
-    norm: str = "linf",
-    early_stop: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """The shared PGD loop: ``steps`` projected steps from ``start``; returns each sample's best point (lowest
-    margin) and that margin. Used by PGD, cw-linf and the interval attack's inner search."""
-    point = start.detach()
-    best, best_margin = point.clone(), torch.full((x.shape[0],), float("inf"), device=x.device, dtype=x.dtype)
-    for step in range(steps + 1):
-        if step < steps:
-            logits, grad = input_gradient(model, point, y, loss)
-        else:
-            with torch.no_grad():
-                logits = model(point)
-        margin = margins(logits, y)
-        improved = margin < best_margin
-        best[improved] = point[improved]
-        best_margin = torch.minimum(best_margin, margin)
-        broken = best_margin < 0
-        if step == steps or (early_stop and bool(broken.all())):
-            break
-        if norm == "linf":
-            direction = grad.sign()
-        else:
-            length = grad.flatten(1).norm(dim=1).clamp(min=1e-12)
-            direction = grad / length.view(-1, *([1] * (grad.dim() - 1)))
-        moved = project(point + step_size * direction, x, eps, norm)
-        point = torch.where(broken.view(-1, *([1] * (x.dim() - 1))), point, moved) if early_stop else moved
-    return best, best_margin
+from robustkit.gradients import LOSSES, gradient_steps, random_start
 
 
 @dataclass(frozen=True, kw_only=True)

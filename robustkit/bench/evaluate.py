@@ -44,16 +44,20 @@ class Evaluation:
 
 
 def exact_applicable(model: nn.Module, input_shape: tuple[int, ...], max_relus: int) -> bool:
-    """Whether the exact verifier is practical: a fully connected network with at most ``max_relus`` ReLUs."""
+    """Whether the exact verifier is applicable (every layer has a MILP encoding) and practical: a network
+    without convolutions, pooling or skip connections and with at most ``max_relus`` non-linear neurons."""
     from robustkit.verifiers import ops
+    from robustkit.verifiers.exact import ExactVerifier
     from robustkit.verifiers.graph import build_graph, node_shapes
 
     graph = build_graph(model)
-    shapes = node_shapes(graph, input_shape)
-    if any(isinstance(node.op, ops.Conv2dOp | ops.PoolOp | ops.AddOp) for node in graph.nodes):
+    if ExactVerifier().applicable(graph) is not None:
         return False
-    relus = sum(ops.numel(shapes[i]) for i, node in enumerate(graph.nodes) if isinstance(node.op, ops.ReLUOp))
-    return relus <= max_relus
+    shapes = node_shapes(graph, input_shape)
+    dense = all(isinstance(node.op, ops.NonlinearOp) or (isinstance(node.op, ops.AffineOp) and (
+        node.op.weight_matrix is not None or node.op.reshape is not None)) for node in graph.nodes)
+    neurons = sum(ops.numel(shapes[i]) for i, node in enumerate(graph.nodes) if isinstance(node.op, ops.NonlinearOp))
+    return dense and neurons <= max_relus
 
 
 def _fraction(mask: Tensor) -> float:

@@ -41,7 +41,7 @@ from robustkit.cli.options import global_options, output_dir, parse_eps
 from robustkit.data import DATASETS
 from robustkit.models import MODELS
 from robustkit.trainers import TRAINERS, EpochRecord, TrainConfig, Trainer
-from robustkit.trainers.verifiable import METHODS
+from robustkit.verifiers import differentiable_methods
 
 if TYPE_CHECKING:
     from robustkit.data import Dataset, Split
@@ -264,7 +264,7 @@ def _describe(trainer: Trainer) -> str:
               help=f"mixtrain: points per batch given the robust loss [default: {_trainer_default('mixtrain', 'k')}].")
 @click.option("--schedule", type=click.Choice(["adaptive", "geometric"]),
               help="mixtrain: how the weight a of the robust loss changes per epoch [default: adaptive].")
-@click.option("--method", type=click.Choice(list(METHODS)),
+@click.option("--method", type=click.Choice(list(differentiable_methods())),
               help="verifiable, mixtrain: the bound method of the robust loss [default: symbolic].")
 @click.option("--steps", type=click.IntRange(min=1), metavar="S",
               help=f"pgd: PGD steps per training batch [default: {_trainer_default('pgd', 'steps')}].")

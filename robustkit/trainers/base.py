@@ -145,6 +145,15 @@ def natural_loss(net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return F.cross_entropy(logits, y), logits
 
 
+def check_bound_method(method: str, what: str) -> None:
+    """A clear error unless ``method`` is a registered verifier whose bounds are differentiable (a loss)."""
+    from robustkit.verifiers import differentiable_methods
+
+    if method not in differentiable_methods():
+        raise InputError(f"{what} must be a verifier with differentiable bounds, one of "
+                         f"{', '.join(differentiable_methods())}; got {method!r}")
+
+
 def robust_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str) -> Tensor:
     """Cross-entropy of the worst-case margins: the vector of upper bounds of f_j - f_y (0 for y)."""
     from robustkit.verifiers import margin_bounds

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from robustkit.data import Split
 from robustkit.errors import InputError
-from robustkit.trainers.base import LossParts, Trainer, TrainState, natural_loss, robust_loss
+from robustkit.trainers.base import LossParts, Trainer, TrainState, check_bound_method, natural_loss, robust_loss
 from robustkit.trainers.schedules import AdaptiveWeight, GeometricWeight
 
 
@@ -45,8 +45,7 @@ class MixTrainer(Trainer):
             raise InputError(f"k must be >= 1, got {self.k}")
         if self.schedule not in ("adaptive", "geometric"):
             raise InputError(f"schedule must be adaptive or geometric, got {self.schedule!r}")
-        if self.method not in ("symbolic", "interval", "crown"):
-            raise InputError(f"method must be symbolic, interval or crown, got {self.method!r}")
+        check_bound_method(self.method, "the MixTrain bound method")
         if self.schedule_size < 1:
             raise InputError("schedule_size must be >= 1")
 

@@ -1,9 +1,10 @@
 """``verifiable``: the robust loss on every sample (the MixTrain paper's "full verifiable training").
 
 L = kappa * L_nat + (1 - kappa) * L_rob, where L_rob is the cross-entropy of the worst-case margins bounded
-by ``method``: ``symbolic`` is the paper's verifiable training (symbolic intervals), ``interval`` is IBP
-(Gowal et al., arXiv:1810.12715) and ``crown`` is CROWN-IBP style. kappa moves linearly from
-``kappa_start`` to ``kappa_end`` over the eps ramp (defaults 0 and 0: the robust loss alone).
+by ``method`` (any verifier with differentiable bounds): ``symbolic`` is the paper's verifiable training
+(symbolic intervals), ``interval`` is IBP (Gowal et al., arXiv:1810.12715) and ``crown`` is CROWN-IBP style.
+kappa moves linearly from ``kappa_start`` to ``kappa_end`` over the eps ramp (defaults 0 and 0: the robust
+loss alone).
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from robustkit.errors import InputError
-from robustkit.trainers.base import LossParts, Trainer, TrainState, natural_loss, robust_loss
-
-METHODS = ("symbolic", "interval", "crown")
+from robustkit.trainers.base import LossParts, Trainer, TrainState, check_bound_method, natural_loss, robust_loss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,8 +28,7 @@ class VerifiableTrainer(Trainer):
     kappa_end: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(f"verifiable training method must be one of {METHODS}, got {self.method!r}")
+        check_bound_method(self.method, "the verifiable training method")
         if not (0 <= self.kappa_start <= 1 and 0 <= self.kappa_end <= 1):
             raise InputError("kappa must be in [0, 1]")
 

@@ -4,8 +4,9 @@ Starting from the specification rows (e.g. f_y - f_j), linear coefficients are p
 network. Affine layers are exact (transposed maps); at a ReLU with pre-activation bounds [l, u] a positive
 coefficient takes the lower relaxation alpha * v (alpha = 1 when u >= -l, else 0: CROWN's adaptive choice) and
 a negative one the upper relaxation u / (u - l) * (v - l). At the input the linear function is minimised over
-the box in closed form. Pre-activation bounds come from ``symbolic`` (default) or ``interval``; the result is
-the better of the backward bound and that of the method that supplied the intermediate bounds.
+the box in closed form. Pre-activation bounds come from ``symbolic`` (default), ``interval`` or any verifier object
+(``CrownVerifier(intermediate=SymbolicVerifier(intersect=False))``); the result is the better of the backward
+bound and that of the method that supplied the intermediate bounds.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from torch import Tensor
 
 from robustkit.errors import InputError
 from robustkit.verifiers.base import Verifier
+from robustkit.verifiers.context import BoundContext, BoundResult
 from robustkit.verifiers.graph import INPUT, Graph, node_shapes
-from robustkit.verifiers.interval import interval_pass
-from robustkit.verifiers.symbolic import symbolic_chunk, symbolic_pass
+from robustkit.verifiers.interval import IntervalVerifier
+from robustkit.verifiers.symbolic import SymbolicVerifier
 
 
 def backward_bound(
@@ -60,32 +62,37 @@ def backward_bound(
 
 @dataclass(frozen=True)
 class CrownVerifier(Verifier):
-    """Backward linear relaxation with intermediate bounds from ``symbolic`` (default) or ``interval``."""
+    """Backward linear relaxation with the intermediate bounds of another verifier: ``intermediate`` is a
+    registered name (``"symbolic"``, the default, or ``"interval"``) or a verifier object; the result is the
+    better of the backward bound and that verifier's own bound."""
 
     name: ClassVar[str] = "crown"
-    intermediate: str = "symbolic"
+    intermediate: str | Verifier = "symbolic"
     memory_limit_gb: float = 4.0
 
-    def chunk_size(self, graph: Graph, input_shape: tuple[int, ...]) -> int | None:
-        return symbolic_chunk(graph, input_shape, self.memory_limit_gb) if self.intermediate == "symbolic" else None
-
     def __post_init__(self) -> None:
-        if self.intermediate not in ("symbolic", "interval"):
-            raise InputError(f"crown intermediate bounds must be 'symbolic' or 'interval', got {self.intermediate!r}")
+        source = self.source()
+        if isinstance(source, CrownVerifier):
+            raise InputError("crown cannot take its intermediate bounds from itself this way")
 
-    def spec_lower(self, graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> Tensor:
-        return crown_pass(graph, lower, upper, spec, self.intermediate)[0]
+    def source(self) -> Verifier:
+        """The verifier that supplies the intermediate bounds."""
+        if isinstance(self.intermediate, Verifier):
+            return self.intermediate
+        if self.intermediate == "symbolic":
+            return SymbolicVerifier(memory_limit_gb=self.memory_limit_gb)
+        if self.intermediate == "interval":
+            return IntervalVerifier()
+        raise InputError(f"crown intermediate bounds must be 'symbolic', 'interval' or a verifier, "
+                         f"got {self.intermediate!r}")
 
+    def chunk_size(self, graph: Graph, input_shape: tuple[int, ...]) -> int | None:
+        return self.source().chunk_size(graph, input_shape)
 
-def crown_pass(
-    graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor, intermediate: str = "symbolic"
-) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
-    """The better of the backward bound and the ``intermediate`` method's own bound of ``spec @ f``, and the
-    pre-activation bounds of every ReLU node that both used."""
-    if intermediate == "symbolic":
-        found = symbolic_pass(graph, lower, upper, spec)
-        base, pre = found.spec_lower, found.pre_activation
-    else:
-        box = interval_pass(graph, lower, upper, spec)
-        base, pre = box.spec_lower, box.pre_activation
-    return torch.maximum(backward_bound(graph, lower, upper, spec, pre), base), pre
+    def applicable(self, graph: Graph) -> str | None:
+        return self.source().applicable(graph)
+
+    def bound(self, ctx: BoundContext) -> BoundResult:
+        base = ctx.run(self.source())
+        found = backward_bound(ctx.graph, ctx.lower, ctx.upper, ctx.spec, dict(base.layer_bounds))
+        return BoundResult(torch.maximum(found, base.spec_lower), base.layer_bounds)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -49,17 +48,18 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.errors import InputError
+from robustkit.gradients import cw_loss, gradient_steps, random_start
 from robustkit.verifiers.base import (
+    SpecResult,
     Status,
     VerificationResult,
     Verifier,
-    check_labels,
-    input_box,
-    margin_spec,
-    output_size,
+    _offset,
+    violated,
     worst_margin,
 )
-from robustkit.verifiers.crown import crown_pass
+from robustkit.verifiers.context import BoundContext, BoundResult, LayerBounds, make_context
+from robustkit.verifiers.crown import CrownVerifier
 from robustkit.verifiers.graph import INPUT, Graph, graph_forward, node_shapes
 from robustkit.verifiers.milp import (
     BOUND_SLACK,
@@ -72,7 +72,6 @@ from robustkit.verifiers.milp import (
     as_numpy,
     minimise,
 )
-from robustkit.verifiers.symbolic import symbolic_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +164,8 @@ class ExactVerifier(Verifier):
     """
 
     name: ClassVar[str] = "exact"
+    differentiable: ClassVar[bool] = False
+    complete: ClassVar[bool] = True
     time_limit: float = 60.0
     bounds_method: str = "symbolic"
     tolerance: float = 1e-5
@@ -181,17 +182,25 @@ class ExactVerifier(Verifier):
             raise InputError(f"exact bounds_method must be 'symbolic' or 'interval', got {self.bounds_method!r}")
 
     def chunk_size(self, graph: Graph, input_shape: tuple[int, ...]) -> int | None:
-        return symbolic_chunk(graph, input_shape, _MEMORY_LIMIT_GB) if self.bounds_method == "symbolic" else None
+        return self._relaxation().chunk_size(graph, input_shape)
+
+    def applicable(self, graph: Graph) -> str | None:
+        missing = sorted({type(node.op).__name__ for node in graph.nodes if not node.op.milp_encodable})
+        return f"no mixed-integer encoding of {', '.join(missing)}" if missing else None
+
+    def _relaxation(self) -> CrownVerifier:
+        return CrownVerifier(intermediate=self.bounds_method, memory_limit_gb=_MEMORY_LIMIT_GB)
 
     def relaxation(self, graph: Graph, lower: Tensor, upper: Tensor,
                    spec: Tensor) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
-        """Relaxation bounds (B, K) of ``spec @ f`` and the pre-activation bounds of every ReLU node.
+        """Relaxation bounds (B, K) of ``spec @ f`` and the pre-activation bounds of every non-linear node.
 
         The bound is the better of the bounds method's and a CROWN backward pass over the same pre-activation
         bounds: it decides which margins need a MILP, and in which order.
         """
         with torch.no_grad():
-            return crown_pass(graph, lower, upper, spec, self.bounds_method)
+            found = BoundContext(graph, lower, upper, spec).run(self._relaxation())
+        return found.spec_lower, dict(found.layer_bounds)
 
     @staticmethod
     def _encode(graph: Graph, maps: dict[int, AffineMap | None], lower: Tensor, upper: Tensor,
@@ -216,42 +225,98 @@ class ExactVerifier(Verifier):
             return point, outputs, -math.inf
         return point, outputs, outcome.bound
 
-    def spec_lower(self, graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> Tensor:
+    def bound(self, ctx: BoundContext) -> BoundResult:
+        bounds, _, _ = self._solve(ctx.graph, ctx.lower, ctx.upper, ctx.spec)
+        return BoundResult(bounds, LayerBounds())
+
+    def _solve(self, graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Lower bounds (B, K) of ``spec[b] @ f(x')`` over the box by one MILP per sample and row.
 
         Each bound is the MILP dual bound (the exact minimum when solved in time), never below the relaxation
-        bound. The result is a constant: exact bounds are not differentiable.
+        bound. The result is a constant: exact bounds are not differentiable. Also returns, per sample, the
+        solution (a point of the box, (B, *shape), NaN where none) with the smallest value of any row there,
+        and whether every MILP of the sample finished within the time limit ((B,) bool).
         """
         relax, pre = self.relaxation(graph, lower, upper, spec)
         best = relax.detach().clone()
+        points = torch.full_like(lower, float("nan"))
+        finished = torch.ones(lower.shape[0], dtype=torch.bool)
         rows = spec.detach().reshape(spec.shape[0], spec.shape[1], -1).cpu().double().numpy()
         maps = affine_maps(graph, tuple(lower.shape[1:]), lower)
         for sample in range(lower.shape[0]):
             deadline = time.perf_counter() + self.time_limit
             encoding = self._encode(graph, maps, lower, upper, pre, sample)
+            lowest = [math.inf]
 
-            def attempt(k: int, seconds: float, sample: int = sample, encoding: MilpEncoding = encoding) -> bool:
+            def attempt(k: int, seconds: float, sample: int = sample, encoding: MilpEncoding = encoding,
+                        lowest: list[float] = lowest) -> bool:
                 outcome = minimise(encoding, rows[sample, k], seconds)
-                _, _, bound = self._check(lambda p: graph_forward(graph, p), outcome, lower[sample],
-                                          upper[sample], rows[sample, k])
+                point, outputs, bound = self._check(lambda p: graph_forward(graph, p), outcome, lower[sample],
+                                                    upper[sample], rows[sample, k])
                 best[sample, k] = max(float(best[sample, k]), bound)
+                if point is not None and float(outputs.numpy() @ rows[sample, k]) < lowest[0]:
+                    lowest[0] = float(outputs.numpy() @ rows[sample, k])
+                    points[sample] = point[0]
                 return outcome.optimal
 
             wanted = [k for k in range(rows.shape[1]) if np.any(rows[sample, k])]
             if _schedule(wanted, deadline, _FIRST_SLICE * self.time_limit, attempt):
                 logger.info("sample %d: time limit reached, some rows keep a partial bound", sample)
-        return best
+                finished[sample] = False
+        return best, points, finished
+
+    def verify_spec(self, model: nn.Module, lower: Tensor, upper: Tensor, spec: Tensor | list[Tensor],
+                    offset: Tensor | list[Tensor] | None = None) -> SpecResult:
+        """Decide ``spec @ f(x) + offset > 0`` over the box per sample by one MILP per row (a list: the
+        disjunction, verified when one specification is): verified when every row's MILP bound exceeds
+        ``tolerance``, falsified at a MILP solution that a forward pass shows to violate every specification,
+        timeout when a MILP ran out of time (``time_limit`` per sample and specification), unknown otherwise
+        (numerically borderline)."""
+        start = time.perf_counter()
+        specs = spec if isinstance(spec, list) else [spec]
+        offsets: list[Tensor | None] = list(offset) if isinstance(offset, list) else [offset] * len(specs)
+        if len(offsets) != len(specs) or not specs:
+            raise InputError("verify_spec needs one offset per specification of the disjunction")
+        proven: list[Tensor] = []
+        candidates: list[Tensor] = []
+        bounds: list[Tensor] = []
+        finished = torch.ones(lower.shape[0], dtype=torch.bool)
+        with torch.no_grad():
+            for rows, shift in zip(specs, offsets, strict=True):
+                ctx = make_context(model, lower, upper, rows)
+                self.check_applicable(ctx.graph)
+                found, points, done = self._solve(ctx.graph, ctx.lower, ctx.upper, ctx.spec)
+                finished &= done
+                if shift is not None:
+                    found = found + _offset(shift, found)
+                bounds.append(found.cpu())
+                proven.append((found > self.tolerance).all(1).cpu())
+                candidates.append(points)
+            verified = torch.stack(proven).any(0)
+            counterexample = torch.full_like(candidates[0], float("nan"))
+            for points in candidates:
+                usable = ~points.flatten(1).isnan().any(1)
+                if bool(usable.any()):
+                    broken = violated(model, torch.where(usable.view(-1, *[1] * (points.dim() - 1)), points,
+                                                         ctx.lower), specs, offsets) & usable.cpu()
+                    fresh = broken & counterexample.flatten(1).isnan().any(1).cpu()
+                    counterexample[fresh.to(points.device)] = points[fresh.to(points.device)]
+        falsified = ~counterexample.flatten(1).isnan().any(1).cpu()
+        status = tuple(Status.VERIFIED if v else Status.FALSIFIED if f else Status.UNKNOWN if d else Status.TIMEOUT
+                       for v, f, d in zip(verified.tolist(), falsified.tolist(), finished.tolist(), strict=True))
+        elapsed = time.perf_counter() - start
+        return SpecResult(self.name, status, torch.cat(bounds, 1), torch.full((len(status),), elapsed / len(status)),
+                          counterexample.cpu())
 
     def verify(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> VerificationResult:
         """Decide every sample: verified, falsified (with a counterexample), timeout or unknown."""
         with torch.no_grad():
-            graph, x, labels, eps = self._prepare(model, x, y, eps)
+            ctx, x, labels, eps = self._eps_context(model, x, y, eps)
             assert labels is not None
+            self.check_applicable(ctx.graph)
             prediction = model(x).argmax(1)
-        num_classes = output_size(graph, tuple(x.shape[1:]))
-        check_labels(labels, num_classes)
-        lower, upper = input_box(x, eps)
-        spec = margin_spec(labels, num_classes).to(x.dtype)
+        graph, lower, upper, spec = ctx.graph, ctx.lower, ctx.upper, ctx.spec
+        num_classes = spec.shape[2]
         batch = x.shape[0]
         margins = torch.zeros(batch, num_classes, dtype=torch.float64)
         counterexample = torch.full_like(x, float("nan"))
@@ -294,20 +359,25 @@ class ExactVerifier(Verifier):
         )
 
     def _attack(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, todo: Tensor) -> Tensor:
-        """Points (B, *shape) where PGD misclassifies the ``todo`` samples (re-checked by the attack's own
-        forward pass), NaN elsewhere: most non-robust samples settle here in milliseconds."""
+        """Points (B, *shape) where a PGD search with the CW margin loss (random starts, ``_ATTACK_RESTARTS``
+        of them) misclassifies the ``todo`` samples, re-checked by a forward pass, NaN elsewhere: most
+        non-robust samples settle here in milliseconds."""
         points = torch.full_like(x, float("nan"))
         if self.attack_steps == 0 or eps == 0 or not bool(todo.any()):
             return points
-        # imported here: the attacks build on the bound engine, which must not import them when it loads
-        from robustkit.attacks.pgd import PGD
-
         index = todo.nonzero().squeeze(1)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="the model is in training mode")
-            found = PGD(loss="cw", steps=self.attack_steps, restarts=_ATTACK_RESTARTS)(model, x[index], y[index],
-                                                                                        eps=eps)
-        points[index[found.success]] = found.x_adv[found.success].to(x.dtype)
+        generator = torch.Generator(device=x.device).manual_seed(0)
+        step = eps * 0.01 / 0.3  # PGD's default step (0.01 at eps 0.3, Madry et al.'s MNIST setting)
+        for _ in range(_ATTACK_RESTARTS):
+            if index.numel() == 0:
+                break
+            start = random_start(x[index], eps, "linf", generator)
+            best, _ = gradient_steps(model, x[index], y[index], start, eps=eps, steps=self.attack_steps,
+                                     step_size=step, loss=cw_loss)
+            with torch.no_grad():
+                broken = model(best).argmax(1) != y[index]
+            points[index[broken]] = best[broken].to(x.dtype)
+            index = index[~broken]
         return points
 
     def _decide(self, model: nn.Module, piece: _Piece, sample: int, label: int, row: Tensor,
@@ -373,8 +443,6 @@ class ExactVerifier(Verifier):
         misses, are usually a few steps away from the LP optimum."""
         if not starts or self.attack_steps == 0:
             return None
-        from robustkit.attacks.pgd import gradient_steps  # see _attack
-
         targets = torch.tensor(list(starts), device=x.device)
 
         def targeted(logits: Tensor, y: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from robustkit.verifiers import ops
+from robustkit.verifiers.graph import display_path
 from robustkit.verifiers.ops.registry import OPERATORS, PASS_THROUGH, FunctionRule, function_rule, method_rule
 
 if TYPE_CHECKING:
@@ -51,11 +52,12 @@ def _flatten_target(args: tuple[Any, ...], values: dict[str, Any]) -> bool:
 
 def emit_traced(builder: _Builder, module: nn.Module, source: int, path: str) -> int:
     """Emit the nodes of ``module``'s traced forward; unsupported operations are recorded in the builder."""
-    where = path or "model"
+    where = display_path(path)
+    owner = f"{type(module).__name__}.forward"
     try:
         graph = _LeafTracer().trace(module)
     except Exception as exc:  # noqa: BLE001 - tracing runs user code; any failure means "cannot analyse"
-        builder.unsupported.append(f"{where} ({type(module).__name__}: its forward cannot be traced: "
+        builder.unsupported.append(f"{owner} at {where} (its forward cannot be traced: "
                                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
         return source
     values: dict[str, Any] = {}  # fx node name -> graph node index, or a shape marker
@@ -64,23 +66,26 @@ def emit_traced(builder: _Builder, module: nn.Module, source: int, path: str) ->
         args = node.args
         tensor_args = [a for a in args if isinstance(a, fx.Node) and isinstance(values.get(a.name), int)]
         first = values.get(args[0].name) if args and isinstance(args[0], fx.Node) else None
-        name = f"{where}.{node.name}"
+        name = f"{_called(node)} in {owner} at {where}"
         if any(isinstance(a, fx.Node) and a.name in values and values[a.name] is None for a in node.args):
             values[node.name] = None  # depends on an operation already reported as unsupported
             continue
         if node.op == "placeholder":
             if values:
-                builder.unsupported.append(f"{where} ({type(module).__name__}: forward takes several inputs)")
+                builder.unsupported.append(f"{owner} at {where} (it takes several inputs)")
             values[node.name] = source
         elif node.op == "output":
             output = args[0]
             if not isinstance(output, fx.Node) or not isinstance(values.get(output.name), int | None):
-                builder.unsupported.append(f"{where} ({type(module).__name__}: forward must return one tensor)")
+                builder.unsupported.append(f"{owner} at {where} (it must return one tensor)")
             elif values[output.name] is not None:
                 result = values[output.name]
         elif node.op == "call_module" and isinstance(first, int):
             submodule = module.get_submodule(str(node.target))
-            values[node.name] = builder.emit(submodule, first, f"{where}.{node.target}")
+            before = len(builder.unsupported)
+            made = builder.emit(submodule, first, f"{path}.{node.target}" if path else str(node.target))
+            # an unsupported layer is reported once; what only consumes its output is not reported again
+            values[node.name] = made if len(builder.unsupported) == before else None
         elif node.op == "call_method" and node.target == "size" and len(args) == 2 and args[1] == 0:
             values[node.name] = _BATCH
         elif (node.op == "call_function" and node.target is getattr and args[1:] == ("shape",)) or (
@@ -92,7 +97,7 @@ def emit_traced(builder: _Builder, module: nn.Module, source: int, path: str) ->
         elif isinstance(first, int) and (rule := _rule(node)) is not None:
             made = rule(tuple(args[1:]), dict(node.kwargs))
             if isinstance(made, str):
-                builder.unsupported.append(f"{name} ({_called(node)}: {made})")
+                builder.unsupported.append(f"{name} ({made})")
                 values[node.name] = None
             else:
                 values[node.name] = builder.add(made, (first,))
@@ -101,7 +106,7 @@ def emit_traced(builder: _Builder, module: nn.Module, source: int, path: str) ->
         ):
             values[node.name] = _scalar(builder, node, values, name)
         elif not isinstance(first, int):
-            builder.unsupported.append(f"{name} ({node.op} {getattr(node.target, '__name__', node.target)})")
+            builder.unsupported.append(name)
             values[node.name] = None
         elif (node.op == "call_function" and node.target is torch.flatten and args[1:] in ((1,), (1, -1))) or (
             node.op == "call_method" and node.target == "flatten" and args[1:] in ((1,), (1, -1))
@@ -110,7 +115,7 @@ def emit_traced(builder: _Builder, module: nn.Module, source: int, path: str) ->
         elif node.op == "call_function" and node.target in _ADD and len(tensor_args) == 2:
             values[node.name] = builder.add(ops.AddOp(), (values[tensor_args[0].name], values[tensor_args[1].name]))
         else:
-            builder.unsupported.append(f"{name} ({node.op} {getattr(node.target, '__name__', node.target)})")
+            builder.unsupported.append(name)
             values[node.name] = None
     return result
 
@@ -128,7 +133,17 @@ def _rule(node: fx.Node) -> FunctionRule | None:
 
 
 def _called(node: fx.Node) -> str:
-    return f"{node.op} {getattr(node.target, '__name__', node.target)}"
+    """The operation as written in user code: ``torch.log``, ``F.gelu``, ``Tensor.exp``, ``operator.mul``."""
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    module = getattr(target, "__module__", None) or ""
+    if module.startswith(("torch.nn.functional", "torch._C._nn")):
+        return f"F.{name}"
+    if module.startswith("torch") or module == "" and hasattr(torch, name):
+        return f"torch.{name}"
+    return f"{module.replace('_operator', 'operator')}.{name}" if module else name
 
 
 def _scalar(builder: _Builder, node: fx.Node, values: dict[str, Any], name: str) -> int | None:
@@ -149,6 +164,6 @@ def _scalar(builder: _Builder, node: fx.Node, values: dict[str, Any], name: str)
     elif target in (operator.truediv, torch.div) and tensor_first and constant != 0:
         affine = (1.0 / constant, 0.0)
     if affine is None:
-        builder.unsupported.append(f"{name} ({getattr(target, '__name__', target)} with the number {constant})")
+        builder.unsupported.append(f"{name} (with the number {constant})")
         return None
     return builder.add(ops.ScalarAffineOp(*affine), (int(values[tensor.name]),))

@@ -96,6 +96,17 @@ def check_reproduces(graph: Graph, model: nn.Module, x: torch.Tensor) -> None:
 _checked: weakref.WeakKeyDictionary[Graph, set[tuple[int, ...]]] = weakref.WeakKeyDictionary()
 
 
+def display_path(path: str) -> str:
+    """A module's path as ``model.get_submodule`` takes it, rooted at ``model``: ``model.lstm``, ``model.2``."""
+    return f"model.{path}" if path else "model"
+
+
+def layer_name(module: nn.Module) -> str:
+    """A module's type as written in user code: ``nn.LSTM`` for torch's layers, the class name otherwise."""
+    kind = type(module).__name__
+    return f"nn.{kind}" if type(module).__module__.startswith("torch.nn.") else kind
+
+
 class _Builder:
     def __init__(self) -> None:
         self.nodes: list[Node] = []
@@ -106,8 +117,8 @@ class _Builder:
         return len(self.nodes) - 1
 
     def emit(self, module: nn.Module, source: int, path: str) -> int:
-        kind = type(module).__name__
-        where = path or "model"
+        kind = layer_name(module)
+        where = display_path(path)
         if keeps_forward(module, nn.Sequential):
             for name, child in module.named_children():
                 source = self.emit(child, source, f"{path}.{name}" if path else name)
@@ -120,20 +131,20 @@ class _Builder:
         for base in PASS_THROUGH:
             if keeps_forward(module, base):
                 if module.training and base is nn.Dropout:
-                    self.unsupported.append(f"{where} (Dropout in training mode: call model.eval())")
+                    self.unsupported.append(f"{kind} at {where} (in training mode: call model.eval())")
                 return source
         entry = lookup(module)
         if entry is not None:
             problem = entry.check(module) if entry.check is not None else None
             if problem:
-                self.unsupported.append(f"{where} ({kind}: {problem})")
+                self.unsupported.append(f"{kind} at {where} ({problem})")
                 return source
             return self.add(entry.build(module), (source,))
         if type(module).__module__.startswith("torch.nn."):
-            self.unsupported.append(f"{where} ({kind})")
+            self.unsupported.append(f"{kind} at {where}")
             return source
         if isinstance(module, torch.jit.ScriptModule):
-            self.unsupported.append(f"{where} (TorchScript module {module.original_name} with its own code)")
+            self.unsupported.append(f"TorchScript module {module.original_name} at {where} (with its own code)")
             return source
         from robustkit.verifiers.fx_import import emit_traced
 

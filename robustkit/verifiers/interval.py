@@ -9,15 +9,18 @@ bound is computed from the penultimate box through the rows of C W, as in Gowal 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from robustkit.verifiers import ops
+from robustkit.verifiers.base import Verifier
+from robustkit.verifiers.context import BoundContext, BoundResult, LayerBounds
 from robustkit.verifiers.graph import INPUT, Graph
 from robustkit.verifiers.ops.base import Box
 
-__all__ = ["Box", "IntervalPass", "interval_pass", "spec_lower_from_box"]
+__all__ = ["Box", "IntervalPass", "IntervalVerifier", "interval_pass", "spec_lower_from_box"]
 
 
 def spec_lower_from_box(graph: Graph, boxes: dict[int, Box], spec: Tensor) -> Tensor:
@@ -71,3 +74,14 @@ def interval_pass(graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> I
         boxes[index] = box
         shapes[index] = tuple(box.center.shape[1:])
     return IntervalPass(spec_lower_from_box(graph, boxes, spec), pre, shapes)
+
+
+@dataclass(frozen=True)
+class IntervalVerifier(Verifier):
+    """Interval bound propagation (IBP): the box through every layer, the specification folded into the last."""
+
+    name: ClassVar[str] = "interval"
+
+    def bound(self, ctx: BoundContext) -> BoundResult:
+        found = interval_pass(ctx.graph, ctx.lower, ctx.upper, ctx.spec)
+        return BoundResult(found.spec_lower, LayerBounds(found.pre_activation))

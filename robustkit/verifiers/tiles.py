@@ -15,6 +15,7 @@ input radius is applied only where rows are summed.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -63,6 +64,15 @@ def make_tiles(scale: Tensor, shape: tuple[int, ...], per_side: int, always: boo
     if not always and shape[1] * shape[2] < 4 * size * size:
         return None
     channels, height, width = shape
+    tiles = _identity_tiles(channels, height, width, size, scale.device, scale.dtype)
+    return TiledRows(list(tiles), scale, shared=True, grid=(channels, height, width))
+
+
+@functools.lru_cache(maxsize=32)
+def _identity_tiles(channels: int, height: int, width: int, size: int, device: torch.device,
+                    dtype: torch.dtype) -> tuple[Tile, ...]:
+    """The unscaled identity tiles of a grid: they depend only on its shape, so they are built once (every
+    operation on tiles makes new tensors; these are never written to)."""
     tiles: list[Tile] = []
     for top in range(0, height, size):
         for left in range(0, width, size):
@@ -70,11 +80,11 @@ def make_tiles(scale: Tensor, shape: tuple[int, ...], per_side: int, always: boo
             c, y, x = torch.meshgrid(
                 torch.arange(channels), torch.arange(top, top + h), torch.arange(left, left + w), indexing="ij"
             )
-            index = (c * height * width + y * width + x).reshape(-1).to(scale.device)
+            index = (c * height * width + y * width + x).reshape(-1).to(device)
             m = index.numel()
-            rows = torch.eye(m, device=scale.device, dtype=scale.dtype).view(m, channels, h, w)
+            rows = torch.eye(m, device=device, dtype=dtype).view(m, channels, h, w)
             tiles.append(Tile(rows, top, left, index, key=len(tiles)))
-    return TiledRows(tiles, scale, shared=True, grid=(channels, height, width))
+    return tuple(tiles)
 
 
 def spread(tiled: TiledRows) -> float:

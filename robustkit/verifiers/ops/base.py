@@ -98,6 +98,8 @@ class BoundOp:
     arity: ClassVar[int] = 1
     #: whether the methods must bound this node's input before they apply it (non-linear layers)
     needs_bounds: ClassVar[bool] = False
+    #: whether ``milp`` encodes the layer (the ``exact`` method is applicable only when every layer is)
+    milp_encodable: ClassVar[bool] = True
 
     def forward(self, *inputs: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no forward")
@@ -286,6 +288,7 @@ class NonlinearOp(BoundOp):
     """
 
     needs_bounds: ClassVar[bool] = True
+    milp_encodable: ClassVar[bool] = False
 
     def interval_bounds(self, lower: Tensor, upper: Tensor) -> Bounds:
         """Sound bounds of the output for inputs in [lower, upper]."""

@@ -11,7 +11,7 @@ Tedrake (arXiv:1711.07356), with one binary per unstable neuron.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,6 +25,8 @@ from robustkit.verifiers.ops.base import NAIVE, SYMBOLIC, Bounds, NonlinearOp, R
 
 class LeakyReLUOp(NonlinearOp):
     """f(v) = v for v >= 0, ``negative_slope`` * v otherwise (0 <= negative_slope <= 1)."""
+
+    milp_encodable: ClassVar[bool] = True
 
     def __init__(self, negative_slope: float = 0.0) -> None:
         self.negative_slope = float(negative_slope)
