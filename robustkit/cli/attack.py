@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from robustkit.attacks import ATTACKS, Attack, FoolboxAttack, get_attack
+from robustkit.cli import Command
 from robustkit.cli.options import (
     DataArgs,
     EvalData,
@@ -106,7 +107,9 @@ def parse_attacks(text: str) -> list[str]:
     return list(dict.fromkeys(labels))
 
 
-def _attack_callback(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+def _attack_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:  # missing: robustkit's Command reports it
+        return None
     try:
         return parse_attacks(value)
     except ValueError as exc:
@@ -361,7 +364,7 @@ def format_summary(runs: Sequence[AttackRun], data: EvalData, clean_prediction: 
 # ------------------------------------------------------------------------------------------ command
 
 
-@click.command("attack")
+@click.command("attack", cls=Command)
 @model_options
 @data_options
 @eps_option()

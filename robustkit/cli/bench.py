@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from robustkit.cli import Command
 from robustkit.cli.options import global_options, output_dir
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def _cell_line(outcome: CellOutcome, position: int, total: int) -> str:
     return " ".join(parts)
 
 
-@click.command("bench")
+@click.command("bench", cls=Command)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE.toml",
               help="A benchmark configuration (see examples/bench.toml); default: the preset.")
 @click.option("--preset", "preset_name", default=None, metavar="NAME",

@@ -305,9 +305,10 @@ def eps_option(required: bool = True, default: str | None = None) -> Decorator:
         except ValueError as exc:
             raise _bad(str(exc)) from None
 
+    # no explicit default=None next to required=True: some click releases then skip the required check
+    defaults: dict[str, Any] = {} if default is None else {"default": default, "show_default": True}
     return click.option(
-        "--eps", required=required, default=default, callback=convert, metavar="EPS[,EPS...]",
-        show_default=default is not None,
+        "--eps", required=required, callback=convert, metavar="EPS[,EPS...]", **defaults,
         help="L-inf radii in input space [0, 1], comma-separated; fractions such as 2/255 are allowed.",
     )
 
@@ -326,9 +327,9 @@ def method_option(
         except ValueError as exc:
             raise _bad(str(exc)) from None
 
+    defaults: dict[str, Any] = {} if default is None else {"default": default, "show_default": True}
     return click.option(
-        "--method", "methods", required=required, default=default, callback=convert, metavar="NAME[,NAME...]",
-        show_default=default is not None,
+        "--method", "methods", required=required, callback=convert, metavar="NAME[,NAME...]", **defaults,
         help=f"Comma-separated {kind}s: {', '.join(registry)}.",
     )
 

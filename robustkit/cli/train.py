@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from robustkit.cli import UserError
+from robustkit.cli import Command, UserError
 from robustkit.cli.options import global_options, output_dir, parse_eps
 from robustkit.data import DATASETS
 from robustkit.models import MODELS
@@ -134,7 +134,9 @@ class Run:
         return normalised
 
 
-def _parse_eps(ctx: click.Context, param: click.Parameter, value: str) -> float:
+def _parse_eps(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:  # missing: robustkit's Command reports it
+        return None
     try:
         values = parse_eps(value)
     except ValueError as exc:
@@ -243,7 +245,7 @@ def _describe(trainer: Trainer) -> str:
     return f"{trainer.name}({options})"
 
 
-@click.command("train")
+@click.command("train", cls=Command)
 @click.option("--trainer", "trainer_name", required=True, type=click.Choice(list(TRAINERS)),
               help="The training method.")
 @click.option("--model", "model_name", required=True, type=click.Choice(list(MODELS)),

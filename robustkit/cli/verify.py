@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from robustkit.cli import Command
 from robustkit.cli.options import (
     DataArgs,
     EvalData,
@@ -195,7 +196,7 @@ def format_summary(runs: Sequence[MethodRun], labels: Tensor) -> str:
     return format_table(headers, rows)
 
 
-@click.command("verify")
+@click.command("verify", cls=Command)
 @model_options
 @data_options
 @eps_option()
