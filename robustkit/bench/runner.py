@@ -26,7 +26,7 @@ from robustkit.data import Dataset, load_dataset
 from robustkit.errors import InputError
 from robustkit.io import atomic_write_text, json_value, torch_save_atomic, write_csv
 from robustkit.progress import progress
-from robustkit.runtime import PeakMemory, resolve_device
+from robustkit.runtime import PeakMemory
 
 RESULT_COLUMNS = ("dataset", "model", "trainer", "trainer_name", "train_eps", "eval_eps", "metric", "value", "n",
                   "time_s", "seed", "robustkit_version", "torch_version", "config")
@@ -133,7 +133,7 @@ def run_cell(cell: Cell, config: BenchConfig, data: Dataset, folder: Path, devic
     test = data.test.subset(0, config.n_test or None)
     monitor = data.test.subset(0, config.val_size) if config.val_size else None
     model, result, train_memory = _train(cell, config, train, monitor, folder, device, resume)
-    evaluation = evaluate_model(model, test, cell.eps, config.evaluation, config.seed, resolve_device(device))
+    evaluation = evaluate_model(model, data, test, cell.eps, config.evaluation, config.seed)
     base = {"dataset": cell.dataset, "model": cell.model, "trainer": cell.trainer.label,
             "trainer_name": cell.trainer.name, "train_eps": cell.eps, "seed": config.seed}
     tail = {"robustkit_version": version, "torch_version": torch_version}

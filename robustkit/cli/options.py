@@ -20,7 +20,7 @@ import functools
 import inspect
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,12 +32,13 @@ from robustkit.cli import GlobalOptions, UserError
 from robustkit.errors import UnknownNameError
 
 if TYPE_CHECKING:
-    from torch import Tensor, nn
+    from torch import nn
 
-    from robustkit.data import Dataset, Split
+    from robustkit.data import Dataset
+    from robustkit.evaluation import EvalData
 
 __all__ = [
-    "DataArgs", "EvalData", "ModelArgs", "accepts_option", "data_options", "eps_option", "global_options",
+    "DataArgs", "ModelArgs", "accepts_option", "data_options", "eps_option", "global_options",
     "load_cli_model", "load_eval_data", "method_option", "model_options", "out_option", "output_dir",
     "parse_eps", "parse_floats", "parse_names",
 ]
@@ -213,60 +214,16 @@ def data_options(function: F) -> F:
     ]))
 
 
-@dataclass(frozen=True, eq=False)
-class EvalData:
-    """The evaluation samples: ``split`` holds test samples ``start``, ``start + 1``, ... of ``dataset``."""
-
-    dataset: Dataset
-    split: Split
-    start: int
-    batch_size: int
-
-    @property
-    def n(self) -> int:
-        """Number of samples."""
-        return len(self.split)
-
-    @property
-    def indices(self) -> range:
-        """The samples' absolute indices in the dataset's test split."""
-        return range(self.start, self.start + self.n)
-
-    def batches(self) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """``(offset, x, y)`` per batch of at most ``batch_size`` samples; ``offset`` counts from ``start``."""
-        for offset in range(0, self.n, self.batch_size):
-            end = offset + self.batch_size
-            yield offset, self.split.x[offset:end], self.split.y[offset:end]
-
-    def num_batches(self) -> int:
-        """How many batches :meth:`batches` yields."""
-        return -(-self.n // self.batch_size)
-
-
 def load_eval_data(args: DataArgs) -> EvalData:
-    """Load ``args.dataset`` and take test samples ``start`` to ``start + n_examples - 1``.
-
-    The range must lie inside the test split: evaluating fewer samples than asked would make tables of
-    different runs silently incomparable.
-    """
+    """Load ``args.dataset`` and take test samples ``start`` to ``start + n_examples - 1``, which must all exist
+    (see :func:`robustkit.evaluation.take_samples`)."""
     from robustkit.data import load_dataset
+    from robustkit.evaluation import EvalData, take_samples
 
     dataset = load_dataset(args.dataset, args.data_dir)
-    size = len(dataset.test)
-    if size == 0:
-        raise UserError(f"the test split of {args.dataset!r} read from {dataset.source} is empty")
-    if args.start >= size:
-        raise UserError(
-            f"--start {args.start} is out of range: the {args.dataset} test split has {size} samples "
-            f"(indices 0 to {size - 1})"
-        )
-    if args.start + args.n_examples > size:
-        raise UserError(
-            f"--start {args.start} --n-examples {args.n_examples} asks for test samples up to index "
-            f"{args.start + args.n_examples - 1}, but the {args.dataset} test split has {size} samples: "
-            f"use --n-examples {size - args.start} or less"
-        )
-    return EvalData(dataset, dataset.test.subset(args.start, args.n_examples), args.start, args.batch_size)
+    split = take_samples(dataset.test, args.start, args.n_examples, what=f"the {args.dataset} test split",
+                         count="--n-examples", first="--start")
+    return EvalData(dataset, split, args.start, args.batch_size)
 
 
 def load_cli_model(args: ModelArgs, dataset: Dataset, options: GlobalOptions) -> nn.Module:

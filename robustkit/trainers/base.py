@@ -308,24 +308,21 @@ def evaluate(
     """Clean, PGD and verified accuracy at ``config.eps`` on the monitoring subset (shared across processes)."""
     if monitor is None or len(monitor) == 0:
         return float("nan"), float("nan"), float("nan"), 0
-    from robustkit.attacks import PGD
-    from robustkit.verifiers import verify
+    from robustkit.evaluation import robustness_counts
 
     model.eval()
     index = distributed.shard(torch.arange(len(monitor)), info)
     x, y = monitor.x[index].to(device), monitor.y[index].to(device)
     counts = [0.0, 0.0, 0.0, float(len(index))]
     for start in range(0, len(index), 100):
-        xb, yb = x[start : start + 100], y[start : start + 100]
-        with torch.no_grad():
-            counts[0] += float((model(xb).argmax(1) == yb).sum())
         generator = torch.Generator(device=device).manual_seed(10_000 + epoch)
-        if config.val_pgd_steps > 0 and config.eps > 0:
-            attack = PGD(steps=config.val_pgd_steps)
-            counts[1] += float((~attack(model, xb, yb, eps=config.eps, generator=generator).success).sum())
-        else:
-            counts[1] += float((model(xb).argmax(1) == yb).sum())
-        counts[2] += float(verify(model, xb, yb, config.eps, method=config.val_method).verified.sum())
+        found = robustness_counts(
+            model, x[start : start + 100], y[start : start + 100], config.eps, pgd_steps=config.val_pgd_steps,
+            methods=[config.val_method], generator=generator, what=f"the monitoring samples after epoch {epoch + 1}",
+        )
+        counts[0] += found.clean
+        counts[1] += found.pgd
+        counts[2] += found.verified[config.val_method]
     counts = distributed.all_sum(counts, info, device)
     total = max(counts[3], 1.0)
     return counts[0] / total, counts[1] / total, counts[2] / total, int(counts[3])
