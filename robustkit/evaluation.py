@@ -123,13 +123,15 @@ def predict(model: nn.Module, data: EvalData, images: Tensor | None = None) -> T
     """
     device = model_device(model)
     what = f"the {data.dataset.name} test split" + ("" if images is None else " (adversarial examples)")
-    parts = []
+    parts, finite = [], []
     with torch.no_grad():
         for offset, x, _ in data.batches():
             batch = x if images is None else images[offset:offset + x.shape[0]]
             logits = model(batch.to(device))
-            check_finite_logits(logits, data.start + offset, what)
+            finite.append(torch.isfinite(logits).all(1).cpu())
             parts.append(logits.argmax(1).cpu())
+    # all samples first, so the message counts every one of them
+    check_finite_logits(torch.where(torch.cat(finite), 0.0, float("nan")).unsqueeze(1), data.start, what)
     return torch.cat(parts)
 
 

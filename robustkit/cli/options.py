@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from robustkit.evaluation import EvalData
 
 __all__ = [
-    "DataArgs", "ModelArgs", "accepts_option", "data_options", "eps_option", "global_options",
+    "DataArgs", "ModelArgs", "PositiveFloat", "accepts_option", "data_options", "eps_option", "global_options",
     "load_cli_model", "load_eval_data", "method_option", "model_options", "out_option", "output_dir",
     "parse_eps", "parse_floats", "parse_names",
 ]
@@ -124,6 +124,22 @@ def global_options(ctx: click.Context) -> GlobalOptions:
     """The root group's ``--seed``/``--device``/``--quiet`` (defaults when a command runs without the group)."""
     obj = ctx.find_root().obj
     return obj if isinstance(obj, GlobalOptions) else GlobalOptions(seed=0, device="auto", quiet=False)
+
+
+class PositiveFloat(click.FloatRange):
+    """A finite number > 0 (``click.FloatRange`` alone lets ``inf`` through, which makes no learning rate,
+    factor or time limit)."""
+
+    name = "positive number"
+
+    def __init__(self) -> None:
+        super().__init__(min=0, min_open=True)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 # ----------------------------------------------------------------------------------------------- model

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from robustkit.cli import Command, UserError
-from robustkit.cli.options import global_options, output_dir, parse_eps
+from robustkit.cli.options import PositiveFloat, global_options, output_dir, parse_eps
 from robustkit.data import DATASETS
 from robustkit.models import MODELS
 from robustkit.trainers import TRAINERS, EpochRecord, TrainConfig, Trainer
@@ -260,7 +260,7 @@ def _describe(trainer: Trainer) -> str:
               help="Passes over the training samples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_default("batch_size"), show_default=True,
               metavar="B", help="Samples per optimizer step (shared out among the processes under torchrun).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_default("lr"), show_default=True,
+@click.option("--lr", type=PositiveFloat(), default=_default("lr"), show_default=True,
               help="Adam learning rate (step schedule: x0.2 at 60% and 85% of the epochs).")
 @click.option("--k", type=click.IntRange(min=1), metavar="K",
               help=f"mixtrain: points per batch given the robust loss [default: {_trainer_default('mixtrain', 'k')}].")
@@ -274,7 +274,7 @@ def _describe(trainer: Trainer) -> str:
               help="Epochs at eps 0 before the eps ramp.")
 @click.option("--ramp-epochs", type=click.IntRange(min=0), default=_default("ramp_epochs"), show_default=True,
               help="Epochs over which the training eps grows linearly to eps x --eps-factor.")
-@click.option("--eps-factor", type=click.FloatRange(min=0, min_open=True), default=_default("eps_factor"),
+@click.option("--eps-factor", type=PositiveFloat(), default=_default("eps_factor"),
               show_default=True, help="Train at this multiple of --eps (monitoring stays at --eps).")
 @click.option("--val-size", type=click.IntRange(min=0), default=_default("val_size"), show_default=True,
               help="Monitor after every epoch on the first V samples of the TEST split (0: no monitoring).")

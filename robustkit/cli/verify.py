@@ -21,6 +21,7 @@ from robustkit.cli import Command
 from robustkit.cli.options import (
     DataArgs,
     ModelArgs,
+    PositiveFloat,
     accepts_option,
     data_options,
     eps_option,
@@ -127,7 +128,7 @@ def format_summary(runs: Sequence[MethodRun], labels: Tensor) -> str:
 @data_options
 @eps_option()
 @method_option(VERIFIERS, "verifier")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+@click.option("--timeout", type=PositiveFloat(), metavar="S",
               help="Time limit in seconds per sample for methods that take one (the exact verifier).")
 @out_option("verify")
 @click.pass_context

@@ -195,6 +195,14 @@ def _apply_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) -
         problems.append(f"shape mismatch {mismatched[:3]}")
     if problems:
         raise ModelLoadError(f"{source} does not fit the model: {'; '.join(problems)}")
+    # load_state_dict would silently cast integer tensors into the float weights; a weights file has floats
+    not_float = [f"{k} ({str(state[k].dtype).removeprefix('torch.')})" for k, v in expected.items()
+                 if v.is_floating_point() and not state[k].is_floating_point()]
+    if not_float:
+        raise ModelLoadError(
+            f"{source} holds non-floating-point tensors where the model has floating-point weights: "
+            f"{', '.join(not_float[:5])}; save the trained weights with torch.save(model.state_dict(), FILE)"
+        )
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ModelLoadError(f"{source} holds NaN or infinite values in {bad[:5]}")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.data import Split
-from robustkit.errors import InputError
+from robustkit.errors import InputError, NonFiniteError
 from robustkit.progress import progress
 from robustkit.trainers import distributed
 from robustkit.trainers.schedules import EpsSchedule, LRSchedule
@@ -253,6 +253,10 @@ class Trainer(ABC):
                 eps = eps_schedule(epoch, batch, batches)
                 state.ramp_progress = eps_schedule.progress(epoch, batch, batches)
                 parts = self.batch_loss(x, y, eps, state)
+                where = Divergence(epoch + 1, batch + 1, batches, lr, path, len(history))
+                # every process learns of a non-finite loss anywhere, so all of them stop at the same batch
+                if distributed.all_sum([float(not bool(torch.isfinite(parts.loss.detach())))], info, device)[0]:
+                    raise where.error(f"the loss is {float(parts.loss.detach())}")
                 optimizer.zero_grad(set_to_none=True)
                 # DDP averages gradients over processes; weighting by the share keeps it the batch mean
                 share = len(index) * info.world / len(whole)
@@ -261,6 +265,10 @@ class Trainer(ABC):
                 if config.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
+                # the weights are the same in every process (DDP averages the gradients)
+                broken = non_finite_parameters(model)
+                if broken:
+                    raise where.error(f"the optimizer step left NaN or infinite weights in {', '.join(broken[:3])}")
                 robust_seen = not math.isnan(parts.robust)
                 sums = [a + b for a, b in zip(sums, [
                     float(parts.loss.detach()), parts.natural, parts.robust if robust_seen else 0.0,
@@ -292,6 +300,40 @@ class Trainer(ABC):
         model.eval()
         return TrainResult(model=model, history=tuple(history), config=config, trainer=repr(self),
                            train_time_s=train_time)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where training is when a batch goes wrong, to say so in the error (see :meth:`error`)."""
+
+    epoch: int  # 1-based, like the history
+    batch: int  # 1-based
+    batches: int
+    lr: float
+    checkpoint: Path | None
+    epochs_done: int
+
+    def error(self, what: str) -> NonFiniteError:
+        """The one-line error: what went wrong, where, and what is kept."""
+        if self.checkpoint is None:
+            kept = "nothing was saved (no checkpoint file)"
+        elif self.epochs_done:
+            kept = (f"{self.checkpoint} and the history still hold the last good epoch ({self.epochs_done}); "
+                    "the model of this epoch is discarded")
+        else:
+            kept = "no epoch finished, so no checkpoint was written"
+        return NonFiniteError(
+            f"training diverged at epoch {self.epoch}, batch {self.batch} of {self.batches}: {what} (learning "
+            f"rate {self.lr:g}; a smaller one, or grad_clip, usually helps); {kept}"
+        )
+
+
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """The names of the parameters holding NaN or infinite values (one synchronisation when all are finite)."""
+    named = list(model.named_parameters())
+    if not named or bool(torch.stack([torch.isfinite(p).all() for _, p in named]).all()):
+        return []
+    return [name for name, p in named if not bool(torch.isfinite(p).all())]
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
