@@ -22,8 +22,9 @@ import torch
 
 from robustkit.bench.config import BenchConfig, TrainerSpec
 from robustkit.bench.evaluate import evaluate_model
-from robustkit.data import Dataset, load_dataset
+from robustkit.data import Dataset, Split, load_dataset
 from robustkit.errors import InputError
+from robustkit.evaluation import take_samples
 from robustkit.io import atomic_write_text, json_value, torch_save_atomic, write_csv
 from robustkit.progress import progress
 from robustkit.runtime import PeakMemory
@@ -88,6 +89,32 @@ def plan(config: BenchConfig) -> list[Cell]:
     ]
 
 
+@dataclass(frozen=True, eq=False)
+class GridData:
+    """A dataset of the grid and the samples every cell uses: training, evaluation (the first ``n_test`` test
+    samples) and monitoring (the first ``val_size``), each checked to exist before anything is trained."""
+
+    dataset: Dataset
+    train: Split
+    test: Split
+    monitor: Split | None
+
+    @classmethod
+    def load(cls, name: str, config: BenchConfig) -> GridData:
+        """Load dataset ``name``; a count of the configuration beyond its splits is an error naming the key."""
+        dataset = load_dataset(name, config.data_dir)
+
+        def first(split: Split, n: int, which: str, key: str) -> Split:
+            return take_samples(split, 0, n or len(split), what=f"the {name} {which}", count=key)
+
+        train = first(dataset.train, config.n_train, "training split", "data.n_train")
+        test = first(dataset.test, config.n_test, "test split", "data.n_test")
+        monitor = first(dataset.test, config.val_size, "test split", "data.val_size") if config.val_size else None
+        if config.evaluation.eps_sweep and config.evaluation.sweep_n:
+            first(test, config.evaluation.sweep_n, "evaluated test samples", "evaluation.sweep_n")
+        return cls(dataset, train, test, monitor)
+
+
 def _versions() -> tuple[str, str]:
     from robustkit import __version__
 
@@ -125,15 +152,13 @@ def _train(cell: Cell, config: BenchConfig, train: Any, monitor: Any, folder: Pa
     return model, result, memory.peak_mb
 
 
-def run_cell(cell: Cell, config: BenchConfig, data: Dataset, folder: Path, device: str, resume: bool) -> CellOutcome:
+def run_cell(cell: Cell, config: BenchConfig, data: GridData, folder: Path, device: str, resume: bool) -> CellOutcome:
     """Train (or resume) and evaluate one cell; its ``result.json`` is written atomically at the end."""
     version, torch_version = _versions()
     folder.mkdir(parents=True, exist_ok=True)
-    train = data.train.subset(0, config.n_train or None)
-    test = data.test.subset(0, config.n_test or None)
-    monitor = data.test.subset(0, config.val_size) if config.val_size else None
-    model, result, train_memory = _train(cell, config, train, monitor, folder, device, resume)
-    evaluation = evaluate_model(model, data, test, cell.eps, config.evaluation, config.seed)
+    train, test = data.train, data.test
+    model, result, train_memory = _train(cell, config, train, data.monitor, folder, device, resume)
+    evaluation = evaluate_model(model, data.dataset, test, cell.eps, config.evaluation, config.seed)
     base = {"dataset": cell.dataset, "model": cell.model, "trainer": cell.trainer.label,
             "trainer_name": cell.trainer.name, "train_eps": cell.eps, "seed": config.seed}
     tail = {"robustkit_version": version, "torch_version": torch_version}
@@ -194,6 +219,7 @@ def run_bench(
 ) -> BenchRun:
     """Run (or resume) the whole grid into ``folder``; see the module docstring."""
     folder = Path(folder)
+    datasets = {name: GridData.load(name, config) for name in config.datasets}  # bad counts fail before any file
     _check_folder(folder, config, resume)
     folder.mkdir(parents=True, exist_ok=True)
     version, torch_version = _versions()
@@ -202,7 +228,6 @@ def run_bench(
             {"config": config.to_dict(), "robustkit_version": version, "torch_version": torch_version,
              "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
     cells = plan(config)
-    datasets: dict[str, Dataset] = {}
     outcomes: list[CellOutcome] = []
     for position, cell in enumerate(progress(cells, desc="bench cells", unit="cell")):
         cell_folder = folder / "cells" / cell.key
@@ -210,8 +235,6 @@ def run_bench(
         if resume and result_file.is_file():
             outcome = _load_outcome(cell, result_file)
         else:
-            if cell.dataset not in datasets:
-                datasets[cell.dataset] = load_dataset(cell.dataset, config.data_dir)
             outcome = run_cell(cell, config, datasets[cell.dataset], cell_folder, device, resume)
         outcomes.append(outcome)
         _write_tables(folder, outcomes)

@@ -219,14 +219,23 @@ def epoch_line(record: EpochRecord, epochs: int) -> str:
     )
 
 
-def load_training_data(dataset_name: str, data_dir: Path | None, n_train: int | None) -> tuple[Dataset, Split]:
-    """The dataset and its training split (the first ``n_train`` samples when given)."""
+def load_training_data(
+    dataset_name: str, data_dir: Path | None, n_train: int | None, val_size: int
+) -> tuple[Dataset, Split]:
+    """The dataset and its training split (the first ``n_train`` samples when given). Both ``--n-train`` and
+    ``--val-size`` (monitoring samples of the test split) must fit the data, as ``--n-examples`` must."""
     from robustkit.data import load_dataset
+    from robustkit.evaluation import take_samples
 
     dataset = load_dataset(dataset_name, data_dir)
     if len(dataset.train) == 0:
         raise UserError(f"the {dataset_name} files in {dataset.source} have no training split to train on")
-    return dataset, dataset.train if n_train is None else dataset.train.subset(0, n_train)
+    if val_size:
+        take_samples(dataset.test, 0, val_size, what=f"the {dataset_name} test split", count="--val-size")
+    if n_train is None:
+        return dataset, dataset.train
+    return dataset, take_samples(dataset.train, 0, n_train, what=f"the {dataset_name} training split",
+                                 count="--n-train")
 
 
 def check_model(model: str, dataset: Dataset) -> None:
@@ -317,10 +326,9 @@ def train(
         epochs=epochs, batch_size=batch_size, lr=lr, eps=eps, eps_factor=eps_factor, warmup_epochs=warmup_epochs,
         ramp_epochs=ramp_epochs, seed=options.seed, val_size=val_size, device=options.device,
     )
-    dataset, train_split = load_training_data(dataset_name, data_dir, n_train)
+    dataset, train_split = load_training_data(dataset_name, data_dir, n_train, val_size)
     check_model(model_name, dataset)
-    run = Run(trainer, config, model_name, dataset.name, data_dir, len(train_split),
-              min(val_size, len(dataset.test)), world)
+    run = Run(trainer, config, model_name, dataset.name, data_dir, len(train_split), val_size, world)
 
     if out is not None:
         folder = out

@@ -167,6 +167,9 @@ def test_standard_run_reports_nan_fields_as_missing(tmp_path: Path) -> None:
         (["--trainer", "standard", "--eps", "0.1,0.2"], ["give one training radius"]),
         (["--trainer", "standard", "--model", "toy2d"], ["toy2d takes 1x1x2 inputs", "1x28x28"]),
         (["--trainer", "standard", "--dataset", "mnist"], ["pass --data-dir"]),
+        (["--trainer", "standard", "--n-train", "100000"], ["--n-train 100000", "training split has 4000",
+                                                           "use --n-train 4000 or less"]),
+        (["--trainer", "standard", "--val-size", "1001"], ["--val-size 1001", "test split has 1000"]),
     ],
 )
 def test_user_errors_are_one_line_and_write_nothing(args: list[str], fragments: list[str], tmp_path: Path) -> None:
