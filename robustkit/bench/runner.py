@@ -129,7 +129,7 @@ def _check_folder(folder: Path, config: BenchConfig, resume: bool) -> None:
         return
     if not saved_file.is_file():
         raise InputError(f"cannot resume: {folder} holds no bench run (no config.json)")
-    saved = json.loads(saved_file.read_text())["config"]
+    saved = _read_json(saved_file, "config", "this folder cannot be resumed; start the run in a new --out")
     mine = json.loads(json.dumps(config.to_dict()))
     differing = sorted(k for k in set(saved) | set(mine) if k != "source" and saved.get(k) != mine.get(k))
     if differing:
@@ -190,8 +190,18 @@ def run_cell(cell: Cell, config: BenchConfig, data: GridData, folder: Path, devi
     return outcome
 
 
+def _read_json(file: Path, key: str, advice: str) -> Any:
+    """``json[key]`` of a file the bench wrote; a damaged file is an error naming it, with ``advice``."""
+    try:
+        return json.loads(file.read_text())[key]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise InputError(f"{file} is damaged (not the JSON file robustkit bench writes): {advice}") from None
+
+
 def _load_outcome(cell: Cell, file: Path) -> CellOutcome:
-    saved = json.loads(file.read_text())
+    saved = {key: _read_json(file, key, "delete it to evaluate that cell again")
+             for key in ("results", "epochs", "violations")}
+
     def restore(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{k: (float("nan") if v is None else v) for k, v in row.items()} for row in rows]
 

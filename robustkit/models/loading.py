@@ -162,14 +162,18 @@ def load_checkpoint(path: str | Path) -> Any:
         foreign = [g for g in _pickle_globals(path) if not g.startswith(("torch.", "collections.OrderedDict"))]
         if foreign:
             raise _unsafe(path, ", ".join(dict.fromkeys(foreign))) from None
-        first_line = message.splitlines()[0] if message else type(exc).__name__
-        raise ModelLoadError(
-            f"cannot read checkpoint {path}: corrupt or not a PyTorch weights file ({first_line})"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - garbage bytes reach the unpickler as any error at all
+        # torch's own first line here is about its weights_only default, which misleads: the file is broken
+        raise _damaged(path) from None
+    except Exception:  # noqa: BLE001 - garbage bytes reach the unpickler as any error at all
         # (KeyError for a memo reference it never stored, IndexError, TypeError, struct.error, ...)
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({first_line})") from None
+        raise _damaged(path) from None
+
+
+def _damaged(path: Path) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot read checkpoint {path}: the file is damaged (truncated or corrupt) or was not written by "
+        "torch.save"
+    )
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:

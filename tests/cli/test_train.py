@@ -196,3 +196,13 @@ def test_train_is_listed_with_its_options() -> None:
     for option in ("--trainer", "--k", "--schedule", "--method", "--steps", "--warmup-epochs", "--ramp-epochs",
                    "--eps-factor", "--val-size", "--n-train", "--resume", "mixtrain", "verifiable"):
         assert option in helped.output, option
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run("train", "--trainer", "standard", *SMALL, "--epochs", "1", "--out", str(out)).exit_code == 0
+    checkpoint = out / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:300])
+    line = one_line_error(run("train", "--trainer", "standard", *SMALL, "--epochs", "1", "--out", str(out),
+                              "--resume"), f"cannot read checkpoint {checkpoint}: the file is damaged")
+    assert "weights_only" not in line
