@@ -27,6 +27,7 @@ from robustkit.errors import InputError
 from robustkit.evaluation import take_samples
 from robustkit.io import atomic_write_text, json_value, torch_save_atomic, write_csv
 from robustkit.progress import progress
+from robustkit.runlock import LOCK_FILE, run_lock
 from robustkit.runtime import PeakMemory
 
 RESULT_COLUMNS = ("dataset", "model", "trainer", "trainer_name", "train_eps", "eval_eps", "metric", "value", "n",
@@ -124,7 +125,7 @@ def _versions() -> tuple[str, str]:
 def _check_folder(folder: Path, config: BenchConfig, resume: bool) -> None:
     saved_file = folder / "config.json"
     if not resume:
-        if folder.exists() and any(folder.iterdir()):
+        if any(entry.name != LOCK_FILE for entry in folder.iterdir()):
             raise InputError(f"output folder {folder} is not empty: use --resume to continue that run or a new --out")
         return
     if not saved_file.is_file():
@@ -226,31 +227,41 @@ def run_bench(
     resume: bool = False,
     device: str = "cpu",
     on_cell: Callable[[CellOutcome, int, int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> BenchRun:
-    """Run (or resume) the whole grid into ``folder``; see the module docstring."""
+    """Run (or resume) the whole grid into ``folder``; see the module docstring.
+
+    The run holds the folder's lock (:func:`robustkit.runlock.run_lock`) from the first check to the report,
+    so a second run on the same folder fails at once instead of redoing or overwriting cells; ``on_note``
+    receives the note when a stale lock of a killed run is taken over. ``on_start`` is called once the data
+    and the folder passed their checks, before the first cell.
+    """
     folder = Path(folder)
     datasets = {name: GridData.load(name, config) for name in config.datasets}  # bad counts fail before any file
-    _check_folder(folder, config, resume)
-    folder.mkdir(parents=True, exist_ok=True)
-    version, torch_version = _versions()
-    if not (folder / "config.json").is_file():
-        atomic_write_text(folder / "config.json", json.dumps(
-            {"config": config.to_dict(), "robustkit_version": version, "torch_version": torch_version,
-             "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
-    cells = plan(config)
-    outcomes: list[CellOutcome] = []
-    for position, cell in enumerate(progress(cells, desc="bench cells", unit="cell")):
-        cell_folder = folder / "cells" / cell.key
-        result_file = cell_folder / "result.json"
-        if resume and result_file.is_file():
-            outcome = _load_outcome(cell, result_file)
-        else:
-            outcome = run_cell(cell, config, datasets[cell.dataset], cell_folder, device, resume)
-        outcomes.append(outcome)
-        _write_tables(folder, outcomes)
-        if on_cell is not None:
-            on_cell(outcome, position + 1, len(cells))
-    from robustkit.reports.build import build_report
+    with run_lock(folder, "robustkit bench" + (" --resume" if resume else ""), on_note):
+        _check_folder(folder, config, resume)
+        if on_start is not None:
+            on_start()
+        version, torch_version = _versions()
+        if not (folder / "config.json").is_file():
+            atomic_write_text(folder / "config.json", json.dumps(
+                {"config": config.to_dict(), "robustkit_version": version, "torch_version": torch_version,
+                 "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+        cells = plan(config)
+        outcomes: list[CellOutcome] = []
+        for position, cell in enumerate(progress(cells, desc="bench cells", unit="cell")):
+            cell_folder = folder / "cells" / cell.key
+            result_file = cell_folder / "result.json"
+            if resume and result_file.is_file():
+                outcome = _load_outcome(cell, result_file)
+            else:
+                outcome = run_cell(cell, config, datasets[cell.dataset], cell_folder, device, resume)
+            outcomes.append(outcome)
+            _write_tables(folder, outcomes)
+            if on_cell is not None:
+                on_cell(outcome, position + 1, len(cells))
+        from robustkit.reports.build import build_report
 
-    files = build_report(folder)
+        files = build_report(folder)
     return BenchRun(folder, tuple(outcomes), tuple(files))

@@ -325,16 +325,25 @@ def out_option(command: str) -> Decorator:
 
 
 def output_dir(out: Path | None, command: str) -> Path:
-    """Create and return ``out``, or a new ``runs/<command>-YYYYmmdd-HHMMSS`` folder when it is None."""
-    if out is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = Path("runs") / f"{command}-{stamp}"
-        out, suffix = base, 1
-        while out.exists():
-            suffix += 1
-            out = base.with_name(f"{base.name}-{suffix}")
+    """Create and return ``out``, or a new ``runs/<command>-YYYYmmdd-HHMMSS`` folder when it is None.
+
+    A default folder is created atomically (``mkdir`` without ``exist_ok``), so two commands started in the
+    same second get folders of their own (the second with a ``-2`` suffix).
+    """
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            return out
+        base = Path("runs") / f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in range(1, 1000):
+            candidate = base if suffix == 1 else base.with_name(f"{base.name}-{suffix}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            return candidate
+        raise UserError(f"cannot create a new output folder next to {str(base)!r}: 999 of that name exist")
     except OSError as exc:
-        raise UserError(f"cannot create the output folder {str(out)!r}: {exc.strerror or exc}") from None
-    return out
+        folder = out if out is not None else Path("runs")
+        raise UserError(f"cannot create the output folder {str(folder)!r}: {exc.strerror or exc}") from None

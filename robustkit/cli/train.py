@@ -313,6 +313,7 @@ def train(
     from robustkit.io import atomic_write_text, torch_save_atomic
     from robustkit.models import build_model
     from robustkit.progress import set_progress
+    from robustkit.runlock import run_lock
 
     options = global_options(ctx)
     trainer = make_trainer(trainer_name, {"k": k, "schedule": schedule, "method": method, "steps": steps})
@@ -336,6 +337,9 @@ def train(
         folder = output_dir(None, "train")
     else:  # only rank 0 writes, so the other processes' folder is only a name (they may not agree on the time)
         folder = Path("runs") / "train"
+    if main_process:  # held until the command ends, however it ends (see robustkit.runlock)
+        ctx.with_resource(run_lock(folder, "robustkit train" + (" --resume" if resume else ""),
+                                   lambda note: click.echo(f"Note: {note}.", err=True)))
     checkpoint = folder / "checkpoint.pt"
     history: list[EpochRecord] = []
     if resume:
@@ -346,7 +350,6 @@ def train(
             "another --out"
         )
     if main_process:
-        output_dir(folder, "train")
         atomic_write_text(folder / "config.json", json.dumps(run.to_json(), indent=2) + "\n")
         click.echo(
             f"Training {model_name} with {_describe(trainer)} on {run.n_train} {dataset.name} training samples: "

@@ -206,3 +206,17 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path: Path) -> None
     line = one_line_error(run("train", "--trainer", "standard", *SMALL, "--epochs", "1", "--out", str(out),
                               "--resume"), f"cannot read checkpoint {checkpoint}: the file is damaged")
     assert "weights_only" not in line
+
+
+def test_a_folder_locked_by_another_run_is_refused(tmp_path: Path) -> None:
+    import os
+
+    from robustkit.runlock import run_lock
+
+    out = tmp_path / "run"
+    with run_lock(out, "robustkit train"):
+        one_line_error(run("train", "--trainer", "standard", *SMALL, "--epochs", "1", "--out", str(out)),
+                       f"in use by another robustkit run: process {os.getpid()} (robustkit train")
+    assert not (out / "checkpoint.pt").exists()
+    assert run("train", "--trainer", "standard", *SMALL, "--epochs", "1", "--out", str(out)).exit_code == 0
+    assert not (out / "robustkit.lock").exists()  # released at the end of the run
