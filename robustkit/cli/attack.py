@@ -35,7 +35,7 @@ from robustkit.cli.options import (
     load_eval_data,
     model_options,
     out_option,
-    output_dir,
+    output_folder,
 )
 from robustkit.errors import InputError, UnknownNameError
 from robustkit.evaluation import worst_case
@@ -306,30 +306,30 @@ def attack(
         for note in notes:
             click.echo(f"Note: {note}.", err=True)
 
-    folder = output_dir(out, "attack")  # before the long part, so that a bad --out fails at once
-
     from robustkit.evaluation import predict, recheck, run_attack
 
-    clean_prediction = predict(model, data)
-    runs = [run for label, instance in built.items() for run in run_attack(model, data, label, instance, eps,
-                                                                            options.seed)]
-    problems = recheck(model, data, runs)
-    if problems:
-        for problem in problems[:MAX_REPORTED]:
-            click.echo(f"Error: re-check failed: {problem}", err=True)
-        raise click.ClickException(
-            f"{len(problems)} adversarial example(s) failed the re-check (a bug in the attack; first ones listed "
-            "above); no results were written"
-        )
-    written = write_results(folder, runs, data, clean_prediction, model_args, options.seed)
-    written.append(write_examples(folder, runs, data, clean_prediction))
-    if save_adv:
-        written.append(write_adversarial(folder, runs, data))
+    clean_prediction = predict(model, data)  # a model with NaN or infinite logits on these samples fails here
+    # before the long part, so that a bad --out fails at once
+    with output_folder(out, "attack") as folder:
+        runs = [run for label, instance in built.items() for run in run_attack(model, data, label, instance, eps,
+                                                                                options.seed)]
+        problems = recheck(model, data, runs)
+        if problems:
+            for problem in problems[:MAX_REPORTED]:
+                click.echo(f"Error: re-check failed: {problem}", err=True)
+            raise click.ClickException(
+                f"{len(problems)} adversarial example(s) failed the re-check (a bug in the attack; first ones listed "
+                "above); no results were written"
+            )
+        written = write_results(folder, runs, data, clean_prediction, model_args, options.seed)
+        written.append(write_examples(folder, runs, data, clean_prediction))
+        if save_adv:
+            written.append(write_adversarial(folder, runs, data))
 
-    click.echo(format_summary(runs, data, clean_prediction))
-    click.echo(
-        f"{data.n} test samples of {data.dataset.name} (indices {data.start} to {data.start + data.n - 1}). "
-        "Robust accuracy counts all of them: clean-misclassified samples count as broken. The worst case is per "
-        "sample: broken when any of the attacks breaks it."
-    )
-    click.echo(f"Wrote {', '.join(str(path) for path in written)}.")
+        click.echo(format_summary(runs, data, clean_prediction))
+        click.echo(
+            f"{data.n} test samples of {data.dataset.name} (indices {data.start} to {data.start + data.n - 1}). "
+            "Robust accuracy counts all of them: clean-misclassified samples count as broken. The worst case is per "
+            "sample: broken when any of the attacks breaks it."
+        )
+        click.echo(f"Wrote {', '.join(str(path) for path in written)}.")

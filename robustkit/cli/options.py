@@ -20,7 +20,8 @@ import functools
 import inspect
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DataArgs", "ModelArgs", "PositiveFloat", "accepts_option", "data_options", "eps_option", "global_options",
     "load_cli_model", "load_eval_data", "method_option", "model_options", "out_option", "output_dir",
-    "parse_eps", "parse_floats", "parse_names",
+    "output_folder", "parse_eps", "parse_floats", "parse_names",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -322,6 +323,24 @@ def out_option(command: str) -> Decorator:
         "--out", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
         help=f"Folder for the result files (created; default runs/{command}-<date>-<time>).",
     )
+
+
+@contextmanager
+def output_folder(out: Path | None, command: str) -> Iterator[Path]:
+    """:func:`output_dir` around a command's work: when the block fails, the folders this call created (the
+    output folder and its missing parents) are removed again if still empty, so a user error found late, such
+    as an unsupported layer, leaves nothing behind."""
+    chain = [Path("runs")] if out is None else [out, *out.parents]
+    created = [folder for folder in chain if not folder.exists()]
+    folder = output_dir(out, command)
+    try:
+        yield folder
+    except BaseException:
+        for made in sorted({folder, *created} if out is None else created, key=lambda p: len(p.parts),
+                           reverse=True):
+            with suppress(OSError):  # not empty (something was written after all): keep it
+                made.rmdir()
+        raise
 
 
 def output_dir(out: Path | None, command: str) -> Path:

@@ -31,7 +31,7 @@ from robustkit.cli.options import (
     method_option,
     model_options,
     out_option,
-    output_dir,
+    output_folder,
 )
 from robustkit.verifiers import VERIFIERS, Status
 
@@ -160,21 +160,21 @@ def verify(
     if timeout is not None and not any(accepts_option(VERIFIERS[m], TIME_LIMIT_OPTION) for m in methods):
         click.echo(f"Note: --timeout is ignored: none of {', '.join(methods)} takes a time limit.", err=True)
 
-    folder = output_dir(out, "verify")  # before the long part, so that a bad --out fails at once
+    # before the long part, so that a bad --out fails at once
+    with output_folder(out, "verify") as folder:
+        runs = run_verifiers(model, data, verifiers, eps)
+        conflicts = find_conflicts(runs, data)
+        write_results(folder, runs, data, model_args, options.seed)
 
-    runs = run_verifiers(model, data, verifiers, eps)
-    conflicts = find_conflicts(runs, data)
-    write_results(folder, runs, data, model_args, options.seed)
-
-    click.echo(format_summary(runs, data.split.y))
-    click.echo(
-        f"{data.n} test samples of {data.dataset.name} (indices {data.start} to {data.start + data.n - 1}); "
-        "verified accuracy counts all of them: misclassified samples are not verified."
-    )
-    click.echo(f"Wrote {folder / 'verify.csv'} and {folder / 'summary.csv'}.")
-    if conflicts:
-        for conflict in conflicts:
-            click.echo(f"Error: {conflict}", err=True)
-        raise click.ClickException(
-            f"{len(conflicts)} soundness conflict(s) between methods (listed above); results are in {folder}"
+        click.echo(format_summary(runs, data.split.y))
+        click.echo(
+            f"{data.n} test samples of {data.dataset.name} (indices {data.start} to {data.start + data.n - 1}); "
+            "verified accuracy counts all of them: misclassified samples are not verified."
         )
+        click.echo(f"Wrote {folder / 'verify.csv'} and {folder / 'summary.csv'}.")
+        if conflicts:
+            for conflict in conflicts:
+                click.echo(f"Error: {conflict}", err=True)
+            raise click.ClickException(
+                f"{len(conflicts)} soundness conflict(s) between methods (listed above); results are in {folder}"
+            )

@@ -71,6 +71,10 @@ class TrainConfig:
             raise InputError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.val_size < 0 or self.val_pgd_steps < 0:
             raise InputError("val_size and val_pgd_steps must be >= 0")
+        if not self.momentum >= 0 or not self.weight_decay >= 0:
+            raise InputError(f"momentum and weight_decay must be >= 0, got {self.momentum} and {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise InputError(f"grad_clip must be > 0 (or left out), got {self.grad_clip}")
         EpsSchedule(self.eps, self.warmup_epochs, self.ramp_epochs, self.ramp)
         LRSchedule(self.lr, self.lr_schedule, self.epochs)
 
