@@ -18,6 +18,10 @@ class InputError(RobustkitError, ValueError):
     """A value is out of range, has the wrong shape, or contains NaN."""
 
 
+class NonFiniteError(InputError):
+    """A model's outputs, a training loss or trained weights hold NaN or infinite values."""
+
+
 class UnknownNameError(RobustkitError, LookupError):
     """A name is not in a registry; the message lists close matches and the valid choices."""
 

@@ -24,6 +24,17 @@ def one_line_error(result: Any, *fragments: str) -> str:
     return lines[0]
 
 
+def error_after_output(result: Any, *fragments: str) -> str:
+    """Assert a CLI result that printed progress (on stdout) ended as a user error: exit code 2 and a single
+    ``Error: ...`` line on stderr with ``fragments``."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """The header and the rows of a CSV file."""
     with path.open(newline="") as handle:

@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 import math
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,12 +24,18 @@ TRAIN_KEYS = tuple(
     f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("eps", "seed", "device", "val_size")
 )
 EXACT_CHOICES = ("auto", "true", "false")
+# evaluation keys with a lower bound: (key, bound, whether the bound itself is excluded)
+EVALUATION_RANGES = (("pgd_steps", 1, False), ("pgd_restarts", 1, False), ("cw_steps", 1, False),
+                     ("exact_max_relus", 0, False), ("exact_time_limit", 0, True), ("sweep_n", 0, False),
+                     ("batch_size", 1, False))
 
 
-def _fail(key: str, message: str, choices: list[str] | tuple[str, ...] = ()) -> InputError:
+def _fail(key: str, message: str, choices: list[str] | tuple[str, ...] = (), near: str | None = None) -> InputError:
+    """The error for ``key``; with ``choices``, the valid ones and those close to ``near`` (default: the key's
+    last part, for an unknown key; pass the offending value for an unknown name)."""
     hint = ""
     if choices:
-        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(choices), n=2)
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1] if near is None else near, list(choices), n=2)
         hint = (f" Did you mean {', '.join(repr(c) for c in close)}?" if close else "") + \
             f" Valid: {', '.join(choices)}."
     return InputError(f"bench config: {key}: {message}.{hint}")
@@ -80,6 +88,37 @@ class BenchConfig:
         return dataclasses.asdict(self)
 
 
+_KINDS = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+
+
+def _typed(key: str, value: Any, cls: type) -> None:
+    """Check a TOML value against the type that ``cls`` (a dataclass) declares for the field ``key`` names.
+
+    An integer is a number too, ``true``/``false`` are no numbers, numbers are finite; ``X | None`` fields take
+    an X (TOML has no null); list and table fields are checked by their own code.
+    """
+    declared = typing.get_type_hints(cls)[key.rsplit(".", 1)[-1]]
+    options = typing.get_args(declared) if isinstance(declared, types.UnionType) else (declared,)
+    wanted = next((t for t in options if t in _KINDS), None)
+    if wanted is None:
+        return
+    if wanted is bool:
+        fits = isinstance(value, bool)
+    elif wanted is int:
+        fits = isinstance(value, int) and not isinstance(value, bool)
+    elif wanted is float:
+        fits = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        fits = isinstance(value, str)
+    if not fits:
+        raise _fail(key, f"must be {_KINDS[wanted]}, got {value!r}")
+
+
+def _at_least(key: str, value: Any, low: float, *, strict: bool = False) -> None:
+    if value < low or (strict and value == low):
+        raise _fail(key, f"must be {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
 def _section(raw: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
     value = raw.get(key, {})
     if not isinstance(value, Mapping):
@@ -97,7 +136,7 @@ def _names(value: Any, key: str, registry: Mapping[str, Any], kind: str) -> tupl
         raise _fail(key, f"must be a non-empty list of {kind} names")
     for name in value:
         if name not in registry:
-            raise _fail(key, f"unknown {kind} {name!r}", tuple(registry))
+            raise _fail(key, f"unknown {kind} {name!r}", tuple(registry), near=name)
     return tuple(value)
 
 
@@ -118,16 +157,18 @@ def _trainer(label: str, raw: Any, defaults: dict[str, Any]) -> TrainerSpec:
     if not isinstance(raw, Mapping):
         raise _fail(f"trainers.{label}", "must be a table")
     name = raw.get("trainer", label)
-    if name not in TRAINERS:
-        raise _fail(f"trainers.{label}.trainer", f"unknown trainer {name!r}", tuple(TRAINERS))
+    if not isinstance(name, str) or name not in TRAINERS:
+        raise _fail(f"trainers.{label}.trainer", f"unknown trainer {name!r}", tuple(TRAINERS), near=str(name))
     option_names = tuple(f.name for f in dataclasses.fields(TRAINERS[name]) if f.init)
     options, training = {}, dict(defaults)
     for key, value in raw.items():
         if key == "trainer":
             continue
         if key in TRAIN_KEYS:
+            _typed(f"trainers.{label}.{key}", value, TrainConfig)
             training[key] = value
         elif key in option_names:
+            _typed(f"trainers.{label}.{key}", value, TRAINERS[name])
             options[key] = value
         else:
             raise _fail(f"trainers.{label}.{key}", f"unknown option of trainer {name!r}", option_names + TRAIN_KEYS)
@@ -151,22 +192,30 @@ def parse_config(raw: Mapping[str, Any], source: str) -> BenchConfig:
     grid = _section(raw, "grid", ("datasets", "models", "eps", "trainers"))
     data = _section(raw, "data", ("data_dir", "n_train", "n_test", "val_size"))
     training = _section(raw, "training", TRAIN_KEYS)
+    for key, value in training.items():
+        _typed(f"training.{key}", value, TrainConfig)
     evaluation = _section(raw, "evaluation", tuple(f.name for f in dataclasses.fields(EvaluationSettings)))
+    for key, value in evaluation.items():
+        if key != "exact":  # exact takes true and false as well as "auto", "true" and "false"
+            _typed(f"evaluation.{key}", value, EvaluationSettings)
+    for key, low, strict in EVALUATION_RANGES:
+        if key in evaluation:
+            _at_least(f"evaluation.{key}", evaluation[key], low, strict=strict)
     trainer_tables = raw.get("trainers", {})
     if not isinstance(trainer_tables, Mapping):
         raise _fail("trainers", "must be a table of trainer tables")
     labels = grid.get("trainers", list(trainer_tables))
     if isinstance(labels, str):
         labels = [labels]
-    if not isinstance(labels, list) or not labels:
-        raise _fail("grid.trainers", "must be a non-empty list of trainer labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(label, str) for label in labels):
+        raise _fail("grid.trainers", f"must be a non-empty list of trainer labels, got {labels!r}")
     from robustkit.trainers import TRAINERS
 
     specs = []
     for label in labels:
         if label not in trainer_tables and label not in TRAINERS:
             raise _fail("grid.trainers", f"{label!r} is neither a [trainers.{label}] table nor a trainer name",
-                        tuple(trainer_tables) + tuple(TRAINERS))
+                        tuple(trainer_tables) + tuple(TRAINERS), near=label)
         specs.append(_trainer(label, trainer_tables.get(label, {"trainer": label}), training))
     for spec in specs:
         try:
@@ -176,13 +225,16 @@ def parse_config(raw: Mapping[str, Any], source: str) -> BenchConfig:
     datasets = _names(grid.get("datasets", ["mnist5k"]), "grid.datasets", DATASETS, "dataset")
     models = _names(grid.get("models", ["mnist_small"]), "grid.models", MODELS, "model")
     eps = _eps_list(grid.get("eps", [0.1]), "grid.eps")
+    if "data_dir" in data:
+        _typed("data.data_dir", data["data_dir"], BenchConfig)
     data_dir = data.get("data_dir") or None
     for dataset in datasets:
         if DATASETS[dataset].info.needs_data_dir and data_dir is None:
             raise _fail("data.data_dir", f"dataset {dataset!r} is read from files: set data.data_dir (or --data-dir)")
     for key in ("n_train", "n_test", "val_size"):
-        if key in data and (not isinstance(data[key], int) or data[key] < 0):
-            raise _fail(f"data.{key}", "must be an integer >= 0")
+        if key in data:
+            _typed(f"data.{key}", data[key], BenchConfig)
+            _at_least(f"data.{key}", data[key], 0)
     settings = dict(evaluation)
     for key in ("verifiers",):
         if key in settings:
@@ -194,10 +246,20 @@ def parse_config(raw: Mapping[str, Any], source: str) -> BenchConfig:
     if "exact" in settings:
         settings["exact"] = str(settings["exact"]).lower()
         if settings["exact"] not in EXACT_CHOICES:
-            raise _fail("evaluation.exact", f"{settings['exact']!r} is not a choice", EXACT_CHOICES)
+            raise _fail("evaluation.exact", f"{settings['exact']!r} is not a choice", EXACT_CHOICES,
+                        near=settings["exact"])
     if "interval_attack" in settings:
         from robustkit.attacks import IntervalAttack
 
+        attack_options = settings["interval_attack"]
+        if not isinstance(attack_options, Mapping):
+            raise _fail("evaluation.interval_attack", f"must be a table of IntervalAttack options, got "
+                        f"{attack_options!r}")
+        allowed = tuple(f.name for f in dataclasses.fields(IntervalAttack) if f.init)
+        for key, value in attack_options.items():
+            if key not in allowed:
+                raise _fail(f"evaluation.interval_attack.{key}", "unknown option", allowed)
+            _typed(f"evaluation.interval_attack.{key}", value, IntervalAttack)
         try:
             IntervalAttack(**settings["interval_attack"])
         except (InputError, TypeError) as exc:

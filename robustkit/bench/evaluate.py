@@ -1,24 +1,38 @@
-"""Evaluation of one trained model: clean accuracy, attacks, verifiers, an eps sweep, and consistency checks.
+"""Evaluation of one trained model as the bench's measurements: clean accuracy, attacks, verifiers, an eps
+sweep, and consistency checks, all through :mod:`robustkit.evaluation` (the path the commands take).
 
 Every accuracy counts all n test samples: a clean-misclassified sample counts as broken by every attack and as
-not verified. Per sample, a verified sample must not be broken by any attack, and verified <= worst-case attack
-<= clean accuracy; every violation is recorded (and fails the benchmark run). The exact verifier, where it
-runs, decides only the samples that no other verifier verified and no attack broke.
+not verified. Per sample, a verified sample must not be broken by any attack nor falsified by another verifier,
+every adversarial example must pass its re-check, and verified <= worst-case attack <= clean accuracy; every
+violation is recorded (and fails the benchmark run). The exact verifier, where it runs, decides only the
+samples that no other verifier verified and no attack broke.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from robustkit.bench.config import EvaluationSettings
-from robustkit.data import Split
+from robustkit.data import Dataset, Split
+from robustkit.evaluation import (
+    EvalData,
+    find_conflicts,
+    model_device,
+    order_violation,
+    predict,
+    recheck,
+    robustness_counts,
+    run_attack,
+    run_verifiers,
+    verified_but_broken,
+    worst_case,
+)
 from robustkit.progress import progress
-from robustkit.runtime import PeakMemory
+from robustkit.runtime import PeakMemory, make_generator
 
 
 @dataclass(frozen=True)
@@ -65,75 +79,52 @@ def _fraction(mask: Tensor) -> float:
     return int(mask.sum()) / max(mask.numel(), 1)
 
 
-def _batched(x: Tensor, y: Tensor, size: int, run: Callable[[Tensor, Tensor], Tensor], desc: str) -> Tensor:
-    parts = [run(x[i : i + size], y[i : i + size]) for i in progress(range(0, len(y), size), desc=desc, unit="batch")]
-    return torch.cat(parts)
-
-
 def evaluate_model(
-    model: nn.Module, test: Split, eps: float, settings: EvaluationSettings, seed: int, device: torch.device,
+    model: nn.Module, dataset: Dataset, test: Split, eps: float, settings: EvaluationSettings, seed: int,
 ) -> Evaluation:
-    """Evaluate ``model`` (eval mode) on ``test`` at radius ``eps``; see the module docstring."""
+    """Evaluate ``model`` (eval mode) on ``test`` (the first test samples of ``dataset``) at radius ``eps``; see
+    the module docstring."""
     from robustkit.attacks import PGD, CWLinf, IntervalAttack
-    from robustkit.attacks.base import Attack
-    from robustkit.verifiers import Status, get_verifier, verify_many
+    from robustkit.verifiers import Status, get_verifier
 
     model.eval()
-    x, y = test.x.to(device), test.y.to(device)
-    n = len(y)
+    data = EvalData(dataset, test, 0, settings.batch_size)
+    n = data.n
     measurements: list[Measurement] = []
     started = time.perf_counter()
     with PeakMemory() as memory:
-        def predict(a: Tensor, b: Tensor) -> Tensor:
-            with torch.no_grad():
-                correct: Tensor = model(a).argmax(1) == b
-            return correct
-
-        correct = _batched(x, y, settings.batch_size, predict, "clean")
+        correct = predict(model, data) == test.y
         measurements.append(Measurement("clean_acc", eps, _fraction(correct), n, 0.0))
         attacks = {
             "pgd_acc": PGD(steps=settings.pgd_steps, restarts=settings.pgd_restarts),
             "cw_acc": CWLinf(steps=settings.cw_steps),
             "interval_attack_acc": IntervalAttack(**settings.interval_attack),
         }
-        broken_any = ~correct
-        for metric, attack in attacks.items():
-            generator = torch.Generator(device=device).manual_seed(seed)
-            clock = time.perf_counter()
-
-            def run(a: Tensor, b: Tensor, attack: Attack = attack, generator: torch.Generator = generator) -> Tensor:
-                return attack(model, a, b, eps=eps, generator=generator).success
-
-            broken = _batched(x, y, settings.batch_size, run, metric.removesuffix("_acc"))
-            broken_any |= broken
-            measurements.append(Measurement(metric, eps, _fraction(~broken), n,
-                                            time.perf_counter() - clock, repr(attack)))
+        runs = [run for metric, attack in attacks.items()
+                for run in run_attack(model, data, metric.removesuffix("_acc"), attack, [eps], seed)]
+        for metric, run in zip(attacks, runs, strict=True):
+            measurements.append(Measurement(metric, eps, _fraction(~run.success), n, run.time_s, run.config))
+        violations = [f"re-check failed: {problem}" for problem in recheck(model, data, runs)]
+        broken_any = worst_case(runs, eps) | ~correct
         measurements.append(Measurement("worst_attack_acc", eps, _fraction(~broken_any), n, 0.0))
-        verified_any = torch.zeros(n, dtype=torch.bool, device=device)
-        violations: list[str] = []
-        statuses: dict[str, list[Status]] = {name: [] for name in settings.verifiers}
-        seconds = dict.fromkeys(settings.verifiers, 0.0)
-        for i in progress(range(0, n, settings.batch_size), desc="verify", unit="batch"):
-            batch = verify_many(model, x[i : i + settings.batch_size], y[i : i + settings.batch_size], eps,
-                                list(settings.verifiers))
-            for name, result in batch.items():
-                statuses[name] += result.status
-                seconds[name] += float(result.time_s.sum())
-        for name in settings.verifiers:
-            verified = torch.tensor([s is Status.VERIFIED for s in statuses[name]], device=device)
+        verifiers = {name: get_verifier(name) for name in settings.verifiers}
+        method_runs = run_verifiers(model, data, verifiers, [eps])
+        verified_any = torch.zeros(n, dtype=torch.bool)
+        for method_run in method_runs:
+            verified = method_run.verified(test.y)
             verified_any |= verified
-            measurements.append(Measurement(f"verified_{name}", eps, _fraction(verified), n, seconds[name],
-                                            repr(get_verifier(name))))
-            for index in (verified & broken_any).nonzero().flatten().tolist():
-                violations.append(f"test sample {index}: verified by {name} at eps {eps:g} but broken by an attack")
+            measurements.append(Measurement(f"verified_{method_run.method}", eps, _fraction(verified), n,
+                                            float(method_run.time_s.sum()), repr(verifiers[method_run.method])))
+        violations += verified_but_broken(method_runs, broken_any, data, eps)
+        violations += [str(conflict) for conflict in find_conflicts(method_runs, data)]
         if settings.exact == "true" or (settings.exact == "auto" and
-                                        exact_applicable(model, tuple(x.shape[1:]), settings.exact_max_relus)):
+                                        exact_applicable(model, dataset.input_shape, settings.exact_max_relus)):
             exact = get_verifier("exact", time_limit=settings.exact_time_limit)
             open_samples = (~verified_any & ~broken_any).nonzero().flatten()
             clock = time.perf_counter()
             exact_verified = verified_any.clone()
             if len(open_samples):
-                result = exact.verify(model, x[open_samples], y[open_samples], eps)
+                result = exact.verify(model, test.x[open_samples], test.y[open_samples], eps)
                 for position, status in zip(open_samples.tolist(), result.status, strict=True):
                     exact_verified[position] = status is Status.VERIFIED
             verified_any |= exact_verified
@@ -141,43 +132,39 @@ def evaluate_model(
                                             time.perf_counter() - clock, repr(exact)))
         best = _fraction(verified_any)
         measurements.append(Measurement("verified_best", eps, best, n, 0.0))
-        worst = _fraction(~broken_any)
-        clean = _fraction(correct)
-        if not best <= worst <= clean:
-            violations.append(f"accuracies out of order at eps {eps:g}: verified {best:.4f}, worst-case attack "
-                              f"{worst:.4f}, clean {clean:.4f} (must be verified <= attack <= clean)")
-        measurements += _sweep(model, x, y, settings, seed, device, eps)
+        violation = order_violation(best, _fraction(~broken_any), _fraction(correct), eps)
+        if violation is not None:
+            violations.append(violation)
+        measurements += _sweep(model, data, settings, seed, eps)
     return Evaluation(tuple(measurements), tuple(violations), time.perf_counter() - started, memory.peak_mb)
 
 
-def _sweep(
-    model: nn.Module, x: Tensor, y: Tensor, settings: EvaluationSettings, seed: int, device: torch.device,
-    train_eps: float,
-) -> list[Measurement]:
+SWEEP_PGD_STEPS = 20
+SWEEP_METHODS = ("interval", "symbolic")
+
+
+def _sweep(model: nn.Module, data: EvalData, settings: EvaluationSettings, seed: int,
+           train_eps: float) -> list[Measurement]:
     """Clean, PGD and interval/symbolic-verified accuracy at several eps on the first ``sweep_n`` samples
     (the training eps itself is measured on all test samples, so the sweep leaves it out)."""
     from robustkit.attacks import PGD
-    from robustkit.verifiers import verify
 
     if not settings.eps_sweep or settings.sweep_n == 0:
         return []
-    x, y = x[: settings.sweep_n], y[: settings.sweep_n]
+    x, y = data.split.x[: settings.sweep_n], data.split.y[: settings.sweep_n]
     n = len(y)
     rows = []
-    with torch.no_grad():
-        clean = _fraction(model(x).argmax(1) == y)
+    what = f"the {data.dataset.name} test split"
     for eps in progress([e for e in settings.eps_sweep if e != train_eps], desc="eps sweep", unit="eps"):
-        rows.append(Measurement("clean_acc", eps, clean, n, 0.0))
-        clock = time.perf_counter()
-        attack = PGD(steps=20)
-        generator = torch.Generator(device=device).manual_seed(seed)
-        robust = ~attack(model, x, y, eps=eps, generator=generator).success
-        rows.append(Measurement("pgd_acc", eps, _fraction(robust), n, time.perf_counter() - clock,
-                                repr(attack)))
-        for method in ("interval", "symbolic"):
-            clock = time.perf_counter()
-            verified = torch.cat([verify(model, x[i : i + settings.batch_size], y[i : i + settings.batch_size], eps,
-                                         method=method).verified for i in range(0, n, settings.batch_size)])
-            rows.append(Measurement(f"verified_{method}", eps, _fraction(verified), n,
-                                    time.perf_counter() - clock))
+        generator = make_generator(seed, model_device(model))
+        counts = [robustness_counts(model, x[i : i + settings.batch_size], y[i : i + settings.batch_size], eps,
+                                    pgd_steps=SWEEP_PGD_STEPS, methods=SWEEP_METHODS, generator=generator,
+                                    what=what)
+                  for i in range(0, n, settings.batch_size)]
+        rows.append(Measurement("clean_acc", eps, sum(c.clean for c in counts) / n, n, 0.0))
+        rows.append(Measurement("pgd_acc", eps, sum(c.pgd for c in counts) / n, n,
+                                sum(c.pgd_time_s for c in counts), repr(PGD(steps=SWEEP_PGD_STEPS))))
+        for method in SWEEP_METHODS:
+            rows.append(Measurement(f"verified_{method}", eps, sum(c.verified[method] for c in counts) / n, n,
+                                    sum(c.verify_time_s[method] for c in counts)))
     return rows

@@ -22,11 +22,13 @@ import torch
 
 from robustkit.bench.config import BenchConfig, TrainerSpec
 from robustkit.bench.evaluate import evaluate_model
-from robustkit.data import Dataset, load_dataset
+from robustkit.data import Dataset, Split, load_dataset
 from robustkit.errors import InputError
+from robustkit.evaluation import take_samples
 from robustkit.io import atomic_write_text, json_value, torch_save_atomic, write_csv
 from robustkit.progress import progress
-from robustkit.runtime import PeakMemory, resolve_device
+from robustkit.runlock import LOCK_FILE, run_lock
+from robustkit.runtime import PeakMemory
 
 RESULT_COLUMNS = ("dataset", "model", "trainer", "trainer_name", "train_eps", "eval_eps", "metric", "value", "n",
                   "time_s", "seed", "robustkit_version", "torch_version", "config")
@@ -88,6 +90,32 @@ def plan(config: BenchConfig) -> list[Cell]:
     ]
 
 
+@dataclass(frozen=True, eq=False)
+class GridData:
+    """A dataset of the grid and the samples every cell uses: training, evaluation (the first ``n_test`` test
+    samples) and monitoring (the first ``val_size``), each checked to exist before anything is trained."""
+
+    dataset: Dataset
+    train: Split
+    test: Split
+    monitor: Split | None
+
+    @classmethod
+    def load(cls, name: str, config: BenchConfig) -> GridData:
+        """Load dataset ``name``; a count of the configuration beyond its splits is an error naming the key."""
+        dataset = load_dataset(name, config.data_dir)
+
+        def first(split: Split, n: int, which: str, key: str) -> Split:
+            return take_samples(split, 0, n or len(split), what=f"the {name} {which}", count=key)
+
+        train = first(dataset.train, config.n_train, "training split", "data.n_train")
+        test = first(dataset.test, config.n_test, "test split", "data.n_test")
+        monitor = first(dataset.test, config.val_size, "test split", "data.val_size") if config.val_size else None
+        if config.evaluation.eps_sweep and config.evaluation.sweep_n:
+            first(test, config.evaluation.sweep_n, "evaluated test samples", "evaluation.sweep_n")
+        return cls(dataset, train, test, monitor)
+
+
 def _versions() -> tuple[str, str]:
     from robustkit import __version__
 
@@ -97,12 +125,12 @@ def _versions() -> tuple[str, str]:
 def _check_folder(folder: Path, config: BenchConfig, resume: bool) -> None:
     saved_file = folder / "config.json"
     if not resume:
-        if folder.exists() and any(folder.iterdir()):
+        if any(entry.name != LOCK_FILE for entry in folder.iterdir()):
             raise InputError(f"output folder {folder} is not empty: use --resume to continue that run or a new --out")
         return
     if not saved_file.is_file():
         raise InputError(f"cannot resume: {folder} holds no bench run (no config.json)")
-    saved = json.loads(saved_file.read_text())["config"]
+    saved = _read_json(saved_file, "config", "this folder cannot be resumed; start the run in a new --out")
     mine = json.loads(json.dumps(config.to_dict()))
     differing = sorted(k for k in set(saved) | set(mine) if k != "source" and saved.get(k) != mine.get(k))
     if differing:
@@ -125,15 +153,13 @@ def _train(cell: Cell, config: BenchConfig, train: Any, monitor: Any, folder: Pa
     return model, result, memory.peak_mb
 
 
-def run_cell(cell: Cell, config: BenchConfig, data: Dataset, folder: Path, device: str, resume: bool) -> CellOutcome:
+def run_cell(cell: Cell, config: BenchConfig, data: GridData, folder: Path, device: str, resume: bool) -> CellOutcome:
     """Train (or resume) and evaluate one cell; its ``result.json`` is written atomically at the end."""
     version, torch_version = _versions()
     folder.mkdir(parents=True, exist_ok=True)
-    train = data.train.subset(0, config.n_train or None)
-    test = data.test.subset(0, config.n_test or None)
-    monitor = data.test.subset(0, config.val_size) if config.val_size else None
-    model, result, train_memory = _train(cell, config, train, monitor, folder, device, resume)
-    evaluation = evaluate_model(model, test, cell.eps, config.evaluation, config.seed, resolve_device(device))
+    train, test = data.train, data.test
+    model, result, train_memory = _train(cell, config, train, data.monitor, folder, device, resume)
+    evaluation = evaluate_model(model, data.dataset, test, cell.eps, config.evaluation, config.seed)
     base = {"dataset": cell.dataset, "model": cell.model, "trainer": cell.trainer.label,
             "trainer_name": cell.trainer.name, "train_eps": cell.eps, "seed": config.seed}
     tail = {"robustkit_version": version, "torch_version": torch_version}
@@ -165,8 +191,18 @@ def run_cell(cell: Cell, config: BenchConfig, data: Dataset, folder: Path, devic
     return outcome
 
 
+def _read_json(file: Path, key: str, advice: str) -> Any:
+    """``json[key]`` of a file the bench wrote; a damaged file is an error naming it, with ``advice``."""
+    try:
+        return json.loads(file.read_text())[key]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise InputError(f"{file} is damaged (not the JSON file robustkit bench writes): {advice}") from None
+
+
 def _load_outcome(cell: Cell, file: Path) -> CellOutcome:
-    saved = json.loads(file.read_text())
+    saved = {key: _read_json(file, key, "delete it to evaluate that cell again")
+             for key in ("results", "epochs", "violations")}
+
     def restore(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{k: (float("nan") if v is None else v) for k, v in row.items()} for row in rows]
 
@@ -191,33 +227,41 @@ def run_bench(
     resume: bool = False,
     device: str = "cpu",
     on_cell: Callable[[CellOutcome, int, int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> BenchRun:
-    """Run (or resume) the whole grid into ``folder``; see the module docstring."""
-    folder = Path(folder)
-    _check_folder(folder, config, resume)
-    folder.mkdir(parents=True, exist_ok=True)
-    version, torch_version = _versions()
-    if not (folder / "config.json").is_file():
-        atomic_write_text(folder / "config.json", json.dumps(
-            {"config": config.to_dict(), "robustkit_version": version, "torch_version": torch_version,
-             "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
-    cells = plan(config)
-    datasets: dict[str, Dataset] = {}
-    outcomes: list[CellOutcome] = []
-    for position, cell in enumerate(progress(cells, desc="bench cells", unit="cell")):
-        cell_folder = folder / "cells" / cell.key
-        result_file = cell_folder / "result.json"
-        if resume and result_file.is_file():
-            outcome = _load_outcome(cell, result_file)
-        else:
-            if cell.dataset not in datasets:
-                datasets[cell.dataset] = load_dataset(cell.dataset, config.data_dir)
-            outcome = run_cell(cell, config, datasets[cell.dataset], cell_folder, device, resume)
-        outcomes.append(outcome)
-        _write_tables(folder, outcomes)
-        if on_cell is not None:
-            on_cell(outcome, position + 1, len(cells))
-    from robustkit.reports.build import build_report
+    """Run (or resume) the whole grid into ``folder``; see the module docstring.
 
-    files = build_report(folder)
+    The run holds the folder's lock (:func:`robustkit.runlock.run_lock`) from the first check to the report,
+    so a second run on the same folder fails at once instead of redoing or overwriting cells; ``on_note``
+    receives the note when a stale lock of a killed run is taken over. ``on_start`` is called once the data
+    and the folder passed their checks, before the first cell.
+    """
+    folder = Path(folder)
+    datasets = {name: GridData.load(name, config) for name in config.datasets}  # bad counts fail before any file
+    with run_lock(folder, "robustkit bench" + (" --resume" if resume else ""), on_note):
+        _check_folder(folder, config, resume)
+        if on_start is not None:
+            on_start()
+        version, torch_version = _versions()
+        if not (folder / "config.json").is_file():
+            atomic_write_text(folder / "config.json", json.dumps(
+                {"config": config.to_dict(), "robustkit_version": version, "torch_version": torch_version,
+                 "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+        cells = plan(config)
+        outcomes: list[CellOutcome] = []
+        for position, cell in enumerate(progress(cells, desc="bench cells", unit="cell")):
+            cell_folder = folder / "cells" / cell.key
+            result_file = cell_folder / "result.json"
+            if resume and result_file.is_file():
+                outcome = _load_outcome(cell, result_file)
+            else:
+                outcome = run_cell(cell, config, datasets[cell.dataset], cell_folder, device, resume)
+            outcomes.append(outcome)
+            _write_tables(folder, outcomes)
+            if on_cell is not None:
+                on_cell(outcome, position + 1, len(cells))
+        from robustkit.reports.build import build_report
+
+        files = build_report(folder)
     return BenchRun(folder, tuple(outcomes), tuple(files))

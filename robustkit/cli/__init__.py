@@ -40,6 +40,22 @@ class UserError(click.ClickException):
         super().__init__(" ".join(message.split()))
 
 
+class Command(click.Command):
+    """A command whose required parameters robustkit checks itself after parsing, whatever click's version
+    does with them (some click releases skip the check for an option declared with ``default=None``).
+
+    A required parameter whose value is missing (None, or an empty tuple for multi-value parameters) is a
+    :class:`click.MissingParameter` error, which the root group prints as one line with exit code 2.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rest = super().parse_args(ctx, args)
+        for param in self.get_params(ctx):
+            if param.required and param.name is not None and ctx.params.get(param.name) in (None, ()):
+                raise click.MissingParameter(ctx=ctx, param=param)
+        return rest
+
+
 @dataclass(frozen=True)
 class GlobalOptions:
     """The root group's shared options, available to every command as ``ctx.obj``."""

@@ -18,16 +18,15 @@ reported and the command exits with code 1 without writing results.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from robustkit.attacks import ATTACKS, Attack, FoolboxAttack, get_attack
+from robustkit.cli import Command
 from robustkit.cli.options import (
     DataArgs,
-    EvalData,
     ModelArgs,
     data_options,
     eps_option,
@@ -36,13 +35,15 @@ from robustkit.cli.options import (
     load_eval_data,
     model_options,
     out_option,
-    output_dir,
+    output_folder,
 )
 from robustkit.errors import InputError, UnknownNameError
+from robustkit.evaluation import worst_case
 
 if TYPE_CHECKING:
-    import torch
-    from torch import Tensor, nn
+    from torch import Tensor
+
+    from robustkit.evaluation import AttackRun, EvalData
 
 FOOLBOX_PREFIX = "foolbox:"
 ENSEMBLE = "worst-case"
@@ -50,7 +51,6 @@ WORST_CASE_LABEL = "worst case"
 # which option of each attack --steps and --restarts set
 STEPS_OPTIONS = {"pgd": "steps", "cw-linf": "steps", "cw-l2": "steps", "interval": "inner_steps"}
 RESTARTS_OPTIONS = {"pgd": "restarts", "cw-linf": "restarts", "interval": "restarts", "foolbox": "restarts"}
-TOLERANCE = 1e-6
 EXAMPLE_ROWS = 8
 MAX_REPORTED = 10
 
@@ -106,7 +106,9 @@ def parse_attacks(text: str) -> list[str]:
     return list(dict.fromkeys(labels))
 
 
-def _attack_callback(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+def _attack_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:  # missing: robustkit's Command reports it
+        return None
     try:
         return parse_attacks(value)
     except ValueError as exc:
@@ -136,107 +138,6 @@ def build_attack(label: str, steps: int | None, restarts: int | None) -> tuple[A
         else:
             notes.append(f"--restarts is ignored by {label}: it has no restarts")
     return get_attack(name, **options), notes
-
-
-# ------------------------------------------------------------------------------------------ running
-
-
-@dataclass(frozen=True, eq=False)
-class AttackRun:
-    """One attack at one eps on all N samples (the batches' results joined, on the CPU)."""
-
-    label: str
-    config: str
-    eps: float
-    x_adv: Tensor
-    success: Tensor
-    prediction: Tensor
-    time_s: float
-
-    @property
-    def n_broken(self) -> int:
-        """Samples broken (clean-misclassified ones included)."""
-        return int(self.success.sum())
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's parameters (or buffers) live; the CPU for a model without any."""
-    import torch
-
-    return next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
-
-
-def predict(model: nn.Module, data: EvalData, images: Tensor | None = None) -> Tensor:
-    """The model's predicted classes for the evaluation samples (or ``images`` in their place), batch by batch."""
-    import torch
-
-    device = model_device(model)
-    parts = []
-    with torch.no_grad():
-        for offset, x, _ in data.batches():
-            batch = x if images is None else images[offset:offset + x.shape[0]]
-            parts.append(model(batch.to(device)).argmax(1).cpu())
-    return torch.cat(parts)
-
-
-def run_attack(
-    model: nn.Module, data: EvalData, label: str, attack: Attack, eps_list: Sequence[float], seed: int
-) -> list[AttackRun]:
-    """Attack every sample at every eps, batch by batch, with one progress bar."""
-    import torch
-
-    from robustkit.attacks import AttackResult
-    from robustkit.progress import progress
-    from robustkit.runtime import make_generator
-
-    device = model_device(model)
-    generators = {eps: make_generator(seed, device) for eps in eps_list}
-    parts: dict[float, list[AttackResult]] = {eps: [] for eps in eps_list}
-    steps = [(eps, batch) for eps in eps_list for batch in data.batches()]
-    for eps, (_, x, y) in progress(steps, desc=f"attack {label}", unit="batch"):
-        parts[eps].append(attack(model, x, y, eps=eps, generator=generators[eps]))
-    return [
-        AttackRun(
-            label=label, config=repr(attack), eps=eps,
-            x_adv=torch.cat([r.x_adv.detach().cpu() for r in results]),
-            success=torch.cat([r.success.detach().cpu() for r in results]),
-            prediction=torch.cat([r.prediction.detach().cpu() for r in results]),
-            time_s=sum(r.time_s for r in results),
-        )
-        for eps, results in parts.items()
-    ]
-
-
-def recheck(model: nn.Module, data: EvalData, runs: Sequence[AttackRun]) -> list[str]:
-    """Every adversarial example inside the ball and [0, 1], and misclassified by a fresh forward pass where the
-    attack reports success; returns one message per failed sample (empty when all pass)."""
-    problems = []
-    x, labels = data.split.x, data.split.y
-    for run in runs:
-        prediction = predict(model, data, run.x_adv)
-        distance = (run.x_adv - x).abs().flatten(1).amax(1)
-        flat = run.x_adv.flatten(1)
-        checks = [
-            (distance > run.eps + TOLERANCE, "outside the eps-ball"),
-            ((flat.amin(1) < 0) | (flat.amax(1) > 1), "pixel values outside [0, 1]"),
-            (run.success & (prediction == labels), "reported adversarial, but a fresh forward pass classifies it "
-                                                   "correctly"),
-        ]
-        for failed, what in checks:
-            for position in failed.nonzero().flatten().tolist():
-                problems.append(
-                    f"{run.label} at eps {run.eps:g}, test sample {data.start + position}: {what} "
-                    f"(L-inf distance {float(distance[position]):.6g}, prediction {int(prediction[position])}, "
-                    f"label {int(labels[position])})"
-                )
-    return problems
-
-
-def worst_case(runs: Sequence[AttackRun], eps: float) -> Tensor:
-    """Per sample: broken by any attack at ``eps``."""
-    import torch
-
-    return torch.stack([r.success for r in runs if r.eps == eps]).any(0)
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -361,7 +262,7 @@ def format_summary(runs: Sequence[AttackRun], data: EvalData, clean_prediction: 
 # ------------------------------------------------------------------------------------------ command
 
 
-@click.command("attack")
+@click.command("attack", cls=Command)
 @model_options
 @data_options
 @eps_option()
@@ -405,28 +306,30 @@ def attack(
         for note in notes:
             click.echo(f"Note: {note}.", err=True)
 
-    folder = output_dir(out, "attack")  # before the long part, so that a bad --out fails at once
+    from robustkit.evaluation import predict, recheck, run_attack
 
-    clean_prediction = predict(model, data)
-    runs = [run for label, instance in built.items() for run in run_attack(model, data, label, instance, eps,
-                                                                            options.seed)]
-    problems = recheck(model, data, runs)
-    if problems:
-        for problem in problems[:MAX_REPORTED]:
-            click.echo(f"Error: re-check failed: {problem}", err=True)
-        raise click.ClickException(
-            f"{len(problems)} adversarial example(s) failed the re-check (a bug in the attack; first ones listed "
-            "above); no results were written"
+    clean_prediction = predict(model, data)  # a model with NaN or infinite logits on these samples fails here
+    # before the long part, so that a bad --out fails at once
+    with output_folder(out, "attack") as folder:
+        runs = [run for label, instance in built.items() for run in run_attack(model, data, label, instance, eps,
+                                                                                options.seed)]
+        problems = recheck(model, data, runs)
+        if problems:
+            for problem in problems[:MAX_REPORTED]:
+                click.echo(f"Error: re-check failed: {problem}", err=True)
+            raise click.ClickException(
+                f"{len(problems)} adversarial example(s) failed the re-check (a bug in the attack; first ones listed "
+                "above); no results were written"
+            )
+        written = write_results(folder, runs, data, clean_prediction, model_args, options.seed)
+        written.append(write_examples(folder, runs, data, clean_prediction))
+        if save_adv:
+            written.append(write_adversarial(folder, runs, data))
+
+        click.echo(format_summary(runs, data, clean_prediction))
+        click.echo(
+            f"{data.n} test samples of {data.dataset.name} (indices {data.start} to {data.start + data.n - 1}). "
+            "Robust accuracy counts all of them: clean-misclassified samples count as broken. The worst case is per "
+            "sample: broken when any of the attacks breaks it."
         )
-    written = write_results(folder, runs, data, clean_prediction, model_args, options.seed)
-    written.append(write_examples(folder, runs, data, clean_prediction))
-    if save_adv:
-        written.append(write_adversarial(folder, runs, data))
-
-    click.echo(format_summary(runs, data, clean_prediction))
-    click.echo(
-        f"{data.n} test samples of {data.dataset.name} (indices {data.start} to {data.start + data.n - 1}). "
-        "Robust accuracy counts all of them: clean-misclassified samples count as broken. The worst case is per "
-        "sample: broken when any of the attacks breaks it."
-    )
-    click.echo(f"Wrote {', '.join(str(path) for path in written)}.")
+        click.echo(f"Wrote {', '.join(str(path) for path in written)}.")

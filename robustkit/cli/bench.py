@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from robustkit.cli import Command
 from robustkit.cli.options import global_options, output_dir
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def _cell_line(outcome: CellOutcome, position: int, total: int) -> str:
     return " ".join(parts)
 
 
-@click.command("bench")
+@click.command("bench", cls=Command)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE.toml",
               help="A benchmark configuration (see examples/bench.toml); default: the preset.")
 @click.option("--preset", "preset_name", default=None, metavar="NAME",
@@ -75,10 +76,13 @@ def bench(ctx: click.Context, config_file: str | None, preset_name: str | None, 
     if resume and out is None:
         raise click.UsageError("--resume needs the --out folder of the run to continue")
     folder = out if out is not None else output_dir(None, "bench")
-    click.echo(f"robustkit bench: {config.source}, {len(config.trainers)} trainer(s) x {len(config.models)} model(s) "
-               f"x {len(config.datasets)} dataset(s) x {len(config.eps)} eps, device {chosen_device}, into {folder}")
+    header = (f"robustkit bench: {config.source}, {len(config.trainers)} trainer(s) x {len(config.models)} "
+              f"model(s) x {len(config.datasets)} dataset(s) x {len(config.eps)} eps, device {chosen_device}, "
+              f"into {folder}")
     run = run_bench(config, folder, resume=resume, device=chosen_device,
-                    on_cell=lambda outcome, i, n: click.echo(_cell_line(outcome, i, n)))
+                    on_cell=lambda outcome, i, n: click.echo(_cell_line(outcome, i, n)),
+                    on_note=lambda note: click.echo(f"Note: {note}.", err=True),
+                    on_start=lambda: click.echo(header))
     summary = folder / "summary.md"
     if summary.is_file():
         click.echo("")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import click
 
+from robustkit.cli import Command
 
-@click.command("datasets")
+
+@click.command("datasets", cls=Command)
 def datasets() -> None:
     """List the registered datasets with input shape, classes and split sizes."""
     from robustkit.data import DATASETS

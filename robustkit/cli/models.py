@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import click
 
+from robustkit.cli import Command
 
-@click.command("models")
+
+@click.command("models", cls=Command)
 def models() -> None:
     """List the zoo networks with input shape, classes and parameter counts (paper networks first)."""
     from robustkit.models import MODELS, build_model, count_parameters

@@ -21,6 +21,7 @@ import inspect
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,14 +33,15 @@ from robustkit.cli import GlobalOptions, UserError
 from robustkit.errors import UnknownNameError
 
 if TYPE_CHECKING:
-    from torch import Tensor, nn
+    from torch import nn
 
-    from robustkit.data import Dataset, Split
+    from robustkit.data import Dataset
+    from robustkit.evaluation import EvalData
 
 __all__ = [
-    "DataArgs", "EvalData", "ModelArgs", "accepts_option", "data_options", "eps_option", "global_options",
+    "DataArgs", "ModelArgs", "PositiveFloat", "accepts_option", "data_options", "eps_option", "global_options",
     "load_cli_model", "load_eval_data", "method_option", "model_options", "out_option", "output_dir",
-    "parse_eps", "parse_floats", "parse_names",
+    "output_folder", "parse_eps", "parse_floats", "parse_names",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -123,6 +125,22 @@ def global_options(ctx: click.Context) -> GlobalOptions:
     """The root group's ``--seed``/``--device``/``--quiet`` (defaults when a command runs without the group)."""
     obj = ctx.find_root().obj
     return obj if isinstance(obj, GlobalOptions) else GlobalOptions(seed=0, device="auto", quiet=False)
+
+
+class PositiveFloat(click.FloatRange):
+    """A finite number > 0 (``click.FloatRange`` alone lets ``inf`` through, which makes no learning rate,
+    factor or time limit)."""
+
+    name = "positive number"
+
+    def __init__(self) -> None:
+        super().__init__(min=0, min_open=True)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -213,60 +231,16 @@ def data_options(function: F) -> F:
     ]))
 
 
-@dataclass(frozen=True, eq=False)
-class EvalData:
-    """The evaluation samples: ``split`` holds test samples ``start``, ``start + 1``, ... of ``dataset``."""
-
-    dataset: Dataset
-    split: Split
-    start: int
-    batch_size: int
-
-    @property
-    def n(self) -> int:
-        """Number of samples."""
-        return len(self.split)
-
-    @property
-    def indices(self) -> range:
-        """The samples' absolute indices in the dataset's test split."""
-        return range(self.start, self.start + self.n)
-
-    def batches(self) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """``(offset, x, y)`` per batch of at most ``batch_size`` samples; ``offset`` counts from ``start``."""
-        for offset in range(0, self.n, self.batch_size):
-            end = offset + self.batch_size
-            yield offset, self.split.x[offset:end], self.split.y[offset:end]
-
-    def num_batches(self) -> int:
-        """How many batches :meth:`batches` yields."""
-        return -(-self.n // self.batch_size)
-
-
 def load_eval_data(args: DataArgs) -> EvalData:
-    """Load ``args.dataset`` and take test samples ``start`` to ``start + n_examples - 1``.
-
-    The range must lie inside the test split: evaluating fewer samples than asked would make tables of
-    different runs silently incomparable.
-    """
+    """Load ``args.dataset`` and take test samples ``start`` to ``start + n_examples - 1``, which must all exist
+    (see :func:`robustkit.evaluation.take_samples`)."""
     from robustkit.data import load_dataset
+    from robustkit.evaluation import EvalData, take_samples
 
     dataset = load_dataset(args.dataset, args.data_dir)
-    size = len(dataset.test)
-    if size == 0:
-        raise UserError(f"the test split of {args.dataset!r} read from {dataset.source} is empty")
-    if args.start >= size:
-        raise UserError(
-            f"--start {args.start} is out of range: the {args.dataset} test split has {size} samples "
-            f"(indices 0 to {size - 1})"
-        )
-    if args.start + args.n_examples > size:
-        raise UserError(
-            f"--start {args.start} --n-examples {args.n_examples} asks for test samples up to index "
-            f"{args.start + args.n_examples - 1}, but the {args.dataset} test split has {size} samples: "
-            f"use --n-examples {size - args.start} or less"
-        )
-    return EvalData(dataset, dataset.test.subset(args.start, args.n_examples), args.start, args.batch_size)
+    split = take_samples(dataset.test, args.start, args.n_examples, what=f"the {args.dataset} test split",
+                         count="--n-examples", first="--start")
+    return EvalData(dataset, split, args.start, args.batch_size)
 
 
 def load_cli_model(args: ModelArgs, dataset: Dataset, options: GlobalOptions) -> nn.Module:
@@ -305,9 +279,10 @@ def eps_option(required: bool = True, default: str | None = None) -> Decorator:
         except ValueError as exc:
             raise _bad(str(exc)) from None
 
+    # no explicit default=None next to required=True: some click releases then skip the required check
+    defaults: dict[str, Any] = {} if default is None else {"default": default, "show_default": True}
     return click.option(
-        "--eps", required=required, default=default, callback=convert, metavar="EPS[,EPS...]",
-        show_default=default is not None,
+        "--eps", required=required, callback=convert, metavar="EPS[,EPS...]", **defaults,
         help="L-inf radii in input space [0, 1], comma-separated; fractions such as 2/255 are allowed.",
     )
 
@@ -326,9 +301,9 @@ def method_option(
         except ValueError as exc:
             raise _bad(str(exc)) from None
 
+    defaults: dict[str, Any] = {} if default is None else {"default": default, "show_default": True}
     return click.option(
-        "--method", "methods", required=required, default=default, callback=convert, metavar="NAME[,NAME...]",
-        show_default=default is not None,
+        "--method", "methods", required=required, callback=convert, metavar="NAME[,NAME...]", **defaults,
         help=f"Comma-separated {kind}s: {', '.join(registry)}.",
     )
 
@@ -350,17 +325,44 @@ def out_option(command: str) -> Decorator:
     )
 
 
-def output_dir(out: Path | None, command: str) -> Path:
-    """Create and return ``out``, or a new ``runs/<command>-YYYYmmdd-HHMMSS`` folder when it is None."""
-    if out is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = Path("runs") / f"{command}-{stamp}"
-        out, suffix = base, 1
-        while out.exists():
-            suffix += 1
-            out = base.with_name(f"{base.name}-{suffix}")
+@contextmanager
+def output_folder(out: Path | None, command: str) -> Iterator[Path]:
+    """:func:`output_dir` around a command's work: when the block fails, the folders this call created (the
+    output folder and its missing parents) are removed again if still empty, so a user error found late, such
+    as an unsupported layer, leaves nothing behind."""
+    chain = [Path("runs")] if out is None else [out, *out.parents]
+    created = [folder for folder in chain if not folder.exists()]
+    folder = output_dir(out, command)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        yield folder
+    except BaseException:
+        for made in sorted({folder, *created} if out is None else created, key=lambda p: len(p.parts),
+                           reverse=True):
+            with suppress(OSError):  # not empty (something was written after all): keep it
+                made.rmdir()
+        raise
+
+
+def output_dir(out: Path | None, command: str) -> Path:
+    """Create and return ``out``, or a new ``runs/<command>-YYYYmmdd-HHMMSS`` folder when it is None.
+
+    A default folder is created atomically (``mkdir`` without ``exist_ok``), so two commands started in the
+    same second get folders of their own (the second with a ``-2`` suffix).
+    """
+    try:
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            return out
+        base = Path("runs") / f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in range(1, 1000):
+            candidate = base if suffix == 1 else base.with_name(f"{base.name}-{suffix}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            return candidate
+        raise UserError(f"cannot create a new output folder next to {str(base)!r}: 999 of that name exist")
     except OSError as exc:
-        raise UserError(f"cannot create the output folder {str(out)!r}: {exc.strerror or exc}") from None
-    return out
+        folder = out if out is not None else Path("runs")
+        raise UserError(f"cannot create the output folder {str(folder)!r}: {exc.strerror or exc}") from None

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import click
 
-from robustkit.cli import UserError
+from robustkit.cli import Command, UserError
 
 DEFAULT_FORMATS = "md,csv,html,png"
 _FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
-@click.command("report")
+@click.command("report", cls=Command)
 @click.argument("run_dir", type=_FOLDER)
 @click.argument("other_run", type=_FOLDER, required=False, metavar="[RUN_DIR2]")
 @click.option("--format", "formats", default=DEFAULT_FORMATS, show_default=True, metavar="FMT[,FMT...]",

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from robustkit.cli import UserError
-from robustkit.cli.options import global_options, output_dir, parse_eps
+from robustkit.cli import Command, UserError
+from robustkit.cli.options import PositiveFloat, global_options, output_dir, parse_eps
 from robustkit.data import DATASETS
 from robustkit.models import MODELS
 from robustkit.trainers import TRAINERS, EpochRecord, TrainConfig, Trainer
@@ -134,7 +134,9 @@ class Run:
         return normalised
 
 
-def _parse_eps(ctx: click.Context, param: click.Parameter, value: str) -> float:
+def _parse_eps(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:  # missing: robustkit's Command reports it
+        return None
     try:
         values = parse_eps(value)
     except ValueError as exc:
@@ -217,14 +219,23 @@ def epoch_line(record: EpochRecord, epochs: int) -> str:
     )
 
 
-def load_training_data(dataset_name: str, data_dir: Path | None, n_train: int | None) -> tuple[Dataset, Split]:
-    """The dataset and its training split (the first ``n_train`` samples when given)."""
+def load_training_data(
+    dataset_name: str, data_dir: Path | None, n_train: int | None, val_size: int
+) -> tuple[Dataset, Split]:
+    """The dataset and its training split (the first ``n_train`` samples when given). Both ``--n-train`` and
+    ``--val-size`` (monitoring samples of the test split) must fit the data, as ``--n-examples`` must."""
     from robustkit.data import load_dataset
+    from robustkit.evaluation import take_samples
 
     dataset = load_dataset(dataset_name, data_dir)
     if len(dataset.train) == 0:
         raise UserError(f"the {dataset_name} files in {dataset.source} have no training split to train on")
-    return dataset, dataset.train if n_train is None else dataset.train.subset(0, n_train)
+    if val_size:
+        take_samples(dataset.test, 0, val_size, what=f"the {dataset_name} test split", count="--val-size")
+    if n_train is None:
+        return dataset, dataset.train
+    return dataset, take_samples(dataset.train, 0, n_train, what=f"the {dataset_name} training split",
+                                 count="--n-train")
 
 
 def check_model(model: str, dataset: Dataset) -> None:
@@ -243,7 +254,7 @@ def _describe(trainer: Trainer) -> str:
     return f"{trainer.name}({options})"
 
 
-@click.command("train")
+@click.command("train", cls=Command)
 @click.option("--trainer", "trainer_name", required=True, type=click.Choice(list(TRAINERS)),
               help="The training method.")
 @click.option("--model", "model_name", required=True, type=click.Choice(list(MODELS)),
@@ -258,7 +269,7 @@ def _describe(trainer: Trainer) -> str:
               help="Passes over the training samples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_default("batch_size"), show_default=True,
               metavar="B", help="Samples per optimizer step (shared out among the processes under torchrun).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_default("lr"), show_default=True,
+@click.option("--lr", type=PositiveFloat(), default=_default("lr"), show_default=True,
               help="Adam learning rate (step schedule: x0.2 at 60% and 85% of the epochs).")
 @click.option("--k", type=click.IntRange(min=1), metavar="K",
               help=f"mixtrain: points per batch given the robust loss [default: {_trainer_default('mixtrain', 'k')}].")
@@ -272,7 +283,7 @@ def _describe(trainer: Trainer) -> str:
               help="Epochs at eps 0 before the eps ramp.")
 @click.option("--ramp-epochs", type=click.IntRange(min=0), default=_default("ramp_epochs"), show_default=True,
               help="Epochs over which the training eps grows linearly to eps x --eps-factor.")
-@click.option("--eps-factor", type=click.FloatRange(min=0, min_open=True), default=_default("eps_factor"),
+@click.option("--eps-factor", type=PositiveFloat(), default=_default("eps_factor"),
               show_default=True, help="Train at this multiple of --eps (monitoring stays at --eps).")
 @click.option("--val-size", type=click.IntRange(min=0), default=_default("val_size"), show_default=True,
               help="Monitor after every epoch on the first V samples of the TEST split (0: no monitoring).")
@@ -302,6 +313,7 @@ def train(
     from robustkit.io import atomic_write_text, torch_save_atomic
     from robustkit.models import build_model
     from robustkit.progress import set_progress
+    from robustkit.runlock import run_lock
 
     options = global_options(ctx)
     trainer = make_trainer(trainer_name, {"k": k, "schedule": schedule, "method": method, "steps": steps})
@@ -315,10 +327,9 @@ def train(
         epochs=epochs, batch_size=batch_size, lr=lr, eps=eps, eps_factor=eps_factor, warmup_epochs=warmup_epochs,
         ramp_epochs=ramp_epochs, seed=options.seed, val_size=val_size, device=options.device,
     )
-    dataset, train_split = load_training_data(dataset_name, data_dir, n_train)
+    dataset, train_split = load_training_data(dataset_name, data_dir, n_train, val_size)
     check_model(model_name, dataset)
-    run = Run(trainer, config, model_name, dataset.name, data_dir, len(train_split),
-              min(val_size, len(dataset.test)), world)
+    run = Run(trainer, config, model_name, dataset.name, data_dir, len(train_split), val_size, world)
 
     if out is not None:
         folder = out
@@ -326,6 +337,9 @@ def train(
         folder = output_dir(None, "train")
     else:  # only rank 0 writes, so the other processes' folder is only a name (they may not agree on the time)
         folder = Path("runs") / "train"
+    if main_process:  # held until the command ends, however it ends (see robustkit.runlock)
+        ctx.with_resource(run_lock(folder, "robustkit train" + (" --resume" if resume else ""),
+                                   lambda note: click.echo(f"Note: {note}.", err=True)))
     checkpoint = folder / "checkpoint.pt"
     history: list[EpochRecord] = []
     if resume:
@@ -336,7 +350,6 @@ def train(
             "another --out"
         )
     if main_process:
-        output_dir(folder, "train")
         atomic_write_text(folder / "config.json", json.dumps(run.to_json(), indent=2) + "\n")
         click.echo(
             f"Training {model_name} with {_describe(trainer)} on {run.n_train} {dataset.name} training samples: "

@@ -12,16 +12,16 @@ at the same eps is a soundness bug; it is reported and the command exits with co
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from robustkit.cli import Command
 from robustkit.cli.options import (
     DataArgs,
-    EvalData,
     ModelArgs,
+    PositiveFloat,
     accepts_option,
     data_options,
     eps_option,
@@ -31,14 +31,15 @@ from robustkit.cli.options import (
     method_option,
     model_options,
     out_option,
-    output_dir,
+    output_folder,
 )
 from robustkit.verifiers import VERIFIERS, Status
 
 if TYPE_CHECKING:
-    from torch import Tensor, nn
+    from torch import Tensor
 
-    from robustkit.verifiers import VerificationResult, Verifier
+    from robustkit.evaluation import EvalData, MethodRun
+    from robustkit.verifiers import Verifier
 
 TIME_LIMIT_OPTION = "time_limit"
 COMMON_COLUMNS = ("dataset", "model", "checkpoint", "trainer", "method", "eps", "seed", "n")
@@ -49,39 +50,6 @@ SUMMARY_COLUMNS = (
     *COMMON_COLUMNS, "clean_acc", "verified_acc", *(f"n_{s.value}" for s in Status), "time_s",
     "time_per_sample_s", "robustkit_version",
 )
-
-
-@dataclass(frozen=True, eq=False)
-class MethodRun:
-    """One method at one eps on all N samples (the batches' results joined)."""
-
-    method: str
-    eps: float
-    status: tuple[Status, ...]
-    margin_lower: Tensor
-    prediction: Tensor
-    time_s: Tensor
-
-    def count(self, status: Status) -> int:
-        """How many samples ended with ``status``."""
-        return sum(s is status for s in self.status)
-
-
-@dataclass(frozen=True)
-class Conflict:
-    """A sample that one method verified and another falsified at the same eps: a soundness bug."""
-
-    index: int
-    label: int
-    eps: float
-    verified_by: tuple[str, ...]
-    falsified_by: tuple[str, ...]
-
-    def __str__(self) -> str:
-        return (
-            f"soundness bug: test sample {self.index} (label {self.label}) at eps {self.eps:g} is verified by "
-            f"{', '.join(self.verified_by)} but falsified by {', '.join(self.falsified_by)}"
-        )
 
 
 def make_verifiers(methods: Sequence[str], timeout: float | None) -> dict[str, Verifier]:
@@ -97,48 +65,8 @@ def make_verifiers(methods: Sequence[str], timeout: float | None) -> dict[str, V
     return verifiers
 
 
-def run_method(
-    model: nn.Module, data: EvalData, name: str, verifier: Verifier, eps_list: Sequence[float]
-) -> list[MethodRun]:
-    """Verify every sample with one method at every eps, batch by batch, with one progress bar."""
-    import torch
-
-    from robustkit.progress import progress
-
-    steps = [(eps, batch) for eps in eps_list for batch in data.batches()]
-    parts: dict[float, list[VerificationResult]] = {eps: [] for eps in eps_list}
-    for eps, (_, x, y) in progress(steps, desc=f"verify {name}", unit="batch"):
-        parts[eps].append(verifier.verify(model, x, y, eps))
-    runs = []
-    for eps, results in parts.items():
-        runs.append(MethodRun(
-            method=name,
-            eps=eps,
-            status=tuple(s for r in results for s in r.status),
-            margin_lower=torch.cat([r.margin_lower.detach().cpu() for r in results]),
-            prediction=torch.cat([r.prediction.detach().cpu() for r in results]),
-            time_s=torch.cat([r.time_s.detach().cpu() for r in results]),
-        ))
-    return runs
-
-
-def find_conflicts(runs: Sequence[MethodRun], data: EvalData) -> list[Conflict]:
-    """Samples verified by one method and falsified by another at the same eps."""
-    conflicts = []
-    for eps in dict.fromkeys(r.eps for r in runs):
-        same_eps = [r for r in runs if r.eps == eps]
-        for position, index in enumerate(data.indices):
-            verified = tuple(r.method for r in same_eps if r.status[position] is Status.VERIFIED)
-            falsified = tuple(r.method for r in same_eps if r.status[position] is Status.FALSIFIED)
-            if verified and falsified:
-                label = int(data.split.y[position])
-                conflicts.append(Conflict(index, label, eps, verified, falsified))
-    return conflicts
-
-
 def _verified_count(run: MethodRun, labels: Tensor) -> int:
-    correct = (run.prediction == labels).tolist()
-    return sum(s is Status.VERIFIED and c for s, c in zip(run.status, correct, strict=True))
+    return int(run.verified(labels).sum())
 
 
 def write_results(out: Path, runs: Sequence[MethodRun], data: EvalData, model_args: ModelArgs, seed: int) -> None:
@@ -195,12 +123,12 @@ def format_summary(runs: Sequence[MethodRun], labels: Tensor) -> str:
     return format_table(headers, rows)
 
 
-@click.command("verify")
+@click.command("verify", cls=Command)
 @model_options
 @data_options
 @eps_option()
 @method_option(VERIFIERS, "verifier")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+@click.option("--timeout", type=PositiveFloat(), metavar="S",
               help="Time limit in seconds per sample for methods that take one (the exact verifier).")
 @out_option("verify")
 @click.pass_context
@@ -222,28 +150,31 @@ def verify(
 
     Example: robustkit verify --model mnist_small --checkpoint w.pt --eps 0.1,0.3 --method interval,crown
     """
+    from robustkit.evaluation import find_conflicts, predict, run_verifiers
+
     options = global_options(ctx)
     data = load_eval_data(data_args)
     model = load_cli_model(model_args, data.dataset, options)
+    predict(model, data)  # a model with NaN or infinite logits on these samples fails here, in one line
     verifiers = make_verifiers(methods, timeout)
     if timeout is not None and not any(accepts_option(VERIFIERS[m], TIME_LIMIT_OPTION) for m in methods):
         click.echo(f"Note: --timeout is ignored: none of {', '.join(methods)} takes a time limit.", err=True)
 
-    folder = output_dir(out, "verify")  # before the long part, so that a bad --out fails at once
+    # before the long part, so that a bad --out fails at once
+    with output_folder(out, "verify") as folder:
+        runs = run_verifiers(model, data, verifiers, eps)
+        conflicts = find_conflicts(runs, data)
+        write_results(folder, runs, data, model_args, options.seed)
 
-    runs = [run for name, verifier in verifiers.items() for run in run_method(model, data, name, verifier, eps)]
-    conflicts = find_conflicts(runs, data)
-    write_results(folder, runs, data, model_args, options.seed)
-
-    click.echo(format_summary(runs, data.split.y))
-    click.echo(
-        f"{data.n} test samples of {data.dataset.name} (indices {data.start} to {data.start + data.n - 1}); "
-        "verified accuracy counts all of them: misclassified samples are not verified."
-    )
-    click.echo(f"Wrote {folder / 'verify.csv'} and {folder / 'summary.csv'}.")
-    if conflicts:
-        for conflict in conflicts:
-            click.echo(f"Error: {conflict}", err=True)
-        raise click.ClickException(
-            f"{len(conflicts)} soundness conflict(s) between methods (listed above); results are in {folder}"
+        click.echo(format_summary(runs, data.split.y))
+        click.echo(
+            f"{data.n} test samples of {data.dataset.name} (indices {data.start} to {data.start + data.n - 1}); "
+            "verified accuracy counts all of them: misclassified samples are not verified."
         )
+        click.echo(f"Wrote {folder / 'verify.csv'} and {folder / 'summary.csv'}.")
+        if conflicts:
+            for conflict in conflicts:
+                click.echo(f"Error: {conflict}", err=True)
+            raise click.ClickException(
+                f"{len(conflicts)} soundness conflict(s) between methods (listed above); results are in {folder}"
+            )

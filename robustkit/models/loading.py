@@ -162,14 +162,18 @@ def load_checkpoint(path: str | Path) -> Any:
         foreign = [g for g in _pickle_globals(path) if not g.startswith(("torch.", "collections.OrderedDict"))]
         if foreign:
             raise _unsafe(path, ", ".join(dict.fromkeys(foreign))) from None
-        first_line = message.splitlines()[0] if message else type(exc).__name__
-        raise ModelLoadError(
-            f"cannot read checkpoint {path}: corrupt or not a PyTorch weights file ({first_line})"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - garbage bytes reach the unpickler as any error at all
+        # torch's own first line here is about its weights_only default, which misleads: the file is broken
+        raise _damaged(path) from None
+    except Exception:  # noqa: BLE001 - garbage bytes reach the unpickler as any error at all
         # (KeyError for a memo reference it never stored, IndexError, TypeError, struct.error, ...)
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({first_line})") from None
+        raise _damaged(path) from None
+
+
+def _damaged(path: Path) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot read checkpoint {path}: the file is damaged (truncated or corrupt) or was not written by "
+        "torch.save"
+    )
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -195,6 +199,14 @@ def _apply_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) -
         problems.append(f"shape mismatch {mismatched[:3]}")
     if problems:
         raise ModelLoadError(f"{source} does not fit the model: {'; '.join(problems)}")
+    # load_state_dict would silently cast integer tensors into the float weights; a weights file has floats
+    not_float = [f"{k} ({str(state[k].dtype).removeprefix('torch.')})" for k, v in expected.items()
+                 if v.is_floating_point() and not state[k].is_floating_point()]
+    if not_float:
+        raise ModelLoadError(
+            f"{source} holds non-floating-point tensors where the model has floating-point weights: "
+            f"{', '.join(not_float[:5])}; save the trained weights with torch.save(model.state_dict(), FILE)"
+        )
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ModelLoadError(f"{source} holds NaN or infinite values in {bad[:5]}")

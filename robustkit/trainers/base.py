@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.data import Split
-from robustkit.errors import InputError
+from robustkit.errors import InputError, NonFiniteError
 from robustkit.progress import progress
 from robustkit.trainers import distributed
 from robustkit.trainers.schedules import EpsSchedule, LRSchedule
@@ -71,6 +71,10 @@ class TrainConfig:
             raise InputError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.val_size < 0 or self.val_pgd_steps < 0:
             raise InputError("val_size and val_pgd_steps must be >= 0")
+        if not self.momentum >= 0 or not self.weight_decay >= 0:
+            raise InputError(f"momentum and weight_decay must be >= 0, got {self.momentum} and {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise InputError(f"grad_clip must be > 0 (or left out), got {self.grad_clip}")
         EpsSchedule(self.eps, self.warmup_epochs, self.ramp_epochs, self.ramp)
         LRSchedule(self.lr, self.lr_schedule, self.epochs)
 
@@ -262,6 +266,10 @@ class Trainer(ABC):
                 eps = eps_schedule(epoch, batch, batches)
                 state.ramp_progress = eps_schedule.progress(epoch, batch, batches)
                 parts = self.batch_loss(x, y, eps, state)
+                where = Divergence(epoch + 1, batch + 1, batches, lr, path, len(history))
+                # every process learns of a non-finite loss anywhere, so all of them stop at the same batch
+                if distributed.all_sum([float(not bool(torch.isfinite(parts.loss.detach())))], info, device)[0]:
+                    raise where.error(f"the loss is {float(parts.loss.detach())}")
                 optimizer.zero_grad(set_to_none=True)
                 # DDP averages gradients over processes; weighting by the share keeps it the batch mean
                 share = len(index) * info.world / len(whole)
@@ -270,6 +278,10 @@ class Trainer(ABC):
                 if config.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
+                # the weights are the same in every process (DDP averages the gradients)
+                broken = non_finite_parameters(model)
+                if broken:
+                    raise where.error(f"the optimizer step left NaN or infinite weights in {', '.join(broken[:3])}")
                 robust_seen = not math.isnan(parts.robust)
                 sums = [a + b for a, b in zip(sums, [
                     float(parts.loss.detach()), parts.natural, parts.robust if robust_seen else 0.0,
@@ -303,6 +315,40 @@ class Trainer(ABC):
                            train_time_s=train_time)
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """Where training is when a batch goes wrong, to say so in the error (see :meth:`error`)."""
+
+    epoch: int  # 1-based, like the history
+    batch: int  # 1-based
+    batches: int
+    lr: float
+    checkpoint: Path | None
+    epochs_done: int
+
+    def error(self, what: str) -> NonFiniteError:
+        """The one-line error: what went wrong, where, and what is kept."""
+        if self.checkpoint is None:
+            kept = "nothing was saved (no checkpoint file)"
+        elif self.epochs_done:
+            kept = (f"{self.checkpoint} and the history still hold the last good epoch ({self.epochs_done}); "
+                    "the model of this epoch is discarded")
+        else:
+            kept = "no epoch finished, so no checkpoint was written"
+        return NonFiniteError(
+            f"training diverged at epoch {self.epoch}, batch {self.batch} of {self.batches}: {what} (learning "
+            f"rate {self.lr:g}; a smaller one, or grad_clip, usually helps); {kept}"
+        )
+
+
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """The names of the parameters holding NaN or infinite values (one synchronisation when all are finite)."""
+    named = list(model.named_parameters())
+    if not named or bool(torch.stack([torch.isfinite(p).all() for _, p in named]).all()):
+        return []
+    return [name for name, p in named if not bool(torch.isfinite(p).all())]
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -317,24 +363,21 @@ def evaluate(
     """Clean, PGD and verified accuracy at ``config.eps`` on the monitoring subset (shared across processes)."""
     if monitor is None or len(monitor) == 0:
         return float("nan"), float("nan"), float("nan"), 0
-    from robustkit.attacks import PGD
-    from robustkit.verifiers import verify
+    from robustkit.evaluation import robustness_counts
 
     model.eval()
     index = distributed.shard(torch.arange(len(monitor)), info)
     x, y = monitor.x[index].to(device), monitor.y[index].to(device)
     counts = [0.0, 0.0, 0.0, float(len(index))]
     for start in range(0, len(index), 100):
-        xb, yb = x[start : start + 100], y[start : start + 100]
-        with torch.no_grad():
-            counts[0] += float((model(xb).argmax(1) == yb).sum())
         generator = torch.Generator(device=device).manual_seed(10_000 + epoch)
-        if config.val_pgd_steps > 0 and config.eps > 0:
-            attack = PGD(steps=config.val_pgd_steps)
-            counts[1] += float((~attack(model, xb, yb, eps=config.eps, generator=generator).success).sum())
-        else:
-            counts[1] += float((model(xb).argmax(1) == yb).sum())
-        counts[2] += float(verify(model, xb, yb, config.eps, method=config.val_method).verified.sum())
+        found = robustness_counts(
+            model, x[start : start + 100], y[start : start + 100], config.eps, pgd_steps=config.val_pgd_steps,
+            methods=[config.val_method], generator=generator, what=f"the monitoring samples after epoch {epoch + 1}",
+        )
+        counts[0] += found.clean
+        counts[1] += found.pgd
+        counts[2] += found.verified[config.val_method]
     counts = distributed.all_sum(counts, info, device)
     total = max(counts[3], 1.0)
     return counts[0] / total, counts[1] / total, counts[2] / total, int(counts[3])

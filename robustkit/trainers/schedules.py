@@ -66,8 +66,8 @@ class LRSchedule:
     def __post_init__(self) -> None:
         if self.kind not in ("constant", "step", "cosine"):
             raise InputError(f"lr schedule must be constant, step or cosine, got {self.kind!r}")
-        if not self.lr > 0:
-            raise InputError(f"learning rate must be positive, got {self.lr}")
+        if not math.isfinite(self.lr) or not self.lr > 0:
+            raise InputError(f"learning rate must be a finite number > 0, got {self.lr}")
 
     def __call__(self, epoch: int) -> float:
         if self.kind == "constant":

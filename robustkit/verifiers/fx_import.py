@@ -83,9 +83,9 @@ def emit_traced(builder: _Builder, module: nn.Module, source: int, path: str) ->
         elif node.op == "call_module" and isinstance(first, int):
             submodule = module.get_submodule(str(node.target))
             before = len(builder.unsupported)
-            made = builder.emit(submodule, first, f"{path}.{node.target}" if path else str(node.target))
+            emitted = builder.emit(submodule, first, f"{path}.{node.target}" if path else str(node.target))
             # an unsupported layer is reported once; what only consumes its output is not reported again
-            values[node.name] = made if len(builder.unsupported) == before else None
+            values[node.name] = emitted if len(builder.unsupported) == before else None
         elif node.op == "call_method" and node.target == "size" and len(args) == 2 and args[1] == 0:
             values[node.name] = _BATCH
         elif (node.op == "call_function" and node.target is getattr and args[1:] == ("shape",)) or (
@@ -141,7 +141,7 @@ def _called(node: fx.Node) -> str:
     module = getattr(target, "__module__", None) or ""
     if module.startswith(("torch.nn.functional", "torch._C._nn")):
         return f"F.{name}"
-    if module.startswith("torch") or module == "" and hasattr(torch, name):
+    if module.startswith("torch") or (module == "" and hasattr(torch, name)):
         return f"torch.{name}"
     return f"{module.replace('_operator', 'operator')}.{name}" if module else name
 

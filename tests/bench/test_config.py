@@ -55,7 +55,7 @@ def base() -> dict:
     (lambda c: c["evaluation"].update(pgd_stepz=3), r"evaluation.pgd_stepz: unknown key.*pgd_steps"),
     (lambda c: c.update(gird={}), r"gird: unknown section.*grid"),
     (lambda c: c["grid"].update(datasets=["mnist"]), r"data.data_dir: dataset 'mnist' is read from files"),
-    (lambda c: c["data"].update(n_test=-1), r"data.n_test: must be an integer >= 0"),
+    (lambda c: c["data"].update(n_test=-1), r"data.n_test: must be >= 0, got -1"),
     (lambda c: c["evaluation"].update(interval_attack={"radius": -1}), r"evaluation.interval_attack"),
 ])
 def test_invalid_configs_name_the_key(change, match):

@@ -167,6 +167,9 @@ def test_standard_run_reports_nan_fields_as_missing(tmp_path: Path) -> None:
         (["--trainer", "standard", "--eps", "0.1,0.2"], ["give one training radius"]),
         (["--trainer", "standard", "--model", "toy2d"], ["toy2d takes 1x1x2 inputs", "1x28x28"]),
         (["--trainer", "standard", "--dataset", "mnist"], ["pass --data-dir"]),
+        (["--trainer", "standard", "--n-train", "100000"], ["--n-train 100000", "training split has 4000",
+                                                           "use --n-train 4000 or less"]),
+        (["--trainer", "standard", "--val-size", "1001"], ["--val-size 1001", "test split has 1000"]),
     ],
 )
 def test_user_errors_are_one_line_and_write_nothing(args: list[str], fragments: list[str], tmp_path: Path) -> None:
@@ -193,3 +196,27 @@ def test_train_is_listed_with_its_options() -> None:
     for option in ("--trainer", "--k", "--schedule", "--method", "--steps", "--warmup-epochs", "--ramp-epochs",
                    "--eps-factor", "--val-size", "--n-train", "--resume", "mixtrain", "verifiable"):
         assert option in helped.output, option
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run("train", "--trainer", "standard", *SMALL, "--epochs", "1", "--out", str(out)).exit_code == 0
+    checkpoint = out / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:300])
+    line = one_line_error(run("train", "--trainer", "standard", *SMALL, "--epochs", "1", "--out", str(out),
+                              "--resume"), f"cannot read checkpoint {checkpoint}: the file is damaged")
+    assert "weights_only" not in line
+
+
+def test_a_folder_locked_by_another_run_is_refused(tmp_path: Path) -> None:
+    import os
+
+    from robustkit.runlock import run_lock
+
+    out = tmp_path / "run"
+    with run_lock(out, "robustkit train"):
+        one_line_error(run("train", "--trainer", "standard", *SMALL, "--epochs", "1", "--out", str(out)),
+                       f"in use by another robustkit run: process {os.getpid()} (robustkit train")
+    assert not (out / "checkpoint.pt").exists()
+    assert run("train", "--trainer", "standard", *SMALL, "--epochs", "1", "--out", str(out)).exit_code == 0
+    assert not (out / "robustkit.lock").exists()  # released at the end of the run

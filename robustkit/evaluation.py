@@ -1,0 +1,371 @@
+"""One evaluation path for ``robustkit attack``, ``robustkit verify``, the bench and the trainers' monitoring.
+
+Written once here: which samples are evaluated (:func:`take_samples`, the same check for every count option),
+the clean forward pass that refuses non-finite logits (:func:`predict`), every attack on every sample at every
+radius (:func:`run_attack`) with the re-check of its adversarial examples (:func:`recheck`) and the per-sample
+worst case over attacks (:func:`worst_case`), every verifier on every sample (:func:`run_verifiers`), and the
+consistency checks between methods (:func:`find_conflicts`: verified by one verifier, falsified by another;
+:func:`verified_but_broken`: verified, yet broken by an attack; :func:`order_violation`). The commands parse
+options, write files and print; the bench turns the results into measurements.
+
+Accuracies count all N samples: a clean-misclassified sample counts as broken by every attack and is never
+verified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from robustkit.errors import InputError, NonFiniteError
+
+if TYPE_CHECKING:
+    from robustkit.attacks import Attack
+    from robustkit.data import Dataset, Split
+    from robustkit.verifiers import Status, Verifier
+
+__all__ = [
+    "AttackRun", "Conflict", "EvalData", "MethodRun", "Robustness", "check_finite_logits", "find_conflicts",
+    "model_device", "order_violation", "predict", "recheck", "robustness_counts", "run_attack", "run_verifiers",
+    "take_samples", "verified_but_broken", "worst_case",
+]
+
+TOLERANCE = 1e-6  # how far outside the eps-ball or [0, 1] an adversarial example may lie (float rounding)
+
+
+# ------------------------------------------------------------------------------------------------ samples
+
+
+def take_samples(split: Split, start: int, n: int, *, what: str, count: str, first: str | None = None) -> Split:
+    """Samples ``start`` to ``start + n - 1`` of ``split``, which must hold them all.
+
+    Evaluating or training on fewer samples than asked would make runs silently incomparable, so a range
+    outside the split is an :class:`~robustkit.errors.InputError` naming the options: ``count`` (such as
+    ``--n-examples`` or ``data.n_test``) and ``first`` (such as ``--start``; None when the range starts at 0).
+    ``what`` describes the split (``the mnist5k test split``).
+    """
+    size = len(split)
+    if size == 0:
+        raise InputError(f"{what} is empty")
+    if start >= size:
+        raise InputError(f"{first} {start} is out of range: {what} has {size} samples (indices 0 to {size - 1})")
+    if start + n > size:
+        if first is None:
+            raise InputError(f"{count} {n} asks for {n} samples, but {what} has {size}: use {count} {size} or less")
+        raise InputError(
+            f"{first} {start} {count} {n} asks for samples up to index {start + n - 1}, but {what} has {size} "
+            f"samples: use {count} {size - start} or less"
+        )
+    return split.subset(start, n)
+
+
+@dataclass(frozen=True, eq=False)
+class EvalData:
+    """The evaluation samples: ``split`` holds test samples ``start``, ``start + 1``, ... of ``dataset``."""
+
+    dataset: Dataset
+    split: Split
+    start: int
+    batch_size: int
+
+    @property
+    def n(self) -> int:
+        """Number of samples."""
+        return len(self.split)
+
+    @property
+    def indices(self) -> range:
+        """The samples' absolute indices in the dataset's test split."""
+        return range(self.start, self.start + self.n)
+
+    def batches(self) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """``(offset, x, y)`` per batch of at most ``batch_size`` samples; ``offset`` counts from ``start``."""
+        for offset in range(0, self.n, self.batch_size):
+            end = offset + self.batch_size
+            yield offset, self.split.x[offset:end], self.split.y[offset:end]
+
+    def num_batches(self) -> int:
+        """How many batches :meth:`batches` yields."""
+        return -(-self.n // self.batch_size)
+
+
+# ------------------------------------------------------------------------------------------ forward pass
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters (or buffers) live; the CPU for a model without any."""
+    return next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+
+
+def check_finite_logits(logits: Tensor, first_index: int, what: str) -> None:
+    """Raise :class:`~robustkit.errors.NonFiniteError` when any row of ``logits`` holds NaN or infinity.
+
+    Row ``i`` belongs to sample ``first_index + i`` of ``what`` (such as ``the mnist5k test split``): a model
+    whose outputs are not numbers cannot be attacked or verified, and accuracies computed from them mean nothing.
+    """
+    bad = (~torch.isfinite(logits)).any(1).nonzero().flatten()
+    if len(bad):
+        where = ", ".join(str(first_index + int(i)) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise NonFiniteError(
+            f"the model returns NaN or infinite logits on {len(bad)} of {logits.shape[0]} samples of {what} "
+            f"(sample {where}): its outputs cannot be evaluated"
+        )
+
+
+def predict(model: nn.Module, data: EvalData, images: Tensor | None = None) -> Tensor:
+    """The model's predicted classes for the evaluation samples (or ``images`` in their place), batch by batch.
+
+    Non-finite logits are a :class:`~robustkit.errors.NonFiniteError` naming the samples.
+    """
+    device = model_device(model)
+    what = f"the {data.dataset.name} test split" + ("" if images is None else " (adversarial examples)")
+    parts, finite = [], []
+    with torch.no_grad():
+        for offset, x, _ in data.batches():
+            batch = x if images is None else images[offset:offset + x.shape[0]]
+            logits = model(batch.to(device))
+            finite.append(torch.isfinite(logits).all(1).cpu())
+            parts.append(logits.argmax(1).cpu())
+    # all samples first, so the message counts every one of them
+    check_finite_logits(torch.where(torch.cat(finite), 0.0, float("nan")).unsqueeze(1), data.start, what)
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------------- attacks
+
+
+@dataclass(frozen=True, eq=False)
+class AttackRun:
+    """One attack at one eps on all N samples (the batches' results joined, on the CPU)."""
+
+    label: str
+    config: str
+    eps: float
+    x_adv: Tensor
+    success: Tensor
+    prediction: Tensor
+    time_s: float
+
+    @property
+    def n_broken(self) -> int:
+        """Samples broken (clean-misclassified ones included)."""
+        return int(self.success.sum())
+
+
+def run_attack(
+    model: nn.Module, data: EvalData, label: str, attack: Attack, eps_list: Sequence[float], seed: int
+) -> list[AttackRun]:
+    """Attack every sample at every eps, batch by batch, with one progress bar.
+
+    Every eps gets its own generator seeded with ``seed``, so an attack's result depends neither on the other
+    radii nor on the other attacks evaluated.
+    """
+    from robustkit.attacks import AttackResult
+    from robustkit.progress import progress
+    from robustkit.runtime import make_generator
+
+    device = model_device(model)
+    generators = {eps: make_generator(seed, device) for eps in eps_list}
+    parts: dict[float, list[AttackResult]] = {eps: [] for eps in eps_list}
+    steps = [(eps, batch) for eps in eps_list for batch in data.batches()]
+    for eps, (_, x, y) in progress(steps, desc=f"attack {label}", unit="batch"):
+        parts[eps].append(attack(model, x, y, eps=eps, generator=generators[eps]))
+    return [
+        AttackRun(
+            label=label, config=repr(attack), eps=eps,
+            x_adv=torch.cat([r.x_adv.detach().cpu() for r in results]),
+            success=torch.cat([r.success.detach().cpu() for r in results]),
+            prediction=torch.cat([r.prediction.detach().cpu() for r in results]),
+            time_s=sum(r.time_s for r in results),
+        )
+        for eps, results in parts.items()
+    ]
+
+
+def recheck(model: nn.Module, data: EvalData, runs: Sequence[AttackRun]) -> list[str]:
+    """Every adversarial example inside the ball and [0, 1], and misclassified by a fresh forward pass where the
+    attack reports success; returns one message per failed sample (empty when all pass)."""
+    problems = []
+    x, labels = data.split.x, data.split.y
+    for run in runs:
+        prediction = predict(model, data, run.x_adv)
+        distance = (run.x_adv - x).abs().flatten(1).amax(1)
+        flat = run.x_adv.flatten(1)
+        checks = [
+            (distance > run.eps + TOLERANCE, "outside the eps-ball"),
+            ((flat.amin(1) < 0) | (flat.amax(1) > 1), "pixel values outside [0, 1]"),
+            (run.success & (prediction == labels), "reported adversarial, but a fresh forward pass classifies it "
+                                                   "correctly"),
+        ]
+        for failed, what in checks:
+            for position in failed.nonzero().flatten().tolist():
+                problems.append(
+                    f"{run.label} at eps {run.eps:g}, test sample {data.start + position}: {what} "
+                    f"(L-inf distance {float(distance[position]):.6g}, prediction {int(prediction[position])}, "
+                    f"label {int(labels[position])})"
+                )
+    return problems
+
+
+def worst_case(runs: Sequence[AttackRun], eps: float) -> Tensor:
+    """Per sample: broken by any of the attacks run at ``eps``."""
+    return torch.stack([r.success for r in runs if r.eps == eps]).any(0)
+
+
+# --------------------------------------------------------------------------------------------- verifiers
+
+
+@dataclass(frozen=True, eq=False)
+class MethodRun:
+    """One verifier at one eps on all N samples (the batches' results joined, on the CPU)."""
+
+    method: str
+    eps: float
+    status: tuple[Status, ...]
+    margin_lower: Tensor
+    prediction: Tensor
+    time_s: Tensor
+
+    def count(self, status: Status) -> int:
+        """How many samples ended with ``status``."""
+        return sum(s is status for s in self.status)
+
+    def verified(self, labels: Tensor) -> Tensor:
+        """Per sample: verified and correctly classified (a misclassified sample is never verified)."""
+        from robustkit.verifiers import Status
+
+        return torch.tensor([s is Status.VERIFIED for s in self.status], dtype=torch.bool) & (
+            self.prediction == labels
+        )
+
+
+def run_verifiers(
+    model: nn.Module, data: EvalData, verifiers: Mapping[str, Verifier], eps_list: Sequence[float]
+) -> list[MethodRun]:
+    """Verify every sample with every verifier at every eps, batch by batch, with one progress bar.
+
+    The verifiers of a batch run together (:func:`robustkit.verifiers.verify_many`, which shares the symbolic
+    pass between ``symbolic`` and ``crown``). Runs are ordered by verifier, then eps.
+    """
+    from robustkit.progress import progress
+    from robustkit.verifiers import VerificationResult, verify_many
+
+    steps = [(eps, batch) for eps in eps_list for batch in data.batches()]
+    parts: dict[tuple[str, float], list[VerificationResult]] = {
+        (name, eps): [] for name in verifiers for eps in eps_list
+    }
+    instances = list(verifiers.values())
+    for eps, (_, x, y) in progress(steps, desc=f"verify {','.join(verifiers)}", unit="batch"):
+        results = verify_many(model, x, y, eps, instances)
+        for name, verifier in verifiers.items():
+            parts[name, eps].append(results[verifier.name])
+    return [
+        MethodRun(
+            method=name, eps=eps,
+            status=tuple(s for r in results for s in r.status),
+            margin_lower=torch.cat([r.margin_lower.detach().cpu() for r in results]),
+            prediction=torch.cat([r.prediction.detach().cpu() for r in results]),
+            time_s=torch.cat([r.time_s.detach().cpu() for r in results]),
+        )
+        for (name, eps), results in parts.items()
+    ]
+
+
+# ------------------------------------------------------------------------------------------- consistency
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A sample that one method verified and another falsified at the same eps: a soundness bug."""
+
+    index: int
+    label: int
+    eps: float
+    verified_by: tuple[str, ...]
+    falsified_by: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return (
+            f"soundness bug: test sample {self.index} (label {self.label}) at eps {self.eps:g} is verified by "
+            f"{', '.join(self.verified_by)} but falsified by {', '.join(self.falsified_by)}"
+        )
+
+
+def find_conflicts(runs: Sequence[MethodRun], data: EvalData) -> list[Conflict]:
+    """Samples verified by one method and falsified by another at the same eps."""
+    from robustkit.verifiers import Status
+
+    conflicts = []
+    for eps in dict.fromkeys(r.eps for r in runs):
+        same_eps = [r for r in runs if r.eps == eps]
+        for position, index in enumerate(data.indices):
+            verified = tuple(r.method for r in same_eps if r.status[position] is Status.VERIFIED)
+            falsified = tuple(r.method for r in same_eps if r.status[position] is Status.FALSIFIED)
+            if verified and falsified:
+                conflicts.append(Conflict(index, int(data.split.y[position]), eps, verified, falsified))
+    return conflicts
+
+
+def verified_but_broken(runs: Sequence[MethodRun], broken: Tensor, data: EvalData, eps: float) -> list[str]:
+    """One message per sample that a verifier verified at ``eps`` although an attack broke it there."""
+    problems = []
+    for run in runs:
+        if run.eps != eps:
+            continue
+        for position in (run.verified(data.split.y) & broken).nonzero().flatten().tolist():
+            problems.append(f"test sample {data.start + position}: verified by {run.method} at eps {eps:g} but "
+                            "broken by an attack")
+    return problems
+
+
+def order_violation(verified: float, attacked: float, clean: float, eps: float) -> str | None:
+    """The message when accuracies are out of order (verified <= worst-case attack <= clean must hold)."""
+    if verified <= attacked <= clean:
+        return None
+    return (f"accuracies out of order at eps {eps:g}: verified {verified:.4f}, worst-case attack {attacked:.4f}, "
+            f"clean {clean:.4f} (must be verified <= attack <= clean)")
+
+
+# ------------------------------------------------------------------------------------------- quick checks
+
+
+@dataclass(frozen=True)
+class Robustness:
+    """Counts over ``n`` samples: correctly classified, robust to PGD, and verified by each method, with the
+    seconds that PGD and each verifier took."""
+
+    n: int
+    clean: int
+    pgd: int
+    verified: dict[str, int]
+    pgd_time_s: float
+    verify_time_s: dict[str, float]
+
+
+def robustness_counts(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, *, pgd_steps: int, methods: Sequence[str],
+    generator: torch.Generator, what: str,
+) -> Robustness:
+    """Clean, ``pgd_steps``-step PGD and verified counts of one batch at ``eps``: the trainers' monitoring after
+    every epoch and the bench's accuracy-vs-eps sweep. Without PGD steps (or at eps 0) the PGD count is the
+    clean one. Non-finite logits are a :class:`~robustkit.errors.NonFiniteError` naming ``what``."""
+    from robustkit.attacks import PGD
+    from robustkit.verifiers import verify
+
+    with torch.no_grad():
+        logits = model(x.to(model_device(model)))
+    check_finite_logits(logits, 0, what)
+    clean = int((logits.argmax(1).cpu() == y.cpu()).sum())
+    robust, pgd_time = clean, 0.0
+    if pgd_steps > 0 and eps > 0:
+        attacked = PGD(steps=pgd_steps)(model, x, y, eps=eps, generator=generator)
+        robust, pgd_time = int((~attacked.success).sum()), attacked.time_s
+    results = {method: verify(model, x, y, eps, method=method) for method in methods}
+    return Robustness(
+        n=len(y), clean=clean, pgd=robust, verified={m: int(r.verified.sum()) for m, r in results.items()},
+        pgd_time_s=pgd_time, verify_time_s={m: float(r.time_s.sum()) for m, r in results.items()},
+    )
