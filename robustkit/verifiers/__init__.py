@@ -2,7 +2,8 @@
 
 Methods (registry :data:`VERIFIERS`): ``interval`` (IBP), ``symbolic`` (MixTrain's symbolic intervals with
 Neurify's symbolic linear relaxation), ``symbolic-naive`` (ReluVal's concretisation, a baseline), ``crown``
-(backward linear relaxation) and ``exact`` (mixed-integer programming). One API for all:
+(backward linear relaxation), ``alpha-crown`` (CROWN with optimised slopes) and ``exact`` (mixed-integer
+programming). One API for all:
 
 >>> import torch
 >>> from robustkit.models import build_model
@@ -21,6 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from robustkit.registry import Registry
+from robustkit.verifiers.alpha_crown import AlphaCrownVerifier
 from robustkit.verifiers.base import LogitBounds, Status, VerificationResult, Verifier
 from robustkit.verifiers.crown import CrownVerifier
 from robustkit.verifiers.exact import ExactVerifier
@@ -50,6 +52,7 @@ VERIFIERS.add("interval", IntervalVerifier)
 VERIFIERS.add("symbolic", SymbolicVerifier)
 VERIFIERS.add("symbolic-naive", SymbolicNaiveVerifier)
 VERIFIERS.add("crown", CrownVerifier)
+VERIFIERS.add("alpha-crown", AlphaCrownVerifier)
 VERIFIERS.add("exact", ExactVerifier)
 
 

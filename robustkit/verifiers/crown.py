@@ -4,8 +4,23 @@ Starting from the specification rows (e.g. f_y - f_j), linear coefficients are p
 network. Affine layers are exact (transposed maps); at a ReLU with pre-activation bounds [l, u] a positive
 coefficient takes the lower relaxation alpha * v (alpha = 1 when u >= -l, else 0: CROWN's adaptive choice) and
 a negative one the upper relaxation u / (u - l) * (v - l). At the input the linear function is minimised over
-the box in closed form. Pre-activation bounds come from ``symbolic`` (default) or ``interval``; the result is
-the better of the backward bound and that of the method that supplied the intermediate bounds.
+the box in closed form.
+
+The pre-activation bounds (``intermediate``) come from
+
+* ``"symbolic"`` (the default): one symbolic-interval pass;
+* ``"interval"``: interval arithmetic;
+* ``"crown"``: CROWN itself, layer by layer (Zhang et al., *Efficient Neural Network Robustness
+  Certification with General Activation Functions*, arXiv:1811.00866): in topological order, the input of
+  every non-linear node is bounded by a backward pass that starts at that input with identity rows and uses
+  the bounds already found for the earlier non-linear nodes, intersected with interval arithmetic over those
+  bounds. Only the neurons that interval arithmetic leaves unstable get a row, gathered per sample (padded to
+  the batch's largest count) and processed in chunks of rows within ``memory_limit_gb``;
+* ``"crown+symbolic"``: the same, with every node's bounds also intersected with the symbolic pass's (fewer
+  unstable neurons, so fewer rows).
+
+The result is the better of the backward bound and the bound of the method(s) that supplied the intermediate
+bounds (interval arithmetic over the tightened boxes for ``"crown"``).
 """
 
 from __future__ import annotations
@@ -17,10 +32,15 @@ import torch
 from torch import Tensor
 
 from robustkit.errors import InputError
+from robustkit.verifiers import ops
 from robustkit.verifiers.base import Verifier
 from robustkit.verifiers.graph import INPUT, Graph, node_shapes
-from robustkit.verifiers.interval import interval_pass
+from robustkit.verifiers.interval import interval_pass, spec_lower_from_box
+from robustkit.verifiers.ops.base import Box
 from robustkit.verifiers.symbolic import symbolic_chunk, symbolic_pass
+
+Bounds = tuple[Tensor, Tensor]
+INTERMEDIATES = ("symbolic", "interval", "crown", "crown+symbolic")
 
 
 def backward_bound(
@@ -58,34 +78,176 @@ def backward_bound(
     return constant + (coeff * center).sum(dims) - (coeff.abs() * radius).sum(dims)
 
 
+@dataclass(frozen=True, eq=False)
+class Rows:
+    """The neurons of one node that get a backward pass: ``index`` (B, M) flat positions per sample, padded
+    with the out-of-range position n (the node's size) up to the batch's largest count M."""
+
+    index: Tensor
+    size: int
+
+    @classmethod
+    def where(cls, mask: Tensor) -> Rows:
+        """The True positions of ``mask`` (B, *shape) per sample."""
+        flat = mask.flatten(1)
+        count = int(flat.sum(1).max()) if flat.numel() else 0
+        order = torch.sort(flat.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :count]
+        valid = torch.arange(count, device=mask.device) < flat.sum(1, keepdim=True)
+        return cls(torch.where(valid, order, flat.shape[1]), flat.shape[1])
+
+    @property
+    def count(self) -> int:
+        return self.index.shape[1]
+
+    def spec(self, dtype: torch.dtype) -> Tensor:
+        """Rows (B, 2M, n): +e_i for the lower bound of every neuron i, then -e_i for its upper bound (padding
+        rows are zero)."""
+        b, m = self.index.shape
+        eye = torch.zeros(b, m, self.size + 1, device=self.index.device, dtype=dtype)
+        eye.scatter_(2, self.index.unsqueeze(2), 1.0)
+        eye = eye[..., : self.size]
+        return torch.cat([eye, -eye], dim=1)
+
+    def tighten(self, low: Tensor, high: Tensor, found: Tensor) -> Bounds:
+        """``low``, ``high`` (B, *shape) intersected with the row bounds ``found`` (B, 2M) of :meth:`spec`."""
+        b, m = self.index.shape
+        pad = torch.full((b, 1), -torch.inf, device=low.device, dtype=low.dtype)
+        new_low = torch.cat([low.flatten(1), pad], 1)
+        new_high = torch.cat([high.flatten(1), -pad], 1)
+        new_low = new_low.scatter(1, self.index, torch.maximum(new_low.gather(1, self.index), found[:, :m]))
+        new_high = new_high.scatter(1, self.index, torch.minimum(new_high.gather(1, self.index), -found[:, m:]))
+        new_low, new_high = new_low[:, : self.size].view_as(low), new_high[:, : self.size].view_as(high)
+        return new_low, torch.maximum(new_high, new_low)  # both sound; guard against rounding crossing them
+
+
+def row_chunk(graph: Graph, input_shape: tuple[int, ...], output: int, batch: int, memory_limit_gb: float) -> int:
+    """Specification rows per backward pass from ``output`` so that the coefficients (rows x the widest node
+    on the way, a few live copies, float32) of the whole batch fit ``memory_limit_gb``."""
+    shapes = node_shapes(graph, input_shape)
+    widest = max(ops.numel(shapes[index]) for index in range(INPUT, output + 1))
+    per_row = 6 * 4 * widest * batch
+    return max(1, int(memory_limit_gb * 2**30 // per_row))
+
+
+def row_bounds(graph: Graph, lower: Tensor, upper: Tensor, output: int, rows: Rows,
+               pre_activation: dict[int, Bounds], slopes: dict[int, Tensor] | None, chunk: int) -> Tensor:
+    """Lower bounds (B, 2M) of the rows of ``rows.spec`` on node ``output``'s value, ``chunk`` rows at a time;
+    ``slopes`` (node -> (B, 2M, *shape)) are sliced along with the rows."""
+    spec = rows.spec(lower.dtype)
+    parts = []
+    for start in range(0, spec.shape[1], chunk):
+        piece = slice(start, start + chunk)
+        chosen = None if slopes is None else {node: value[:, piece] for node, value in slopes.items()}
+        parts.append(backward_bound(graph, lower, upper, spec[:, piece], pre_activation, chosen, output))
+    return torch.cat(parts, 1)
+
+
+@dataclass(eq=False)
+class LayerBounds:
+    """Bounds of every non-linear node's input (``pre_activation``), the interval boxes of every node over
+    them (``boxes``), and the rows that got a backward pass, per non-linear node (``rows``)."""
+
+    pre_activation: dict[int, Bounds]
+    boxes: dict[int, Box]
+    rows: dict[int, Rows]
+
+
+def layer_bounds(
+    graph: Graph,
+    lower: Tensor,
+    upper: Tensor,
+    known: dict[int, Bounds] | None = None,
+    rows: dict[int, Rows] | None = None,
+    slopes: dict[int, dict[int, Tensor]] | None = None,
+    memory_limit_gb: float = 4.0,
+) -> LayerBounds:
+    """CROWN's intermediate bounds: for every non-linear node in topological order, interval arithmetic over
+    the bounds found so far, intersected with ``known`` (other sound bounds, e.g. symbolic's) and with a
+    backward pass from the node's input over its unstable neurons (``rows``, default: those that the
+    intersection leaves unstable). ``slopes`` (node -> earlier node -> (B, 2M, *shape)) sets the lower slopes
+    of every row's pass (alpha-CROWN's optimised intermediate bounds)."""
+    boxes: dict[int, Box] = {INPUT: Box.from_bounds(lower, upper)}
+    pre: dict[int, Bounds] = {}
+    used: dict[int, Rows] = {}
+    input_shape = tuple(lower.shape[1:])
+    for index, node in enumerate(graph.nodes):
+        op = node.op
+        if not isinstance(op, ops.NonlinearOp):
+            boxes[index] = op.interval([boxes[source] for source in node.inputs])
+            continue
+        (source,) = node.inputs
+        low, high = boxes[source].lower, boxes[source].upper
+        if known is not None and index in known:
+            low, high = torch.maximum(low, known[index][0]), torch.minimum(high, known[index][1])
+            high = torch.maximum(high, low)
+        if source != INPUT:
+            chosen = Rows.where(op.relaxation(low, high, ops.BACKWARD).unstable) if rows is None else rows[index]
+            if chosen.count:
+                chunk = row_chunk(graph, input_shape, source, lower.shape[0], memory_limit_gb)
+                found = row_bounds(graph, lower, upper, source, chosen, pre,
+                                   None if slopes is None else slopes.get(index), chunk)
+                low, high = chosen.tighten(low, high, found)
+            used[index] = chosen
+        pre[index] = (low, high)
+        boxes[index] = Box.from_bounds(*op.interval_bounds(low, high))
+    return LayerBounds(pre, boxes, used)
+
+
+def intermediate_bounds(graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor, intermediate: str,
+                        memory_limit_gb: float = 4.0) -> tuple[Tensor, LayerBounds]:
+    """The ``intermediate`` method's own lower bound (B, K) of ``spec @ f`` and its bounds of every
+    non-linear node's input (with the rows that got a backward pass, for ``crown`` and ``crown+symbolic``)."""
+    if intermediate == "symbolic":
+        found = symbolic_pass(graph, lower, upper, spec)
+        return found.spec_lower, LayerBounds(found.pre_activation, {}, {})
+    if intermediate == "interval":
+        box = interval_pass(graph, lower, upper, spec)
+        return box.spec_lower, LayerBounds(box.pre_activation, {}, {})
+    known = None
+    base = None
+    if intermediate == "crown+symbolic":
+        symbolic = symbolic_pass(graph, lower, upper, spec)
+        known, base = symbolic.pre_activation, symbolic.spec_lower
+    layers = layer_bounds(graph, lower, upper, known, memory_limit_gb=memory_limit_gb)
+    boxed = spec_lower_from_box(graph, layers.boxes, spec)
+    return (boxed if base is None else torch.maximum(boxed, base)), layers
+
+
+def check_intermediate(intermediate: str) -> None:
+    """A clear :class:`InputError` for an unknown ``intermediate`` method."""
+    if intermediate not in INTERMEDIATES:
+        raise InputError(f"crown intermediate bounds must be one of {', '.join(map(repr, INTERMEDIATES))}, "
+                         f"got {intermediate!r}")
+
+
 @dataclass(frozen=True)
 class CrownVerifier(Verifier):
-    """Backward linear relaxation with intermediate bounds from ``symbolic`` (default) or ``interval``."""
+    """Backward linear relaxation with intermediate bounds from ``symbolic`` (default), ``interval``,
+    ``crown`` or ``crown+symbolic`` (see the module docstring); ``memory_limit_gb`` bounds the symbolic
+    generator rows and the rows of the layer-by-layer passes held at once."""
 
     name: ClassVar[str] = "crown"
     intermediate: str = "symbolic"
     memory_limit_gb: float = 4.0
 
     def chunk_size(self, graph: Graph, input_shape: tuple[int, ...]) -> int | None:
-        return symbolic_chunk(graph, input_shape, self.memory_limit_gb) if self.intermediate == "symbolic" else None
+        if self.intermediate in ("symbolic", "crown+symbolic"):
+            return symbolic_chunk(graph, input_shape, self.memory_limit_gb)
+        return None
 
     def __post_init__(self) -> None:
-        if self.intermediate not in ("symbolic", "interval"):
-            raise InputError(f"crown intermediate bounds must be 'symbolic' or 'interval', got {self.intermediate!r}")
+        check_intermediate(self.intermediate)
 
     def spec_lower(self, graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor) -> Tensor:
-        return crown_pass(graph, lower, upper, spec, self.intermediate)[0]
+        return crown_pass(graph, lower, upper, spec, self.intermediate, self.memory_limit_gb)[0]
 
 
 def crown_pass(
-    graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor, intermediate: str = "symbolic"
+    graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor, intermediate: str = "symbolic",
+    memory_limit_gb: float = 4.0,
 ) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
     """The better of the backward bound and the ``intermediate`` method's own bound of ``spec @ f``, and the
-    pre-activation bounds of every ReLU node that both used."""
-    if intermediate == "symbolic":
-        found = symbolic_pass(graph, lower, upper, spec)
-        base, pre = found.spec_lower, found.pre_activation
-    else:
-        box = interval_pass(graph, lower, upper, spec)
-        base, pre = box.spec_lower, box.pre_activation
+    pre-activation bounds of every non-linear node that both used."""
+    base, layers = intermediate_bounds(graph, lower, upper, spec, intermediate, memory_limit_gb)
+    pre = layers.pre_activation
     return torch.maximum(backward_bound(graph, lower, upper, spec, pre), base), pre
