@@ -58,6 +58,7 @@ from robustkit.verifiers.crown import (
     check_intermediate,
     intermediate_bounds,
     layer_bounds,
+    needs_backward,
 )
 from robustkit.verifiers.graph import INPUT, Graph, node_shapes
 from robustkit.verifiers.symbolic import symbolic_chunk
@@ -79,7 +80,7 @@ class AlphaCrownOptions:
 
     iterations: int = 20
     lr: float = 0.5
-    intermediate: str = "crown"
+    intermediate: str = "crown+symbolic"
     optimize_intermediate: bool = False
     early_stop: bool = True
     memory_limit_gb: float = 4.0
@@ -150,11 +151,15 @@ class _FreeSlopes:
 
 
 def _unstable_rows(graph: Graph, pre: dict[int, Bounds]) -> dict[int, Rows]:
-    """Per non-linear node reading another node, its neurons left unstable by ``pre``."""
+    """Per non-linear node whose input bounds depend on earlier non-linear nodes' slopes, its neurons left
+    unstable by ``pre``."""
     rows = {}
     for index, node in enumerate(graph.nodes):
         op = node.op
-        if isinstance(op, ops.NonlinearOp) and node.inputs[0] != INPUT and index in pre:
+        if not isinstance(op, ops.NonlinearOp) or index not in pre or not needs_backward(graph, index):
+            continue
+        upstream = _ancestors(graph, node.inputs[0])
+        if any(isinstance(graph.nodes[earlier].op, ops.NonlinearOp) for earlier in upstream):
             rows[index] = Rows.where(op.relaxation(*pre[index], ops.BACKWARD).unstable)
     return {index: found for index, found in rows.items() if found.count}
 

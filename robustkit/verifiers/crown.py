@@ -142,6 +142,16 @@ def row_bounds(graph: Graph, lower: Tensor, upper: Tensor, output: int, rows: Ro
     return torch.cat(parts, 1)
 
 
+def needs_backward(graph: Graph, index: int) -> bool:
+    """Whether the input of non-linear node ``index`` can be tightened by a backward pass: not when it is the
+    network input or one affine layer applied to it (interval arithmetic is then exact)."""
+    (source,) = graph.nodes[index].inputs
+    if source == INPUT:
+        return False
+    node = graph.nodes[source]
+    return not (isinstance(node.op, ops.AffineOp) and node.inputs == (INPUT,))
+
+
 @dataclass(eq=False)
 class LayerBounds:
     """Bounds of every non-linear node's input (``pre_activation``), the interval boxes of every node over
@@ -163,9 +173,10 @@ def layer_bounds(
 ) -> LayerBounds:
     """CROWN's intermediate bounds: for every non-linear node in topological order, interval arithmetic over
     the bounds found so far, intersected with ``known`` (other sound bounds, e.g. symbolic's) and with a
-    backward pass from the node's input over its unstable neurons (``rows``, default: those that the
-    intersection leaves unstable). ``slopes`` (node -> earlier node -> (B, 2M, *shape)) sets the lower slopes
-    of every row's pass (alpha-CROWN's optimised intermediate bounds)."""
+    backward pass from the node's input over its unstable neurons (``rows``: node -> the neurons to pass,
+    nodes without an entry get none; default: those that the intersection leaves unstable, wherever
+    interval arithmetic is not exact). ``slopes`` (node -> earlier node -> (B, 2M, *shape)) sets the lower
+    slopes of every row's pass (alpha-CROWN's optimised intermediate bounds)."""
     boxes: dict[int, Box] = {INPUT: Box.from_bounds(lower, upper)}
     pre: dict[int, Bounds] = {}
     used: dict[int, Rows] = {}
@@ -180,13 +191,16 @@ def layer_bounds(
         if known is not None and index in known:
             low, high = torch.maximum(low, known[index][0]), torch.minimum(high, known[index][1])
             high = torch.maximum(high, low)
-        if source != INPUT:
-            chosen = Rows.where(op.relaxation(low, high, ops.BACKWARD).unstable) if rows is None else rows[index]
-            if chosen.count:
-                chunk = row_chunk(graph, input_shape, source, lower.shape[0], memory_limit_gb)
-                found = row_bounds(graph, lower, upper, source, chosen, pre,
-                                   None if slopes is None else slopes.get(index), chunk)
-                low, high = chosen.tighten(low, high, found)
+        chosen = None
+        if rows is not None:
+            chosen = rows.get(index)
+        elif needs_backward(graph, index):
+            chosen = Rows.where(op.relaxation(low, high, ops.BACKWARD).unstable)
+        if chosen is not None and chosen.count:
+            chunk = row_chunk(graph, input_shape, source, lower.shape[0], memory_limit_gb)
+            found = row_bounds(graph, lower, upper, source, chosen, pre,
+                               None if slopes is None else slopes.get(index), chunk)
+            low, high = chosen.tighten(low, high, found)
             used[index] = chosen
         pre[index] = (low, high)
         boxes[index] = Box.from_bounds(*op.interval_bounds(low, high))
