@@ -8,7 +8,7 @@ with ``robustkit train`` if ``--model-file`` does not exist yet (about 15 minute
 Per method, the verified accuracy over all N points (clean-misclassified points count as not verified):
 
 * ``crown``: the registered default (symbolic intermediate bounds);
-* ``crown (crown intermediates)``: CROWN with layer-by-layer CROWN intermediate bounds;
+* ``crown (same intermediates)``: CROWN with alpha-crown's intermediate bounds (its starting point);
 * ``alpha-crown``: with the options given on the command line (defaults: the verifier's);
 
 and the attack accuracy: the per-sample worst case of PGD (``--pgd-steps`` steps x ``--restarts`` restarts,
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from robustkit.models import load_model
     from robustkit.reports.tables import format_table
     from robustkit.verifiers import get_verifier
+    from robustkit.verifiers.alpha_crown import AlphaCrownVerifier
 
     loads = [os.getloadavg()[0]]
     started = time.perf_counter()
@@ -132,10 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                                              ("intermediate", args.intermediate)) if value is not None}
     if args.optimize_intermediate:
         options["optimize_intermediate"] = True
+    alpha = AlphaCrownVerifier(**options)
     methods = {
         "crown": get_verifier("crown"),
-        "crown (crown intermediates)": get_verifier("crown", intermediate="crown"),
-        "alpha-crown": get_verifier("alpha-crown", **options),
+        "crown (same intermediates)": get_verifier("crown", intermediate=alpha.intermediate),
+        "alpha-crown": alpha,
     }
     found = {name: timed_verify(verifier, model, x, y, args.eps, args.batch, loads)
              for name, verifier in methods.items()}
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     failures = []
     alpha_verified, alpha_worst, alpha_seconds = found["alpha-crown"]
-    for name in ("crown", "crown (crown intermediates)"):
+    for name in ("crown", "crown (same intermediates)"):
         worst = found[name][1]
         below = int((alpha_worst < worst - TOLERANCE * (1 + worst.abs())).sum())
         print(f"samples where alpha-crown's bound < {name}'s: {below}; mean worst-margin bound {name} "
