@@ -105,17 +105,18 @@ class Rows:
     def count(self) -> int:
         return self.index.shape[1]
 
-    def spec(self, dtype: torch.dtype) -> Tensor:
-        """Rows (B, 2M, n): +e_i for the lower bound of every neuron i, then -e_i for its upper bound (padding
-        rows are zero)."""
+    def spec(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        """Rows ``start`` to ``stop`` - 1 (B, stop - start, n) of the 2M specification rows: +e_i for the lower
+        bound of every neuron i, then -e_i for its upper bound (padding rows are zero)."""
         b, m = self.index.shape
-        eye = torch.zeros(b, m, self.size + 1, device=self.index.device, dtype=dtype)
-        eye.scatter_(2, self.index.unsqueeze(2), 1.0)
-        eye = eye[..., : self.size]
-        return torch.cat([eye, -eye], dim=1)
+        position = torch.arange(start, stop, device=self.index.device)
+        sign = torch.where(position < m, 1.0, -1.0).to(dtype).expand(b, -1)
+        rows = torch.zeros(b, stop - start, self.size + 1, device=self.index.device, dtype=dtype)
+        rows.scatter_(2, self.index[:, position % m].unsqueeze(2), sign.unsqueeze(2))
+        return rows[..., : self.size]
 
     def tighten(self, low: Tensor, high: Tensor, found: Tensor) -> Bounds:
-        """``low``, ``high`` (B, *shape) intersected with the row bounds ``found`` (B, 2M) of :meth:`spec`."""
+        """``low``, ``high`` (B, *shape) intersected with the bounds ``found`` (B, 2M) of the rows of :meth:`spec`."""
         b, m = self.index.shape
         pad = torch.full((b, 1), -torch.inf, device=low.device, dtype=low.dtype)
         new_low = torch.cat([low.flatten(1), pad], 1)
@@ -137,14 +138,15 @@ def row_chunk(graph: Graph, input_shape: tuple[int, ...], output: int, batch: in
 
 def row_bounds(graph: Graph, lower: Tensor, upper: Tensor, output: int, rows: Rows,
                pre_activation: dict[int, Bounds], slopes: dict[int, Tensor] | None, chunk: int) -> Tensor:
-    """Lower bounds (B, 2M) of the rows of ``rows.spec`` on node ``output``'s value, ``chunk`` rows at a time;
+    """Lower bounds (B, 2M) of the rows of :meth:`Rows.spec` on node ``output``'s value, ``chunk`` rows at a time;
     ``slopes`` (node -> (B, 2M, *shape)) are sliced along with the rows."""
-    spec = rows.spec(lower.dtype)
     parts = []
-    for start in range(0, spec.shape[1], chunk):
-        piece = slice(start, start + chunk)
-        chosen = None if slopes is None else {node: value[:, piece] for node, value in slopes.items()}
-        parts.append(backward_bound(graph, lower, upper, spec[:, piece], pre_activation, chosen, output))
+    total = 2 * rows.count
+    for start in range(0, total, chunk):
+        stop = min(start + chunk, total)
+        chosen = None if slopes is None else {node: value[:, start:stop] for node, value in slopes.items()}
+        spec = rows.spec(start, stop, lower.dtype)
+        parts.append(backward_bound(graph, lower, upper, spec, pre_activation, chosen, output))
     return torch.cat(parts, 1)
 
 

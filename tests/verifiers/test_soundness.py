@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from robustkit.verifiers import VERIFIERS, Status, bounds, get_verifier, margin_bounds, verify
 from tests.verifiers.nets import box_points, networks, pgd_points
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # options that keep each method fast on the random nets; every registered method must be listed
 METHOD_OPTIONS: dict[str, dict] = {
     "interval": {},
