@@ -2,7 +2,8 @@
 
 Methods (registry :data:`VERIFIERS`): ``interval`` (IBP), ``symbolic`` (MixTrain's symbolic intervals with
 Neurify's symbolic linear relaxation), ``symbolic-naive`` (ReluVal's concretisation, a baseline), ``crown``
-(backward linear relaxation) and ``exact`` (mixed-integer programming). One API for all:
+(backward linear relaxation), ``alpha-crown`` (CROWN with optimised slopes) and ``exact`` (mixed-integer
+programming). One API for all:
 
 >>> import torch
 >>> from robustkit.models import build_model
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.registry import Registry
+from robustkit.verifiers.alpha_crown import AlphaCrownVerifier
 from robustkit.verifiers.base import (
     LogitBounds,
     SpecResult,
@@ -57,6 +59,7 @@ VERIFIERS.add("interval", IntervalVerifier)
 VERIFIERS.add("symbolic", SymbolicVerifier)
 VERIFIERS.add("symbolic-naive", SymbolicNaiveVerifier)
 VERIFIERS.add("crown", CrownVerifier)
+VERIFIERS.add("alpha-crown", AlphaCrownVerifier)
 VERIFIERS.add("exact", ExactVerifier)
 
 
@@ -86,10 +89,10 @@ def verify_many(
     """Verify with several methods at once, keyed by method name; the results are those of calling
     :func:`verify` per method. All relaxation methods run on one bound context per piece of the batch, so a
     method that builds on another's bounds (``crown`` on ``symbolic``'s) reuses that result instead of
-    computing it again; each method's time includes the results it built on. Complete methods (``exact``)
-    run on their own."""
+    computing it again; each method's time includes the results it built on. Methods with a ``verify`` of
+    their own (``exact``, which decides samples rather than bounding them) run on their own."""
     verifiers = [get_verifier(m) for m in methods]
-    shared = [v for v in verifiers if not v.complete]
+    shared = [v for v in verifiers if type(v).verify is Verifier.verify]
     results: dict[str, VerificationResult] = {}
     if shared:
         start = time.perf_counter()

@@ -59,7 +59,7 @@ from robustkit.verifiers.base import (
     worst_margin,
 )
 from robustkit.verifiers.context import BoundContext, BoundResult, LayerBounds, make_context
-from robustkit.verifiers.crown import CrownVerifier
+from robustkit.verifiers.crown import CrownVerifier, crown_pass
 from robustkit.verifiers.graph import INPUT, Graph, graph_forward, node_shapes
 from robustkit.verifiers.milp import (
     BOUND_SLACK,
@@ -199,8 +199,7 @@ class ExactVerifier(Verifier):
         bounds: it decides which margins need a MILP, and in which order.
         """
         with torch.no_grad():
-            found = BoundContext(graph, lower, upper, spec).run(self._relaxation())
-        return found.spec_lower, dict(found.layer_bounds)
+            return crown_pass(graph, lower, upper, spec, self.bounds_method, _MEMORY_LIMIT_GB)
 
     @staticmethod
     def _encode(graph: Graph, maps: dict[int, AffineMap | None], lower: Tensor, upper: Tensor,

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from robustkit.verifiers import VERIFIERS, Status, bounds, get_verifier, margin_bounds, verify
 from tests.verifiers.nets import box_points, networks, pgd_points
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # options that keep each method fast on the random nets; every registered method must be listed
 METHOD_OPTIONS: dict[str, dict] = {
     "interval": {},
@@ -22,22 +24,26 @@ METHOD_OPTIONS: dict[str, dict] = {
     "symbolic-naive": {},
     "crown": {},
     "crown-interval": {"intermediate": "interval"},
+    "crown-crown": {"intermediate": "crown"},
+    "alpha-crown": {"iterations": 5},
     "exact": {"time_limit": 5.0},
 }
+# cases that run a registered method with other options: case id -> method name
+VARIANTS = {"crown-interval": "crown", "crown-crown": "crown"}
 EXAMPLES = {"exact": 6}
 
 
 def method_cases():
     cases = []
     for key, options in METHOD_OPTIONS.items():
-        name = "crown" if key == "crown-interval" else key
+        name = VARIANTS.get(key, key)
         if name in VERIFIERS:
             cases.append(pytest.param(name, options, id=key))
     return cases
 
 
 def test_every_registered_method_has_a_soundness_case():
-    covered = {"crown" if key == "crown-interval" else key for key in METHOD_OPTIONS}
+    covered = {VARIANTS.get(key, key) for key in METHOD_OPTIONS}
     assert set(VERIFIERS) <= covered
 
 
