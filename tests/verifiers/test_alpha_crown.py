@@ -221,3 +221,17 @@ def test_bad_options_are_refused(options):
 def test_unknown_crown_intermediate_is_refused():
     with pytest.raises(InputError, match="crown\\+symbolic"):
         get_verifier("crown", intermediate="deeppoly")
+
+
+@FAST
+@given(net=networks(), eps=st.sampled_from([0.01, 0.05, 0.2]), seed=st.integers(0, 10**6))
+def test_crown_symbolic_intermediates_are_never_below_symbolic_ones(net, eps, seed):
+    """Tighter intermediate bounds can loosen CROWN's bound (its adaptive slopes change with them), so
+    ``crown+symbolic`` keeps crown's bound with symbolic intermediates: it and alpha-crown are never below it."""
+    graph, _, _, lower, upper, spec, _, _ = setup(net, eps, seed)
+    with torch.no_grad():
+        symbolic = crown_pass(graph, lower, upper, spec, "symbolic")[0]
+        both = crown_pass(graph, lower, upper, spec, "crown+symbolic")[0]
+        tight = alpha_crown_bound(graph, lower, upper, spec, AlphaCrownOptions(iterations=2))
+    assert torch.all(both >= symbolic)
+    assert torch.all(tight >= symbolic)
