@@ -67,7 +67,7 @@ class LRSchedule:
         if self.kind not in ("constant", "step", "cosine"):
             raise InputError(f"lr schedule must be constant, step or cosine, got {self.kind!r}")
         if not math.isfinite(self.lr) or not self.lr > 0:
-            raise InputError(f"learning rate must be a finite number > 0, got {self.lr}")
+            raise InputError(f"learning rate must be a finite positive number, got {self.lr}")
 
     def __call__(self, epoch: int) -> float:
         if self.kind == "constant":

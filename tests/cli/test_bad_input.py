@@ -185,7 +185,7 @@ BENCH_CONFIGS: dict[str, tuple[str, list[str]]] = {  # name -> (TOML text, fragm
     "training_unknown": (changed("training", "learning_rate", 0.1), ["training.learning_rate: unknown key",
                                                                      "Valid: epochs, batch_size, lr,"]),
     "training_lr_word": (changed("training", "lr", "fast"), ["training.lr: must be a finite number, got 'fast'"]),
-    "training_lr_negative": (changed("training", "lr", -1.0), ["learning rate must be a finite number > 0",
+    "training_lr_negative": (changed("training", "lr", -1.0), ["learning rate must be a finite positive number",
                                                                "got -1.0"]),
     "training_lr_infinite": (changed("training", "lr", float("inf")), ["training.lr: must be a finite number",
                                                                        "got inf"]),

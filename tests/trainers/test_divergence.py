@@ -89,5 +89,5 @@ def test_a_huge_learning_rate_diverges_with_a_clear_error(mnist5k: Dataset) -> N
 
 
 def test_infinite_learning_rate_is_refused() -> None:
-    with pytest.raises(ValueError, match="learning rate must be a finite number > 0, got inf"):
+    with pytest.raises(ValueError, match="learning rate must be a finite positive number, got inf"):
         TrainConfig(lr=float("inf"))
