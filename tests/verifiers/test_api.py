@@ -49,11 +49,11 @@ def test_unknown_method_suggests():
 
 
 def test_unsupported_layers_are_all_listed():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 4), nn.Tanh(),
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ELU(), nn.Linear(4, 4), nn.Softplus(),
                           nn.Sequential(nn.MaxPool1d(1)), nn.Linear(4, 2))
     with pytest.raises(UnsupportedLayerError) as info:
         bounds(model, torch.rand(1, 1, 2, 2), 0.1)
-    assert info.value.layers == ["2 (Sigmoid)", "4 (Tanh)", "5.0 (MaxPool1d)"]
+    assert info.value.layers == ["2 (ELU)", "4 (Softplus)", "5.0 (MaxPool1d)"]
     assert "Supported layers" in str(info.value) and "Conv2d" in str(info.value)
 
 

@@ -239,15 +239,15 @@ def _maxpool_rule(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> BoundOp |
 def _onnx_maxpool(attrs: Mapping[str, Any]) -> nn.Module | str:
     kernel = tuple(int(k) for k in attrs.get("kernel_shape", ()))
     if len(kernel) != 2:
-        return f"kernel_shape={list(kernel)}: only 2-D max pooling is supported"
+        return f"kernel_shape={list(kernel)} (only 2-D max pooling is supported)"
     if int(attrs.get("storage_order", 0)) != 0:
         return f"storage_order={attrs['storage_order']} (only the default row-major order 0 is supported)"
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     if auto_pad not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
-        return f"auto_pad={auto_pad!r} is not supported (give explicit pads)"
+        return f"auto_pad={auto_pad!r} (give explicit pads)"
     pads = [int(p) for p in attrs.get("pads", (0, 0, 0, 0))]
     if len(pads) != 4 or pads[0] != pads[2] or pads[1] != pads[3]:
-        return f"asymmetric pads {pads} are not supported (torch pads both sides of each axis equally)"
+        return f"asymmetric pads {pads} (torch pads both sides of each axis equally)"
     module = nn.MaxPool2d(kernel, stride=tuple(int(s) for s in attrs.get("strides", (1, 1))),
                           padding=(pads[0], pads[1]), dilation=tuple(int(d) for d in attrs.get("dilations", (1, 1))),
                           ceil_mode=bool(attrs.get("ceil_mode", 0)))
