@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from robustkit.verifiers import VERIFIERS, Status, bounds, get_verifier, margin_bounds, verify
 from tests.verifiers.nets import ACTIVATIONS, PIECEWISE_LINEAR, box_points, networks, pgd_points
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: a second thread only adds waiting
+
 # options that keep each method fast on the random nets; every registered method must be listed
 METHOD_OPTIONS: dict[str, dict] = {
     "interval": {},

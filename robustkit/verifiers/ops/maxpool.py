@@ -29,16 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.verifiers.milp import BOUND_SLACK, AffineMap, Expression, MilpBuilder
+from robustkit.verifiers.ops.affine import _pair
 from robustkit.verifiers.ops.base import BACKWARD, NAIVE, Bounds, NonlinearOp, Relaxation
 
 Pair = tuple[int, int]
-
-
-def _pair(value: int | Sequence[int]) -> Pair:
-    if isinstance(value, int):
-        return value, value
-    first, second = tuple(value)
-    return int(first), int(second)
 
 
 class MaxPool2dOp(NonlinearOp):

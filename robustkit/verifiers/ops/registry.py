@@ -40,6 +40,7 @@ from robustkit.verifiers.ops.affine import (
     LinearOp,
     NormalizeOp,
     PoolOp,
+    _pair,
 )
 from robustkit.verifiers.ops.base import BoundOp
 from robustkit.verifiers.ops.maxpool import MaxPool2dOp
@@ -192,10 +193,6 @@ def _check_leaky(module: nn.Module) -> str | None:
     if not 0 <= module.negative_slope <= 1:
         return f"negative_slope={module.negative_slope} (the relaxations need 0 <= negative_slope <= 1)"
     return None
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def _check_maxpool(module: nn.Module) -> str | None:

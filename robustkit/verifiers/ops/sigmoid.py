@@ -60,12 +60,14 @@ class SShapedOp(NonlinearOp):
     layer: ClassVar[str] = ""
 
     def __init__(self, module: nn.Module | None = None) -> None:
-        self.module = module
+        """``module`` is the layer the registry builds this operator from; the function has no parameters."""
 
     def function(self, v: Tensor) -> Tensor:
+        """f(v), elementwise."""
         raise NotImplementedError
 
     def derivative(self, v: Tensor) -> Tensor:
+        """f'(v), elementwise."""
         raise NotImplementedError
 
     def forward(self, *inputs: Tensor) -> Tensor:
