@@ -1,10 +1,12 @@
 """Read an ONNX file into verifiable ``torch.nn`` layers (needs the ``onnx`` extra).
 
 robustkit converts ONNX graphs itself rather than through a general converter, because the result must be
-made of layers the bound engine understands: a chain of Gemm/MatMul(+Add), Conv, Relu, Flatten, Reshape to
-2-D, BatchNormalization, AveragePool, per-channel Sub/Div/Mul/Add by constants, Identity and Dropout, with
-skip connections (a value used by two branches that an Add joins again) turned into
-:class:`~robustkit.nn.Residual`. A graph with any other operator is refused with the full list of them.
+made of layers the bound engine understands: a chain of Gemm/MatMul(+Add), Conv, Flatten, Reshape to 2-D,
+BatchNormalization, AveragePool, per-channel Sub/Div/Mul/Add by constants, Identity and Dropout, with skip
+connections (a value used by two branches that an Add joins again) turned into :class:`~robustkit.nn.Residual`,
+plus every node type the operator registry reads (:func:`robustkit.verifiers.ops.registry.onnx_rule`: Relu,
+LeakyRelu, Sigmoid, Tanh, MaxPool, and whatever :func:`~robustkit.verifiers.ops.register_operator` adds), so
+a new layer type needs no change here. A graph with any other operator is refused with the full list of them.
 """
 
 from __future__ import annotations
@@ -20,15 +22,26 @@ from torch import nn
 
 from robustkit.errors import ModelLoadError, RobustkitError
 from robustkit.nn import Normalize, Residual
+from robustkit.verifiers.ops.registry import onnx_rule, onnx_types
 
-__all__ = ["SUPPORTED_OPS", "load_onnx"]
+__all__ = ["SUPPORTED_OPS", "load_onnx", "supported_ops"]
 
-SUPPORTED_OPS = (
+# the node types the converter handles itself (the registry's come on top, see ``supported_ops``)
+_OWN_OPS = (
     "Add", "AveragePool", "BatchNormalization", "Constant", "Conv", "Div", "Dropout", "Flatten", "Gemm",
-    "Identity", "MatMul", "Mul", "Relu", "Reshape", "Sub",
+    "Identity", "MatMul", "Mul", "Reshape", "Sub",
     # shape arithmetic, as exported for x.view(x.size(0), -1); evaluated symbolically at load time
     "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast",
 )
+
+
+def supported_ops() -> tuple[str, ...]:
+    """Every ONNX node type the importer reads: its own and those of the operator registry (as registered now)."""
+    return tuple(sorted(set(_OWN_OPS) | set(onnx_types())))
+
+
+#: the node types read with the built-in layers registered (``supported_ops()`` also sees later registrations)
+SUPPORTED_OPS = supported_ops()
 SHAPE_OPS = ("Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast")
 BATCH = "N"  # the symbolic batch dimension in evaluated shapes
 
@@ -109,12 +122,28 @@ class _Converter:
         return self.g.constants[name]
 
     def node(self, node: Any, value: str) -> tuple[nn.Module, str]:
-        handler = getattr(self, f"op_{node.op_type}")
+        handler = getattr(self, f"op_{node.op_type}", None)
+        if handler is None:
+            return self.registered(node), node.output[0]
         module: nn.Module = handler(node, value, _attributes(node))
         return module, node.output[0]
 
-    def op_Relu(self, node: Any, value: str, attrs: dict[str, Any]) -> nn.Module:
-        return nn.ReLU()
+    def registered(self, node: Any) -> nn.Module:
+        """A node read by the operator registry's rule: one data input, and only its first output used."""
+        rule = onnx_rule(node.op_type)
+        if rule is None:
+            raise self.g.fail(f"unsupported operator {node.op_type}")
+        inputs = [name for name in node.input if name]
+        if len(inputs) != 1:
+            raise self.g.fail(f"{node.op_type} with {len(inputs)} inputs (only one data input is supported)")
+        used = [name for name in node.output[1:] if name and (name in self.g.consumers or name == self.g.output)]
+        if used:
+            raise self.g.fail(f"{node.op_type}'s extra output {used[0]!r} is used by the graph (only its first "
+                              "output is supported)")
+        made = rule(_attributes(node))
+        if isinstance(made, str):
+            raise self.g.fail(f"{node.op_type} is not supported with {made}")
+        return made
 
     def op_Identity(self, node: Any, value: str, attrs: dict[str, Any]) -> nn.Module:
         return nn.Identity()
@@ -351,11 +380,12 @@ def load_onnx(path: str | Path) -> nn.Module:
 def _convert(model: Any, path: Path, numpy_helper: Any) -> nn.Module:
     graph = model.graph
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    unsupported = sorted({n.op_type for n in graph.node if n.op_type not in SUPPORTED_OPS})
+    supported = supported_ops()
+    unsupported = sorted({n.op_type for n in graph.node if n.op_type not in supported})
     if unsupported:
         raise ModelLoadError(
             f"ONNX file {path} uses unsupported operator(s): {', '.join(unsupported)}. "
-            f"Supported: {', '.join(SUPPORTED_OPS)}"
+            f"Supported: {', '.join(supported)}"
         )
     nodes = []
     for node in graph.node:

@@ -185,7 +185,8 @@ class ExactVerifier(Verifier):
         return self._relaxation().chunk_size(graph, input_shape)
 
     def applicable(self, graph: Graph) -> str | None:
-        missing = sorted({type(node.op).__name__ for node in graph.nodes if not node.op.milp_encodable})
+        missing = sorted({type(node.op).__name__.removesuffix("Op") for node in graph.nodes
+                          if not node.op.milp_encodable})
         return f"no mixed-integer encoding of {', '.join(missing)}" if missing else None
 
     def _relaxation(self) -> CrownVerifier:

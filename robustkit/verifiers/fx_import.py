@@ -101,6 +101,12 @@ def emit_traced(builder: _Builder, module: nn.Module, source: int, path: str) ->
                 values[node.name] = None
             else:
                 values[node.name] = builder.add(made, (first,))
+        elif isinstance(first, int) and (
+            (node.op == "call_function" and node.target is torch.flatten and args[1:] in ((1,), (1, -1)))
+            or (node.op == "call_method" and node.target == "flatten" and args[1:] in ((1,), (1, -1)))
+            or (node.op == "call_method" and node.target in ("view", "reshape") and _flatten_target(args[1:], values))
+        ):  # before the scalar rule: torch.flatten(x, 1) is a call with a tensor and a number too
+            values[node.name] = builder.add(ops.FlattenOp(), (first,))
         elif node.op == "call_function" and len(args) == 2 and not node.kwargs and len(tensor_args) == 1 and (
             _is_number(args[0]) or _is_number(args[1])
         ):
@@ -108,10 +114,6 @@ def emit_traced(builder: _Builder, module: nn.Module, source: int, path: str) ->
         elif not isinstance(first, int):
             builder.unsupported.append(name)
             values[node.name] = None
-        elif (node.op == "call_function" and node.target is torch.flatten and args[1:] in ((1,), (1, -1))) or (
-            node.op == "call_method" and node.target == "flatten" and args[1:] in ((1,), (1, -1))
-        ) or (node.op == "call_method" and node.target in ("view", "reshape") and _flatten_target(args[1:], values)):
-            values[node.name] = builder.add(ops.FlattenOp(), (first,))
         elif node.op == "call_function" and node.target in _ADD and len(tensor_args) == 2:
             values[node.name] = builder.add(ops.AddOp(), (values[tensor_args[0].name], values[tensor_args[1].name]))
         else:

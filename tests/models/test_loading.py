@@ -273,12 +273,86 @@ def test_onnx_batchnorm_and_pooling(tmp_path):
     assert outputs_equal(loaded, source, (1, 28, 28), atol=1e-4)
 
 
+class PooledActivations(nn.Module):
+    """Conv layers with every registered non-ReLU activation and max pooling in several settings."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.pool1 = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.conv2 = nn.Conv2d(3, 4, 2)
+        self.pool2 = nn.MaxPool2d(2, stride=1, dilation=2)
+        self.fc = nn.Linear(4 * 3 * 3, 5)
+
+    def forward(self, x):
+        h = self.pool1(nn.functional.leaky_relu(self.conv1(x), 0.2))
+        h = self.pool2(torch.tanh(self.conv2(h)))
+        return self.fc(torch.sigmoid(h).flatten(1))
+
+
+def test_onnx_leaky_relu_sigmoid_tanh_and_max_pooling_round_trip(tmp_path):
+    from robustkit.verifiers import bounds, verify
+
+    torch.manual_seed(2)
+    source = PooledActivations().eval()
+    path = tmp_path / "pooled.onnx"
+    export_onnx(source, (1, 10, 10), path)
+    loaded = load_model(path, input_shape=(1, 10, 10))
+    kinds = [type(m) for m in loaded.modules()]
+    assert {nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.MaxPool2d} <= set(kinds)
+    assert outputs_equal(loaded, source, (1, 10, 10), atol=1e-6)
+    pool = next(m for m in loaded.modules() if isinstance(m, nn.MaxPool2d))
+    assert (pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode) == ((3, 3), (2, 2), (1, 1), True)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 1, 10, 10, generator=generator)
+    eps = 0.02
+    with torch.no_grad():
+        y = source(x).argmax(1)
+        result = verify(loaded, x, y, eps, method="crown")
+        box = bounds(loaded, x, eps, method="crown")
+        points = (x.unsqueeze(1) + eps * (2 * torch.rand(4, 1000, 1, 10, 10, generator=generator) - 1)).clamp(0, 1)
+        out = source(points.reshape(-1, 1, 10, 10)).reshape(4, 1000, 5)
+    slack = 1e-5 * (1 + out.abs())
+    assert torch.all(out >= box.lower.unsqueeze(1) - slack) and torch.all(out <= box.upper.unsqueeze(1) + slack)
+    margins = out.gather(2, y.view(4, 1, 1).expand(-1, 1000, 1)) - out
+    assert torch.all(margins >= result.margins_lower.unsqueeze(1) - 1e-5 * (1 + margins.abs()))
+
+
+def _onnx_max_pool(path, outputs=("y",), **attributes):
+    """A one-node ONNX graph: MaxPool of a (1, 1, 4, 4) input with ``attributes``; ``outputs`` names the
+    node's outputs, the last of which is the graph's output."""
+    onnx = pytest.importorskip("onnx")
+    helper = onnx.helper
+    node = helper.make_node("MaxPool", ["x"], list(outputs), kernel_shape=[2, 2], **attributes)
+    kind = onnx.TensorProto.INT64 if outputs[-1] == "indices" else onnx.TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 4, 4])]
+    result = helper.make_tensor_value_info(outputs[-1], kind, [1, 1, None, None])
+    graph = helper.make_graph([node], "pool", inputs, [result])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_onnx_max_pool_settings_torch_cannot_match_are_refused(tmp_path):
+    good = load_model(_onnx_max_pool(tmp_path / "good.onnx", pads=[1, 1, 1, 1], strides=[2, 2]))
+    pool = good[0]
+    assert isinstance(pool, nn.MaxPool2d) and pool.padding == (1, 1) and pool.stride == (2, 2)
+    with pytest.raises(ModelLoadError, match=r"MaxPool is not supported with asymmetric pads \[0, 0, 1, 1\]"):
+        load_model(_onnx_max_pool(tmp_path / "asym.onnx", pads=[0, 0, 1, 1]))
+    with pytest.raises(ModelLoadError, match="MaxPool is not supported with storage_order=1"):
+        load_model(_onnx_max_pool(tmp_path / "order.onnx", storage_order=1))
+    with pytest.raises(ModelLoadError, match="auto_pad"):
+        load_model(_onnx_max_pool(tmp_path / "same.onnx", auto_pad="SAME_UPPER"))
+    with pytest.raises(ModelLoadError, match="extra output 'indices' is used"):
+        load_model(_onnx_max_pool(tmp_path / "indices.onnx", outputs=("y", "indices")))
+
+
 def test_onnx_unsupported_operators_are_all_listed(tmp_path):
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Sigmoid(), nn.Flatten(), nn.Linear(2 * 13 * 13, 3))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ELU(), nn.Softplus(), nn.Flatten(), nn.Linear(2 * 26 * 26, 3))
     path = tmp_path / "bad.onnx"
     export_onnx(model.eval(), (1, 28, 28), path)
-    with pytest.raises(ModelLoadError, match="unsupported operator.*MaxPool.*Sigmoid"):
+    with pytest.raises(ModelLoadError, match="unsupported operator.*Elu.*Softplus") as info:
         load_model(path)
+    assert all(name in str(info.value) for name in ("LeakyRelu", "MaxPool", "Sigmoid", "Tanh"))
 
 
 def test_onnx_corrupt_file(tmp_path):

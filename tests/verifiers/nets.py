@@ -21,9 +21,40 @@ def _conv(draw, channels: int, size: int) -> tuple[nn.Conv2d, int, int]:
     return nn.Conv2d(channels, out, kernel, stride=stride, padding=padding), out, new_size
 
 
+ACTIVATIONS = ("ReLU", "LeakyReLU", "Sigmoid", "Tanh")
+#: the activations with a mixed-integer encoding (what the ``exact`` method can take)
+PIECEWISE_LINEAR = ("ReLU", "LeakyReLU")
+
+
+def _activation(draw, names) -> nn.Module:
+    name = draw(st.sampled_from(names))
+    if name == "LeakyReLU":
+        return nn.LeakyReLU(draw(st.sampled_from([0.01, 0.2, 0.5])))
+    return getattr(nn, name)()
+
+
+def _maxpool(draw, size: int) -> tuple[nn.MaxPool2d, int] | None:
+    """A max pooling layer with random settings that fits a size x size grid, and its output size."""
+    kernel, dilation = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 2]))
+    span = dilation * (kernel - 1) + 1
+    padding = draw(st.integers(0, span // 2))
+    if span > size + 2 * padding:
+        return None
+    pool = nn.MaxPool2d(kernel, stride=draw(st.sampled_from([1, 2])), padding=padding, dilation=dilation,
+                        ceil_mode=draw(st.booleans()))
+    probe = pool(torch.zeros(1, 1, size, size))
+    if not bool(probe.isfinite().all()):  # a dilated window that only covers padding: torch gives -inf
+        return None
+    return pool, int(probe.shape[-1])
+
+
 @st.composite
-def networks(draw, kinds=("fc", "conv", "resnet")):
-    """(model in eval mode, input shape, number of classes) with random layers and random weights."""
+def networks(draw, kinds=("fc", "conv", "resnet"), activations=("ReLU",), maxpool=False):
+    """(model in eval mode, input shape, number of classes) with random layers and random weights.
+
+    Each activation is drawn from ``activations`` (names of ``torch.nn`` layers, see ``ACTIVATIONS``); with
+    ``maxpool``, conv nets may get a max pooling layer with random kernel, stride, padding, dilation and
+    ceil_mode after their first activation."""
     kind = draw(st.sampled_from(kinds))
     seed = draw(st.integers(0, 2**31 - 1))
     channels = draw(st.sampled_from([1, 2]))
@@ -38,7 +69,11 @@ def networks(draw, kinds=("fc", "conv", "resnet")):
     shape_c, shape_s = channels, size
     if kind in ("conv", "resnet"):
         conv, shape_c, shape_s = _conv(draw, shape_c, shape_s)
-        layers += [conv, nn.ReLU()]
+        layers += [conv, _activation(draw, activations)]
+        pooled = _maxpool(draw, shape_s) if maxpool and draw(st.booleans()) else None
+        if pooled is not None:
+            layers.append(pooled[0])
+            shape_s = pooled[1]
         if draw(st.booleans()):
             batchnorm = nn.BatchNorm2d(shape_c)
             with torch.no_grad():
@@ -51,15 +86,15 @@ def networks(draw, kinds=("fc", "conv", "resnet")):
             layers.append(nn.AvgPool2d(2, stride=1))
             shape_s -= 1
         if kind == "resnet":
-            main = nn.Sequential(nn.Conv2d(shape_c, shape_c, 3, padding=1), nn.ReLU(),
+            main = nn.Sequential(nn.Conv2d(shape_c, shape_c, 3, padding=1), _activation(draw, activations),
                                  nn.Conv2d(shape_c, shape_c, 3, padding=1))
             skip = nn.Conv2d(shape_c, shape_c, 1) if draw(st.booleans()) else None
-            layers += [Residual(main, skip), nn.ReLU()]
+            layers += [Residual(main, skip), _activation(draw, activations)]
     layers.append(nn.Flatten())
     width = shape_c * shape_s * shape_s
     for _ in range(draw(st.integers(1, 2))):
         hidden = draw(st.integers(3, 8))
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        layers += [nn.Linear(width, hidden), _activation(draw, activations)]
         width = hidden
     layers.append(nn.Linear(width, classes))
     model = nn.Sequential(*layers).eval()

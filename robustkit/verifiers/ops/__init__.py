@@ -30,12 +30,14 @@ from robustkit.verifiers.ops.base import (
     backward_through,
     numel,
 )
+from robustkit.verifiers.ops.maxpool import MaxPool2dOp
 from robustkit.verifiers.ops.registry import OPERATORS, register_operator, unregister_operator
 from robustkit.verifiers.ops.relu import LeakyReLUOp, ReLUOp
+from robustkit.verifiers.ops.sigmoid import SigmoidOp, SShapedOp, TanhOp
 
 __all__ = [
     "BACKWARD", "NAIVE", "OPERATORS", "SYMBOLIC", "AddOp", "AffineOp", "BatchNorm2dOp", "BoundOp", "Box",
-    "ChannelAffineOp", "Conv2dOp", "FlattenOp", "IdentityOp", "LeakyReLUOp", "LinearOp", "NonlinearOp",
-    "NormalizeOp", "NotApplicable", "PoolOp", "ReLUOp", "Relaxation", "ScalarAffineOp", "backward_through",
-    "numel", "register_operator", "unregister_operator",
+    "ChannelAffineOp", "Conv2dOp", "FlattenOp", "IdentityOp", "LeakyReLUOp", "LinearOp", "MaxPool2dOp",
+    "NonlinearOp", "NormalizeOp", "NotApplicable", "PoolOp", "ReLUOp", "Relaxation", "SShapedOp", "ScalarAffineOp",
+    "SigmoidOp", "TanhOp", "backward_through", "numel", "register_operator", "unregister_operator",
 ]

@@ -40,9 +40,12 @@ from robustkit.verifiers.ops.affine import (
     LinearOp,
     NormalizeOp,
     PoolOp,
+    _pair,
 )
 from robustkit.verifiers.ops.base import BoundOp
+from robustkit.verifiers.ops.maxpool import MaxPool2dOp
 from robustkit.verifiers.ops.relu import LeakyReLUOp, ReLUOp
+from robustkit.verifiers.ops.sigmoid import SigmoidOp, TanhOp
 
 # a traced call ``f(x, *args, **kwargs)`` -> its bound operator, or a str saying why it is not supported
 FunctionRule = Callable[[tuple[Any, ...], Mapping[str, Any]], "BoundOp | str"]
@@ -192,6 +195,63 @@ def _check_leaky(module: nn.Module) -> str | None:
     return None
 
 
+def _check_maxpool(module: nn.Module) -> str | None:
+    assert isinstance(module, nn.MaxPool2d)
+    if module.return_indices:
+        return "return_indices=True (the indices are not a value the bound methods can bound)"
+    for k, p, d in zip(_pair(module.kernel_size), _pair(module.padding), _pair(module.dilation), strict=True):
+        if p > ((k - 1) * d + 1) // 2:  # torch refuses these too, when the layer runs
+            return f"padding={module.padding} is more than half the (dilated) kernel {module.kernel_size}"
+    return None
+
+
+def _maxpool(module: nn.Module) -> BoundOp:
+    return MaxPool2dOp(module)
+
+
+_MAX_POOL_ARGUMENTS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+
+def _is_size(value: Any) -> bool:
+    """An int or a pair of ints (bools are not sizes)."""
+    if isinstance(value, tuple | list):
+        return len(value) == 2 and all(_is_size(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _maxpool_rule(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> BoundOp | str:
+    values = dict(zip(_MAX_POOL_ARGUMENTS, args, strict=False)) | dict(kwargs)
+    if set(values) - set(_MAX_POOL_ARGUMENTS) or "kernel_size" not in values:
+        return "unexpected arguments"
+    sizes_ok = all(_is_size(values[k]) for k in ("kernel_size", "padding", "dilation") if k in values)
+    if not sizes_ok or not (values.get("stride") is None or _is_size(values["stride"])) or not all(
+        isinstance(values.get(k, False), bool) for k in ("ceil_mode", "return_indices")
+    ):
+        return "arguments that are not constant sizes and flags"
+    module = nn.MaxPool2d(**values)
+    problem = _check_maxpool(module)
+    return problem if problem else MaxPool2dOp(module)
+
+
+def _onnx_maxpool(attrs: Mapping[str, Any]) -> nn.Module | str:
+    kernel = tuple(int(k) for k in attrs.get("kernel_shape", ()))
+    if len(kernel) != 2:
+        return f"kernel_shape={list(kernel)} (only 2-D max pooling is supported)"
+    if int(attrs.get("storage_order", 0)) != 0:
+        return f"storage_order={attrs['storage_order']} (only the default row-major order 0 is supported)"
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    if auto_pad not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
+        return f"auto_pad={auto_pad!r} (give explicit pads)"
+    pads = [int(p) for p in attrs.get("pads", (0, 0, 0, 0))]
+    if len(pads) != 4 or pads[0] != pads[2] or pads[1] != pads[3]:
+        return f"asymmetric pads {pads} (torch pads both sides of each axis equally)"
+    module = nn.MaxPool2d(kernel, stride=tuple(int(s) for s in attrs.get("strides", (1, 1))),
+                          padding=(pads[0], pads[1]), dilation=tuple(int(d) for d in attrs.get("dilations", (1, 1))),
+                          ceil_mode=bool(attrs.get("ceil_mode", 0)))
+    problem = _check_maxpool(module)
+    return problem if problem else module
+
+
 register_operator(nn.Linear, LinearOp)
 register_operator(nn.Conv2d, Conv2dOp, check=_check_conv)
 register_operator(nn.ReLU, ReLUOp, functions={F.relu: _no_arguments(ReLUOp), torch.relu: _no_arguments(ReLUOp)},
@@ -199,6 +259,13 @@ register_operator(nn.ReLU, ReLUOp, functions={F.relu: _no_arguments(ReLUOp), tor
                   onnx={"Relu": lambda attrs: nn.ReLU()})
 register_operator(nn.LeakyReLU, _leaky, check=_check_leaky, functions={F.leaky_relu: _leaky_rule},
                   onnx={"LeakyRelu": lambda attrs: nn.LeakyReLU(float(attrs.get("alpha", 0.01)))})
+register_operator(nn.Sigmoid, SigmoidOp,
+                  functions={torch.sigmoid: _no_arguments(SigmoidOp), F.sigmoid: _no_arguments(SigmoidOp)},
+                  methods={"sigmoid": _no_arguments(SigmoidOp)}, onnx={"Sigmoid": lambda attrs: nn.Sigmoid()})
+register_operator(nn.Tanh, TanhOp, functions={torch.tanh: _no_arguments(TanhOp), F.tanh: _no_arguments(TanhOp)},
+                  methods={"tanh": _no_arguments(TanhOp)}, onnx={"Tanh": lambda attrs: nn.Tanh()})
+register_operator(nn.MaxPool2d, _maxpool, check=_check_maxpool, functions={F.max_pool2d: _maxpool_rule},
+                  onnx={"MaxPool": _onnx_maxpool})
 register_operator(nn.Flatten, FlattenOp, check=_check_flatten)
 register_operator(Normalize, NormalizeOp)
 register_operator(nn.BatchNorm2d, BatchNorm2dOp, check=_check_batchnorm)

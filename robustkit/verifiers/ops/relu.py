@@ -61,9 +61,12 @@ class LeakyReLUOp(NonlinearOp):
         if leak == 0:
             chord = torch.where(crossing, upper / denominator, stable)
             upper_offset = torch.where(crossing, -chord * lower, torch.zeros_like(lower))
-        else:  # the chord through (l, leak * l) and (u, u)
-            chord = torch.where(crossing, (upper - leak * lower) / denominator, stable)
-            upper_offset = torch.where(crossing, -(chord - leak) * lower, torch.zeros_like(lower))
+        else:  # the chord through (l, leak * l) and (u, u), of slope leak + (1 - leak) u / (u - l)
+            # (its excess over leak computed directly: chord - leak cancels when -l >> u, and times l the
+            # rounding of chord would move the line by far more than float32 resolution)
+            excess = torch.where(crossing, (1 - leak) * upper / denominator, torch.zeros_like(lower))
+            chord = torch.where(crossing, leak + excess, stable)
+            upper_offset = torch.where(crossing, -excess * lower, torch.zeros_like(lower))
         if mode == SYMBOLIC:
             # the parallel line below the layer is chord * v itself: f(v) - chord * v is smallest at v = 0
             return Relaxation(chord, chord, crossing, upper_offset=upper_offset)
