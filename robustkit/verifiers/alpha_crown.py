@@ -66,6 +66,7 @@ from robustkit.verifiers.crown import (
     intermediate_bounds,
     layer_bounds,
     needs_backward,
+    unstable_inputs,
 )
 from robustkit.verifiers.graph import INPUT, Graph, node_shapes
 from robustkit.verifiers.symbolic import symbolic_chunk
@@ -167,7 +168,7 @@ def _unstable_rows(graph: Graph, pre: dict[int, Bounds]) -> dict[int, Rows]:
             continue
         upstream = _ancestors(graph, node.inputs[0])
         if any(isinstance(graph.nodes[earlier].op, ops.NonlinearOp) for earlier in upstream):
-            rows[index] = Rows.where(op.relaxation(*pre[index], ops.BACKWARD).unstable)
+            rows[index] = Rows.where(unstable_inputs(op, *pre[index]))
     return {index: found for index, found in rows.items() if found.count}
 
 

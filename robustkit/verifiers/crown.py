@@ -154,6 +154,14 @@ def row_bounds(graph: Graph, lower: Tensor, upper: Tensor, output: int, rows: Ro
     return torch.cat(parts, 1)
 
 
+def unstable_inputs(op: ops.NonlinearOp, low: Tensor, high: Tensor) -> Tensor:
+    """The input neurons (B, *in_shape) of a non-linear node whose tighter bounds can change its relaxation:
+    the unstable ones of an elementwise layer; every neuron with l < u for a layer whose outputs read other
+    neurons (max pooling), whose ``unstable`` mask is over its outputs."""
+    relax = op.relaxation(low, high, ops.BACKWARD)
+    return relax.unstable if relax.index is None and relax.unstable.shape == low.shape else high > low
+
+
 def needs_backward(graph: Graph, index: int) -> bool:
     """Whether the input of non-linear node ``index`` can be tightened by a backward pass: not when it is the
     network input or one affine layer applied to it (interval arithmetic is then exact)."""
@@ -207,7 +215,7 @@ def layer_bounds(
         if rows is not None:
             chosen = rows.get(index)
         elif needs_backward(graph, index):
-            chosen = Rows.where(op.relaxation(low, high, ops.BACKWARD).unstable)
+            chosen = Rows.where(unstable_inputs(op, low, high))
         if chosen is not None and chosen.count:
             chunk = row_chunk(graph, input_shape, source, lower.shape[0], memory_limit_gb)
             found = row_bounds(graph, lower, upper, source, chosen, pre,

@@ -255,3 +255,21 @@ def test_near_zero_margins_are_rechecked_in_float64():
     seen.clear()
     assert all(s is Status.VERIFIED for s in Comfortable().verify(model, x, y, 0.01).status)
     assert seen == [torch.float32]  # far from zero: no re-check
+
+
+@pytest.mark.parametrize("options", [{"method": "crown", "intermediate": "crown"},
+                                     {"method": "alpha-crown", "iterations": 3, "optimize_intermediate": True}])
+def test_layer_by_layer_crown_handles_max_pooling_behind_a_relu(options):
+    """CROWN's per-layer passes bound a max-pooling layer's inputs (its relaxation's mask is over its outputs)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(18, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    x, y, eps = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1]), 0.1
+    points = (x.unsqueeze(1) + eps * (2 * torch.rand(2, 2000, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+                                      - 1)).clamp(0, 1)
+    with torch.no_grad():
+        found = margin_bounds(model, x, y, eps, **options)
+        out = model(points.flatten(0, 1)).view(2, 2000, 3)
+    actual = out.gather(2, y.view(2, 1, 1).expand(-1, 2000, 1)) - out
+    assert torch.all(actual >= found.unsqueeze(1) - 1e-4 * (1 + found.abs().unsqueeze(1)))
