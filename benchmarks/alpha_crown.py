@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
@@ -41,24 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import hardware
 
 CLOSE_TARGET = 0.70
 SECONDS_TARGET = 3.0
 TOLERANCE = 1e-5
 DATA_DIR = Path("/work/shared/data/mnist-test")
 MODELS_DIR = Path("/work/models")
-
-
-def hardware() -> str:
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
-        if found:
-            model = found.group(1).strip()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"CPU: {model}; {os.cpu_count()} logical cores ({usable} usable); torch {torch.__version__} with "
-            f"{torch.get_num_threads()} thread(s); Python {platform.python_version()}")
 
 
 def train(path: Path, eps: float, threads: int) -> None:
@@ -154,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([f"verified: {name}", f"{accuracy:.1%}", f"{int(verified.sum())}/{n}",
                      f"{closed:.0%}" if band > 0 else "n/a", f"{seconds / n:.3f}"])
     print()
-    print(hardware())
+    print(hardware(torch.get_num_threads()))
     print(f"mnist_small MixTrain ({path}); first {n} MNIST test points ({args.data_dir}); eps {args.eps:g}; "
           f"accuracies over all {n} points, clean-misclassified points counted as not robust")
     print(f"alpha-crown: {methods['alpha-crown']!r}")

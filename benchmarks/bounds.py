@@ -48,7 +48,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -57,6 +56,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from machine import hardware
 
 MODELS = ("mnist_small", "mnist_fc")
 EPS_VALUES = (0.02, 0.1)
@@ -219,20 +220,6 @@ def measure(job: dict[str, Any], package: str | None = None) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- report
-
-
-def hardware(threads: int) -> str:
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
-        if found:
-            model = found.group(1).strip()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    import torch
-
-    return (f"CPU: {model}; {os.cpu_count()} logical cores ({usable} usable); torch {torch.__version__} with "
-            f"{threads} thread(s); Python {platform.python_version()}")
 
 
 def tightness(first: list[float], second: list[float]) -> float:
