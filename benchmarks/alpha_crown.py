@@ -24,6 +24,13 @@ Exits with status 1 if a target is missed: alpha-crown closes >= 70% of the band
 The hardware, torch's threads and the machine's load average (at the start and its range during the run)
 are printed: other busy processes distort the times.
 
+Measured with the defaults (20 iterations, lr 0.5, crown+symbolic intermediates) on 2 AMD EPYC cores shared
+with other jobs (load 3-10), 1 torch thread: at eps 0.3 (clean 81.5%) crown verifies 23.0%, alpha-crown
+32.5%, the attacks leave 36.5%: 70% of the band closed at 0.41 s per sample; at eps 0.1 (clean 96.0%) 88.0%,
+88.5% and 90.0%: 1 of the band's 4 samples (25%, target missed) at 0.76 s per sample. On the samples left in
+the band, 100 iterations, lr 0.1 to 1, ``--intermediate crown`` and ``--optimize-intermediate`` (up to 50
+iterations) verify none more: they need branch and bound.
+
     python benchmarks/alpha_crown.py [--eps 0.3] [--n 200] [--iterations N] [--lr LR]
         [--intermediate crown] [--optimize-intermediate] [--threads 1]
 """
