@@ -232,13 +232,13 @@ def test_tiled_rows_give_exactly_the_dense_bounds(case, eps):
     else:
         model, shape = build_model(case, seed=2).eval(), ((1, 28, 28) if case.startswith("mnist") else (3, 32, 32))
     model = model.double()
-    x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    y = torch.tensor([0, 1, 2])
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    y = torch.tensor([0, 2])
     lower, upper = input_box(x, eps)
     classes = 5 if case == "resnet" else 10
     spec = margin_spec(y, classes).double()
     results = []
-    for tiles_per_side in (0, 2, 4, 6):
+    for tiles_per_side in (0, 2, 5):
         model.zero_grad()
         bound = symbolic_pass(build_graph(model), lower, upper, spec, tiles_per_side=tiles_per_side)
         bound.spec_lower.sum().backward()
