@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine import hardware
+from machine import finish, hardware
 
 CLOSE_TARGET = 0.70
 SECONDS_TARGET = 3.0
@@ -173,12 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"alpha-crown closes {closed:.0%} of the band < {CLOSE_TARGET:.0%}")
     if alpha_seconds / n > SECONDS_TARGET:
         failures.append(f"alpha-crown takes {alpha_seconds / n:.2f} s per sample > {SECONDS_TARGET:g}")
-    print(f"load average (1 min) {loads[0]:.2f} at the start, {min(loads):.2f} to {max(loads):.2f} during the run "
-          f"on {os.cpu_count()} cores; total {time.perf_counter() - started:.0f} s")
-    if failures:
-        print("TARGETS MISSED:")
-        for failure in failures:
-            print(f"  {failure}")
+    if not finish(loads, started, failures):
         return 1
     print(f"all targets met: alpha-crown closes >= {CLOSE_TARGET:.0%} of the band between crown and the attacks "
           f"within {SECONDS_TARGET:g} s per sample, never below crown, and nothing verified is attackable")

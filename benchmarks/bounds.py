@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine import hardware
+from machine import finish, hardware
 
 MODELS = ("mnist_small", "mnist_fc")
 EPS_VALUES = (0.02, 0.1)
@@ -374,12 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{method} peak memory {result['peak_bytes'] / GIB:.2f} GiB >= {limit / GIB:g} GiB "
                                 f"({key[0]} eps {key[1]:g} {key[3]})")
     print()
-    print(f"load average (1 min) {loads[0]:.2f} at the start, {min(loads):.2f} to {max(loads):.2f} during the run "
-          f"on {os.cpu_count()} cores; total {time.perf_counter() - started:.0f} s")
-    if failures:
-        print("TARGETS MISSED:")
-        for failure in failures:
-            print(f"  {failure}")
+    if not finish(loads, started, failures):
         return 1
     print("all targets met: symbolic on mnist_small eps 0.02 >= 20 samples/s forward and >= 8 forward+backward; "
           "interval >= 2000 samples/s forward; symbolic peak memory < 4 GiB; crown at batch 5 >= "
