@@ -387,7 +387,9 @@ def _registered(package: str) -> list[str]:
     """The verifiers registered in the checkout ``package`` (asked in a fresh interpreter)."""
     env = dict(os.environ, PYTHONPATH=package)
     code = "from robustkit.verifiers import VERIFIERS; print(' '.join(VERIFIERS))"
-    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    # run from inside the checkout: with -c, the working directory comes first on sys.path
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                           cwd=package)
     return [m for m in found.stdout.split() if m not in EXCLUDED]
 
 
