@@ -51,6 +51,7 @@ attack did. Any such point is a sign of gradient masking.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -146,11 +147,18 @@ def _bad(gradient: Tensor | None, like: Tensor) -> Tensor:
     return (flat == 0).all(1) | ~torch.isfinite(flat).all(1)
 
 
+def _forked_random_state(device: torch.device) -> AbstractContextManager[object]:
+    """The global random state (of the CPU and of ``device``) restored afterwards: a randomised model's draws
+    here do not change the random numbers that the attacks see."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def gradient_flags(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Per point (on the model's device): whether the input gradient of the cross-entropy loss, and that of the
-    margin f_y - max_{j != y} f_j, is exactly zero or non-finite (check c). The model's state is preserved."""
+    margin f_y - max_{j != y} f_j, is exactly zero or non-finite (check c). The model's state and the global
+    random state are preserved."""
     x, y = validate_batch(model, x, y)
-    with preserved_model(model), torch.enable_grad():
+    with preserved_model(model), _forked_random_state(x.device), torch.enable_grad():
         point = x.detach().requires_grad_(True)
         logits = model(point)
         if logits.dim() != 2 or int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
@@ -246,8 +254,7 @@ def preflight(
         indices = torch.arange(n)
     x, y = validate_batch(model, x, y)  # only the checked points are copied to the model's device
     modules = list(model.named_modules())
-    rng_devices = [x.device] if x.device.type == "cuda" else []
-    with preserved_model(model), torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+    with preserved_model(model), _forked_random_state(x.device), torch.no_grad():
         first, second = model(x), model(x)
     change = _output_change(first, second)
     ce_zero, margin_zero = gradient_flags(model, x, y)
