@@ -334,8 +334,10 @@ def attack(
         if problems:
             for problem in problems[:MAX_REPORTED]:
                 click.echo(f"Error: re-check failed: {problem}", err=True)
+            cause = ("the model's outputs are randomised (see the pre-flight warning), so a fresh forward pass can "
+                     "disagree with the attack's" if preflight.report.randomised_outputs else "a bug in the attack")
             raise click.ClickException(
-                f"{len(problems)} adversarial example(s) failed the re-check (a bug in the attack; first ones listed "
+                f"{len(problems)} adversarial example(s) failed the re-check ({cause}; first ones listed "
                 "above); no results were written"
             )
         gaps = gradient_free_gaps(runs)
