@@ -3,10 +3,12 @@
 Written once here: which samples are evaluated (:func:`take_samples`, the same check for every count option),
 the clean forward pass that refuses non-finite logits (:func:`predict`), every attack on every sample at every
 radius (:func:`run_attack`) with the re-check of its adversarial examples (:func:`recheck`) and the per-sample
-worst case over attacks (:func:`worst_case`), every verifier on every sample (:func:`run_verifiers`), and the
-consistency checks between methods (:func:`find_conflicts`: verified by one verifier, falsified by another;
-:func:`verified_but_broken`: verified, yet broken by an attack; :func:`order_violation`). The commands parse
-options, write files and print; the bench turns the results into measurements.
+worst case over attacks (:func:`worst_case`), the pre-flight (gradient-masking) checks before the attacks
+(:func:`run_preflight`) and after them (:func:`gradient_free_gaps`), every verifier on every sample
+(:func:`run_verifiers`), and the consistency checks between methods (:func:`find_conflicts`: verified by one
+verifier, falsified by another; :func:`verified_but_broken`: verified, yet broken by an attack;
+:func:`order_violation`). The commands parse options, write files and print; the bench turns the results into
+measurements.
 
 Accuracies count all N samples: a clean-misclassified sample counts as broken by every attack and is never
 verified.
@@ -25,13 +27,15 @@ from robustkit.errors import InputError, NonFiniteError
 
 if TYPE_CHECKING:
     from robustkit.attacks import Attack
+    from robustkit.attacks.preflight import GradientFreeGap, PreflightReport
     from robustkit.data import Dataset, Split
     from robustkit.verifiers import Status, Verifier
 
 __all__ = [
-    "AttackRun", "Conflict", "EvalData", "MethodRun", "Robustness", "check_finite_logits", "find_conflicts",
-    "model_device", "order_violation", "predict", "recheck", "robustness_counts", "run_attack", "run_verifiers",
-    "take_samples", "verified_but_broken", "worst_case",
+    "AttackRun", "Conflict", "EvalData", "MethodRun", "PreflightRun", "Robustness", "check_finite_logits",
+    "find_conflicts", "gradient_free_gaps", "model_device", "order_violation", "predict", "recheck",
+    "robustness_counts", "run_attack", "run_preflight", "run_verifiers", "take_samples", "verified_but_broken",
+    "worst_case",
 ]
 
 TOLERANCE = 1e-6  # how far outside the eps-ball or [0, 1] an adversarial example may lie (float rounding)
@@ -139,8 +143,33 @@ def predict(model: nn.Module, data: EvalData, images: Tensor | None = None) -> T
 
 
 @dataclass(frozen=True, eq=False)
+class PreflightRun:
+    """The pre-flight checks of :mod:`robustkit.attacks.preflight` on the evaluation samples: ``report`` (checks
+    a to d on its subset of at most 100 samples) and, for every sample, ``zero_gradient`` (check c: the
+    cross-entropy or margin input gradient is zero or non-finite; on the CPU)."""
+
+    report: PreflightReport
+    zero_gradient: Tensor
+
+
+def run_preflight(model: nn.Module, data: EvalData, seed: int) -> PreflightRun:
+    """Checks a to d on a subset drawn with a generator seeded with ``seed``, and check c on every sample, batch by
+    batch (two input gradients per sample: a few percent of one PGD run)."""
+    from robustkit.attacks.preflight import gradient_flags, preflight
+    from robustkit.runtime import make_generator
+
+    report = preflight(model, data.split.x, data.split.y, generator=make_generator(seed, model_device(model)))
+    flags = []
+    for _, x, y in data.batches():
+        ce_zero, margin_zero = gradient_flags(model, x, y)
+        flags.append((ce_zero | margin_zero).cpu())
+    return PreflightRun(report, torch.cat(flags))
+
+
+@dataclass(frozen=True, eq=False)
 class AttackRun:
-    """One attack at one eps on all N samples (the batches' results joined, on the CPU)."""
+    """One attack at one eps on all N samples (the batches' results joined, on the CPU); ``gradient_free`` is the
+    attack class's flag (:attr:`robustkit.attacks.Attack.gradient_free`)."""
 
     label: str
     config: str
@@ -149,6 +178,7 @@ class AttackRun:
     success: Tensor
     prediction: Tensor
     time_s: float
+    gradient_free: bool = False
 
     @property
     def n_broken(self) -> int:
@@ -180,7 +210,7 @@ def run_attack(
             x_adv=torch.cat([r.x_adv.detach().cpu() for r in results]),
             success=torch.cat([r.success.detach().cpu() for r in results]),
             prediction=torch.cat([r.prediction.detach().cpu() for r in results]),
-            time_s=sum(r.time_s for r in results),
+            time_s=sum(r.time_s for r in results), gradient_free=type(attack).gradient_free,
         )
         for eps, results in parts.items()
     ]
@@ -214,6 +244,20 @@ def recheck(model: nn.Module, data: EvalData, runs: Sequence[AttackRun]) -> list
 def worst_case(runs: Sequence[AttackRun], eps: float) -> Tensor:
     """Per sample: broken by any of the attacks run at ``eps``."""
     return torch.stack([r.success for r in runs if r.eps == eps]).any(0)
+
+
+def gradient_free_gaps(runs: Sequence[AttackRun]) -> dict[float, GradientFreeGap]:
+    """Check e per eps at which gradient-free and gradient attacks both ran: the samples some gradient-free attack
+    broke and no gradient attack did (:func:`robustkit.attacks.preflight.gradient_free_gap`)."""
+    from robustkit.attacks.preflight import gradient_free_gap
+
+    gaps = {}
+    for eps in dict.fromkeys(r.eps for r in runs):
+        free = [r.success for r in runs if r.eps == eps and r.gradient_free]
+        gradient = [r.success for r in runs if r.eps == eps and not r.gradient_free]
+        if free and gradient:
+            gaps[eps] = gradient_free_gap(torch.stack(gradient).any(0), torch.stack(free).any(0))
+    return gaps
 
 
 # --------------------------------------------------------------------------------------------- verifiers

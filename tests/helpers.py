@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
+from robustkit.attacks import Attack, margins
 from robustkit.data import load_dataset
 from robustkit.models import build_model
 
@@ -58,3 +60,36 @@ def train_mnist_fc(epochs: int, lr: float) -> nn.Module:
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return model.eval()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RandomSearch(Attack):
+    """A gradient-free L-inf attack for the gradient-masking tests: a random vertex of the eps-ball, then
+    ``iterations`` proposals that redraw the signs of one random ``window`` x ``window`` square per channel,
+    each kept for the samples whose margin it lowers. It only calls the model forward."""
+
+    name: ClassVar[str] = "random-search"
+    gradient_free: ClassVar[bool] = True
+    iterations: int = 300
+    window: int = 4
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+        def signs(shape: tuple[int, ...]) -> Tensor:
+            draw = torch.randint(0, 2, shape, generator=generator, device=generator.device).to(x.device, x.dtype)
+            return draw * 2 - 1
+
+        delta = signs(tuple(x.shape)) * eps
+        best = margins(model((x + delta).clamp(0, 1)), y)
+        height, width = x.shape[-2:]
+        for _ in range(self.iterations):
+            if bool((best < 0).all()):
+                break
+            row = int(torch.randint(0, height - self.window + 1, (1,), generator=generator))
+            column = int(torch.randint(0, width - self.window + 1, (1,), generator=generator))
+            candidate = delta.clone()
+            candidate[..., row:row + self.window, column:column + self.window] = signs((*x.shape[:2], 1, 1)) * eps
+            margin = margins(model((x + candidate).clamp(0, 1)), y)
+            better = margin < best
+            delta[better] = candidate[better]
+            best = torch.minimum(best, margin)
+        return x + delta

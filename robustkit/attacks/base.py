@@ -82,6 +82,9 @@ class Attack(ABC):
     """Base of all attacks: configuration only; call it with a model and a batch."""
 
     name: ClassVar[str]
+    # True for attacks that never use the model's gradients (score- or decision-based, such as Square): points they
+    # break that no gradient attack broke are a sign of gradient masking (robustkit.attacks.preflight)
+    gradient_free: ClassVar[bool] = False
 
     @property
     def threat(self) -> str:

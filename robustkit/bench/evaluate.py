@@ -6,6 +6,14 @@ not verified. Per sample, a verified sample must not be broken by any attack nor
 every adversarial example must pass its re-check, and verified <= worst-case attack <= clean accuracy; every
 violation is recorded (and fails the benchmark run). The exact verifier, where it runs, decides only the
 samples that no other verifier verified and no attack broke.
+
+Before the attacks, the pre-flight checks of :mod:`robustkit.attacks.preflight` run on up to 100 test samples
+(drawn with the seed): their warnings are kept (not violations: a masked gradient is a finding about the model,
+not an inconsistency) and recorded as the metrics :data:`PREFLIGHT_METRICS`, each with ``n`` = the samples
+checked: ``preflight_warnings`` (how many checks warned), ``preflight_randomised_outputs``,
+``preflight_probability_outputs`` and ``preflight_train_mode`` (1 when that check warned, else 0) and
+``preflight_zero_gradient`` (the share of the checked samples with a zero or non-finite input gradient; it warns
+above 10%). The bench runs no gradient-free attack, so the gradient-free check does not apply.
 """
 
 from __future__ import annotations
@@ -49,12 +57,33 @@ class Measurement:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """All measurements of a model, the consistency violations found, and the cost of evaluating."""
+    """All measurements of a model, the consistency violations found, the cost of evaluating and the pre-flight
+    warnings."""
 
     measurements: tuple[Measurement, ...]
     violations: tuple[str, ...]
     eval_time_s: float
     peak_memory_mb: float
+    warnings: tuple[str, ...] = ()
+
+
+PREFLIGHT_METRICS = ("preflight_warnings", "preflight_randomised_outputs", "preflight_probability_outputs",
+                     "preflight_zero_gradient", "preflight_train_mode")
+
+
+def _preflight(model: nn.Module, test: Split, eps: float, seed: int) -> tuple[list[Measurement], tuple[str, ...]]:
+    """The pre-flight checks as measurements (:data:`PREFLIGHT_METRICS`) and their warnings."""
+    from robustkit.attacks.preflight import preflight
+
+    started = time.perf_counter()
+    report = preflight(model, test.x, test.y, generator=make_generator(seed, model_device(model)))
+    seconds = time.perf_counter() - started
+    values = [len(report.warnings), report.randomised_outputs, report.output_kind == "probabilities",
+              report.zero_gradient_fraction, report.train_mode]
+    # the checks' time goes with the count of warnings
+    rows = [Measurement(metric, eps, float(value), report.n_checked, seconds if position == 0 else 0.0)
+            for position, (metric, value) in enumerate(zip(PREFLIGHT_METRICS, values, strict=True))]
+    return rows, report.warnings
 
 
 def exact_applicable(model: nn.Module, input_shape: tuple[int, ...], max_relus: int) -> bool:
@@ -95,6 +124,8 @@ def evaluate_model(
     with PeakMemory() as memory:
         correct = predict(model, data) == test.y
         measurements.append(Measurement("clean_acc", eps, _fraction(correct), n, 0.0))
+        checks, warnings = _preflight(model, test, eps, seed)
+        measurements += checks
         attacks = {
             "pgd_acc": PGD(steps=settings.pgd_steps, restarts=settings.pgd_restarts),
             "cw_acc": CWLinf(steps=settings.cw_steps),
@@ -136,7 +167,8 @@ def evaluate_model(
         if violation is not None:
             violations.append(violation)
         measurements += _sweep(model, data, settings, seed, eps)
-    return Evaluation(tuple(measurements), tuple(violations), time.perf_counter() - started, memory.peak_mb)
+    return Evaluation(tuple(measurements), tuple(violations), time.perf_counter() - started, memory.peak_mb,
+                      warnings)
 
 
 SWEEP_PGD_STEPS = 20

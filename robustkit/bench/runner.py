@@ -5,7 +5,8 @@ trainer's checkpoint after every epoch, ``model.pt`` once trained and ``result.j
 written atomically), and the aggregated ``results.csv`` and ``epochs.csv`` (rewritten after every cell), from
 which :func:`robustkit.reports.build_report` makes the summary tables, plots and ``index.html``. Re-running
 with ``resume`` skips finished cells, resumes a half-trained one from its last epoch and re-evaluates a
-trained but unevaluated one.
+trained but unevaluated one. ``result.json`` also keeps the cell's pre-flight ``warnings`` (a file written before
+they existed reads as none).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,15 @@ class Cell:
 
 @dataclass(frozen=True)
 class CellOutcome:
-    """What a finished cell produced (results rows, epoch rows, violations) and whether it was reused."""
+    """What a finished cell produced (results rows, epoch rows, violations, pre-flight warnings) and whether it was
+    reused."""
 
     cell: Cell
     results: list[dict[str, Any]]
     epochs: list[dict[str, Any]]
     violations: list[str]
     reused: bool
+    warnings: list[str] = field(default_factory=list)
 
     def metric(self, name: str) -> float:
         for row in self.results:
@@ -180,14 +183,15 @@ def run_cell(cell: Cell, config: BenchConfig, data: GridData, folder: Path, devi
         for m in evaluation.measurements
     ]
     epochs = [{**base, **record.to_dict()} for record in result.history]
-    outcome = CellOutcome(cell, results, epochs, list(evaluation.violations), reused=False)
+    outcome = CellOutcome(cell, results, epochs, list(evaluation.violations), reused=False,
+                          warnings=list(evaluation.warnings))
     def strict(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{k: json_value(v) for k, v in row.items()} for row in rows]
 
     # NaN (a metric that does not apply) is written as null, so result.json is strict JSON
     atomic_write_text(folder / "result.json", json.dumps(
-        {"results": strict(results), "epochs": strict(epochs), "violations": outcome.violations}, indent=1,
-        allow_nan=False))
+        {"results": strict(results), "epochs": strict(epochs), "violations": outcome.violations,
+         "warnings": outcome.warnings}, indent=1, allow_nan=False))
     return outcome
 
 
@@ -206,8 +210,12 @@ def _load_outcome(cell: Cell, file: Path) -> CellOutcome:
     def restore(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{k: (float("nan") if v is None else v) for k, v in row.items()} for row in rows]
 
+    warnings = json.loads(file.read_text()).get("warnings", [])  # the file is valid JSON: its keys were read
+    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+        raise InputError(f"{file} is damaged (its warnings are not a list of texts): delete it to evaluate that "
+                         "cell again")
     return CellOutcome(cell, restore(saved["results"]), restore(saved["epochs"]), list(saved["violations"]),
-                       reused=True)
+                       reused=True, warnings=warnings)
 
 
 def _write_tables(folder: Path, outcomes: list[CellOutcome]) -> None:

@@ -13,11 +13,19 @@ with a note.
 Before anything is written, every adversarial example is re-checked: inside the eps-ball and [0, 1], and, where
 the attack reports success, misclassified by a fresh forward pass. A failed re-check is a bug in an attack: it is
 reported and the command exits with code 1 without writing results.
+
+Pre-flight checks (:mod:`robustkit.attacks.preflight`) run before the attacks: randomised outputs, probabilities
+instead of logits, zero or non-finite input gradients, a model in training mode; after them, at every eps at which
+a gradient-free attack ran next to gradient attacks, the samples only it broke. Each warning is one line
+``Warning: ...`` on stderr (``--quiet`` hides progress, never warnings); ``preflight.csv`` holds every check's
+result (:mod:`robustkit.cli.preflight`), and attack.csv the per-sample ``zero_gradient`` (the cross-entropy or
+margin input gradient at the clean sample is zero or non-finite) and ``gradient_free_only`` (broken at that eps by
+a gradient-free attack and by no gradient attack; empty where no such pair of attacks ran).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +51,8 @@ from robustkit.evaluation import worst_case
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from robustkit.evaluation import AttackRun, EvalData
+    from robustkit.attacks.preflight import GradientFreeGap
+    from robustkit.evaluation import AttackRun, EvalData, PreflightRun
 
 FOOLBOX_PREFIX = "foolbox:"
 ENSEMBLE = "worst-case"
@@ -66,7 +75,7 @@ def sample_columns(labels: Sequence[str]) -> tuple[str, ...]:
     """The header of ``attack.csv`` for the attacks ``labels``."""
     per_attack = tuple(f"{label}_{column}" for label in labels for column in PER_ATTACK_COLUMNS)
     return (*COMMON_COLUMNS, "index", "label", "clean_prediction", *per_attack, "worst_case_success",
-            "robustkit_version")
+            "zero_gradient", "gradient_free_only", "robustkit_version")
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -150,6 +159,8 @@ def write_results(
     clean_prediction: Tensor,
     model_args: ModelArgs,
     seed: int,
+    preflight: PreflightRun,
+    gaps: Mapping[float, GradientFreeGap],
 ) -> list[Path]:
     """``attack.csv`` (one row per sample and eps) and ``summary.csv`` (one row per attack and eps, and the worst
     case per eps); returns the paths."""
@@ -175,7 +186,9 @@ def write_results(
             for number, run in enumerate(same_eps):
                 cells += [bool(run.success[position]), int(run.prediction[position]),
                           format(linf[number][position], ".6g"), format(l2[number][position], ".6g")]
-            sample_rows.append([*cells, bool(broken[position]), __version__])
+            gap = bool(gaps[eps].points[position]) if eps in gaps else None
+            sample_rows.append([*cells, bool(broken[position]), bool(preflight.zero_gradient[position]), gap,
+                                __version__])
         for run in same_eps:
             summary_rows.append([
                 data.dataset.name, model_args.spec, checkpoint, "", run.label, run.config, eps, seed, data.n,
@@ -292,8 +305,9 @@ def attack(
 
     Prints clean and robust accuracy, broken samples and the time per sample for every attack and eps, and the
     per-sample worst case over the attacks (robust accuracy counts all samples: clean-misclassified ones count
-    as broken). Writes attack.csv (per sample), summary.csv, examples.png and, with --save-adv, adv.npz to
-    --out. Every adversarial example is re-checked first; a failed re-check is a bug (exit code 1).
+    as broken). Pre-flight checks for gradient masking print warnings on stderr. Writes attack.csv (per sample),
+    summary.csv, preflight.csv, examples.png and, with --save-adv, adv.npz to --out. Every adversarial example is
+    re-checked first; a failed re-check is a bug (exit code 1).
 
     Example: robustkit attack --model mnist_small --checkpoint w.pt --eps 0.1,0.3 --attack pgd,cw-linf,interval
     """
@@ -306,22 +320,30 @@ def attack(
         for note in notes:
             click.echo(f"Note: {note}.", err=True)
 
-    from robustkit.evaluation import predict, recheck, run_attack
+    from robustkit.cli.preflight import echo_warnings, gap_warning, write_preflight
+    from robustkit.evaluation import gradient_free_gaps, predict, recheck, run_attack, run_preflight
 
     clean_prediction = predict(model, data)  # a model with NaN or infinite logits on these samples fails here
     # before the long part, so that a bad --out fails at once
     with output_folder(out, "attack") as folder:
+        preflight = run_preflight(model, data, options.seed)
+        echo_warnings(preflight.report.warnings)
         runs = [run for label, instance in built.items() for run in run_attack(model, data, label, instance, eps,
                                                                                 options.seed)]
         problems = recheck(model, data, runs)
         if problems:
             for problem in problems[:MAX_REPORTED]:
                 click.echo(f"Error: re-check failed: {problem}", err=True)
+            cause = ("the model's outputs are randomised (see the pre-flight warning), so a fresh forward pass can "
+                     "disagree with the attack's" if preflight.report.randomised_outputs else "a bug in the attack")
             raise click.ClickException(
-                f"{len(problems)} adversarial example(s) failed the re-check (a bug in the attack; first ones listed "
+                f"{len(problems)} adversarial example(s) failed the re-check ({cause}; first ones listed "
                 "above); no results were written"
             )
-        written = write_results(folder, runs, data, clean_prediction, model_args, options.seed)
+        gaps = gradient_free_gaps(runs)
+        echo_warnings([line for e, gap in gaps.items() if (line := gap_warning(e, gap)) is not None])
+        written = write_results(folder, runs, data, clean_prediction, model_args, options.seed, preflight, gaps)
+        written.append(write_preflight(folder, preflight, gaps, data, model_args, options.seed))
         written.append(write_examples(folder, runs, data, clean_prediction))
         if save_adv:
             written.append(write_adversarial(folder, runs, data))

@@ -34,6 +34,13 @@ def _cell_line(outcome: CellOutcome, position: int, total: int) -> str:
     return " ".join(parts)
 
 
+def _report_cell(outcome: CellOutcome, position: int, total: int) -> None:
+    """The cell's line on stdout, then its pre-flight warnings, one ``Warning: <cell>: ...`` line each on stderr."""
+    click.echo(_cell_line(outcome, position, total))
+    for warning in outcome.warnings:
+        click.echo(f"Warning: {outcome.cell.key}: {warning}", err=True)
+
+
 @click.command("bench", cls=Command)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE.toml",
               help="A benchmark configuration (see examples/bench.toml); default: the preset.")
@@ -54,7 +61,8 @@ def bench(ctx: click.Context, config_file: str | None, preset_name: str | None, 
     Writes results.csv (one row per cell and measurement), epochs.csv (training curves), summary.csv,
     summary.md, plots (PNG and PDF) and index.html to --out. Accuracies count every test sample; a
     clean-misclassified sample is broken and not verified. Any sample verified but broken by an attack is a
-    soundness error: it is printed and the exit code is 1.
+    soundness error: it is printed and the exit code is 1. Pre-flight warnings (signs of gradient masking)
+    are printed per cell on stderr and recorded as preflight_* metrics.
     """
     import dataclasses
 
@@ -79,8 +87,7 @@ def bench(ctx: click.Context, config_file: str | None, preset_name: str | None, 
     header = (f"robustkit bench: {config.source}, {len(config.trainers)} trainer(s) x {len(config.models)} "
               f"model(s) x {len(config.datasets)} dataset(s) x {len(config.eps)} eps, device {chosen_device}, "
               f"into {folder}")
-    run = run_bench(config, folder, resume=resume, device=chosen_device,
-                    on_cell=lambda outcome, i, n: click.echo(_cell_line(outcome, i, n)),
+    run = run_bench(config, folder, resume=resume, device=chosen_device, on_cell=_report_cell,
                     on_note=lambda note: click.echo(f"Note: {note}.", err=True),
                     on_start=lambda: click.echo(header))
     summary = folder / "summary.md"

@@ -44,9 +44,9 @@ from robustkit.errors import DataError
 
 __all__ = [
     "ACCURACY_METRICS", "CELL_KEYS", "CELL_METRICS", "EPOCHS_COLUMNS", "EPOCHS_FILE", "EPOCHS_SCHEMA", "GROUP_KEYS",
-    "METRICS", "METRIC_LABELS", "MIXTRAIN", "RESULTS_COLUMNS", "RESULTS_FILE", "RESULTS_SCHEMA", "SWEEP_METRICS",
-    "Column", "RecordsError", "RunRecords", "cell_rows", "format_eps", "load_run", "ordered_unique", "read_epochs",
-    "read_results", "sweep_rows",
+    "METRICS", "METRIC_LABELS", "MIXTRAIN", "PREFLIGHT_METRICS", "RESULTS_COLUMNS", "RESULTS_FILE", "RESULTS_SCHEMA",
+    "SWEEP_METRICS", "Column", "RecordsError", "RunRecords", "cell_rows", "format_eps", "load_run", "ordered_unique",
+    "read_epochs", "read_results", "sweep_rows",
 ]
 
 RESULTS_FILE = "results.csv"
@@ -63,7 +63,10 @@ ACCURACY_METRICS = (
     "verified_symbolic", "verified_crown", "verified_exact", "verified_best",
 )
 CELL_METRICS = ("train_time_s", "eval_time_s", "peak_memory_mb", "epochs")
-METRICS = ACCURACY_METRICS + CELL_METRICS
+# the pre-flight (gradient-masking) checks of each cell's model (robustkit.bench.evaluate); absent in older runs
+PREFLIGHT_METRICS = ("preflight_warnings", "preflight_randomised_outputs", "preflight_probability_outputs",
+                     "preflight_zero_gradient", "preflight_train_mode")
+METRICS = ACCURACY_METRICS + CELL_METRICS + PREFLIGHT_METRICS
 # measured again at several eval_eps (on a subset) for the accuracy-vs-eps plot
 SWEEP_METRICS = ("clean_acc", "pgd_acc", "verified_symbolic", "verified_interval")
 
@@ -82,6 +85,11 @@ METRIC_LABELS: dict[str, str] = {
     "eval_time_s": "Evaluation time",
     "peak_memory_mb": "Peak memory (MB)",
     "epochs": "Epochs",
+    "preflight_warnings": "Pre-flight warnings",
+    "preflight_randomised_outputs": "Randomised outputs",
+    "preflight_probability_outputs": "Probability outputs",
+    "preflight_zero_gradient": "Zero gradients",
+    "preflight_train_mode": "Train mode",
 }
 
 _MISSING = frozenset({"", "nan", "NaN", "NAN", "NA", "N/A", "null", "None"})

@@ -9,7 +9,9 @@ cell labelled ``mixtrain``, else the first cell whose trainer is ``mixtrain``); 
 :func:`summary_frame` builds the table as a DataFrame (fractions and seconds), :func:`summary_markdown` renders
 it for people (percentages with one decimal, readable times), :func:`write_summary` writes ``summary.csv`` and
 ``summary.md``. Cells keep the order of their first row in ``results.csv``, so the same file gives the same
-table, byte for byte.
+table, byte for byte. ``summary.csv`` ends with the cells' pre-flight results (:data:`PREFLIGHT_METRICS`: the
+number of warnings, 0/1 flags and the share of checked samples with zero input gradients), empty for runs made
+before the bench recorded them; the Markdown table leaves them out.
 
 >>> format_percent(0.9712), format_duration(4521.0), format_ratio(15.24), format_ratio(float("nan"))
 ('97.1%', '1.3 h', '15.2x', 'n/a')
@@ -32,6 +34,7 @@ from robustkit.reports.records import (
     GROUP_KEYS,
     METRIC_LABELS,
     MIXTRAIN,
+    PREFLIGHT_METRICS,
     cell_rows,
     format_eps,
     ordered_unique,
@@ -54,7 +57,10 @@ TABLE_METRICS = (
 TABLE_HEADERS = ("Trainer", *(METRIC_LABELS[m] for m in TABLE_METRICS), "Train time", "Time vs MixTrain")
 SUMMARY_COLUMNS = (
     *GROUP_KEYS, "trainer", "trainer_name", "seed", "n", *ACCURACY_METRICS, *CELL_METRICS, "time_vs_mixtrain",
+    *PREFLIGHT_METRICS,
 )
+# whole numbers in summary.csv: counts and the pre-flight flags
+INTEGER_COLUMNS = frozenset({"seed", "n", *PREFLIGHT_METRICS} - {"preflight_zero_gradient"})
 ACCURACY_NOTE = (
     "Accuracies count all n test samples of each cell, at the cell's training eps: clean-misclassified samples "
     "count as broken by the attacks and as not verified. Verified (best) is the per-sample best of the "
@@ -145,17 +151,17 @@ def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
             "trainer_name": cell["trainer_name"].iloc[0], "seed": int(cell["seed"].iloc[0]),
             "n": float(counts.max()) if not counts.empty else math.nan,
         }
-        for metric in (*ACCURACY_METRICS, *CELL_METRICS):
+        for metric in (*ACCURACY_METRICS, *CELL_METRICS, *PREFLIGHT_METRICS):
             row[metric] = float(values.get(metric, math.nan))
         row["_order"] = (group_rank[(dataset, model, train_eps)], trainer_rank[trainer])
         rows.append(row)
     rows.sort(key=lambda r: r["_order"])
-    frame = pd.DataFrame(rows, columns=[*SUMMARY_COLUMNS[:-1]])
+    frame = pd.DataFrame(rows, columns=[c for c in SUMMARY_COLUMNS if c != "time_vs_mixtrain"])
     ratios = pd.Series(math.nan, index=frame.index, dtype="float64")
     for _, group in iter_groups(frame):
         reference = mixtrain_reference(group)
         ratios.loc[group.index] = group["train_time_s"] / reference
-    frame["time_vs_mixtrain"] = ratios
+    frame.insert(list(SUMMARY_COLUMNS).index("time_vs_mixtrain"), "time_vs_mixtrain", ratios)
     return frame.reset_index(drop=True)
 
 
@@ -227,7 +233,7 @@ def write_summary(
     written = []
     if "csv" in formats:
         rows = [
-            [_csv_value(record[c], integer=c in ("seed", "n")) for c in SUMMARY_COLUMNS]
+            [_csv_value(record[c], integer=c in INTEGER_COLUMNS) for c in SUMMARY_COLUMNS]
             for record in summary.to_dict("records")
         ]
         written.append(write_csv(folder / SUMMARY_CSV, SUMMARY_COLUMNS, rows))

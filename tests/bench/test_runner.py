@@ -14,13 +14,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from robustkit.bench.config import TrainerSpec
+from robustkit.bench.runner import Cell, CellOutcome, _load_outcome
 from robustkit.cli import main
+from robustkit.cli.bench import _report_cell
 
 OUTPUTS = ["config.json", "results.csv", "epochs.csv", "summary.csv", "summary.md", "index.html"]
 PLOTS = ["verified_vs_time", "accuracy_vs_eps", "training_curves", "train_time"]
 TRAINERS = ["standard", "pgd", "verifiable-symbolic", "verifiable-interval", "mixtrain"]
 ACCURACY_COLUMNS = ["clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "worst_attack_acc",
                     "verified_interval", "verified_symbolic", "verified_best"]
+PREFLIGHT = ["preflight_warnings", "preflight_randomised_outputs", "preflight_probability_outputs",
+             "preflight_zero_gradient", "preflight_train_mode"]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +77,14 @@ def test_results_are_long_format_with_every_metric(quick_run):
         assert value["verified_crown"] >= value["verified_symbolic"] - 1e-9  # crown takes the better bound
         sweep = {float(r["eval_eps"]) for r in results if r["trainer"] == trainer and r["eval_eps"] != r["train_eps"]}
         assert sweep == {0.05, 0.2}
+        # the pre-flight checks of the cell's model, on all 60 test samples (fewer than 100)
+        assert all(int(mine[m]["n"]) == 60 for m in PREFLIGHT)
+        flags = [value[m] for m in PREFLIGHT[1:] if m != "preflight_zero_gradient"]
+        assert flags == [0.0, 0.0, 0.0]  # deterministic logits, and the bench evaluates in eval mode
+        assert 0 <= value["preflight_zero_gradient"] <= 1
+        assert value["preflight_warnings"] == float(value["preflight_zero_gradient"] > 0.1)
+        cell = next((out / "cells").glob(f"*__{trainer}__*"))
+        assert len(json.loads((cell / "result.json").read_text())["warnings"]) == value["preflight_warnings"]
     epochs = rows(out / "epochs.csv")
     assert {r["trainer"] for r in epochs} == set(TRAINERS)
     assert all(r["epoch"] in ("1", "2") for r in epochs)
@@ -90,6 +103,12 @@ def test_summary_table_matches_results(quick_run):
         assert float(row["pgd_acc"]) == pytest.approx(float(pgd["value"]))
     mixtrain = next(r for r in summary if r["trainer"] == "mixtrain")
     assert float(mixtrain["time_vs_mixtrain"]) == pytest.approx(1.0)
+    assert list(summary[0])[-6:] == ["time_vs_mixtrain", *PREFLIGHT]  # appended; earlier columns unchanged
+    for row in summary:
+        for metric in PREFLIGHT:
+            measured = next(r for r in results if r["trainer"] == row["trainer"] and r["metric"] == metric)
+            assert float(row[metric]) == pytest.approx(float(measured["value"]))
+        assert row["preflight_warnings"] in ("0", "1") and row["preflight_train_mode"] == "0"
     markdown = (out / "summary.md").read_text()
     assert "mixtrain" in markdown and "Time vs MixTrain" in markdown
 
@@ -176,3 +195,18 @@ def test_invalid_config_fails_before_training(tmp_path):
     assert result.exit_code == 2
     assert "grid.trainers" in result.output and "mixtrain" in result.output
     assert not (tmp_path / "run" / "cells").exists()
+
+
+def test_preflight_warnings_go_to_the_log_and_old_result_files_have_none(tmp_path, capsys):
+    cell = Cell("mnist5k", "mnist_fc_small", TrainerSpec("pgd", "pgd", {}, {}), 0.1)
+    outcome = CellOutcome(cell, [], [], [], reused=False, warnings=["randomised outputs: ...", "the model is ..."])
+    _report_cell(outcome, 1, 2)
+    captured = capsys.readouterr()
+    assert captured.out.startswith("[1/2] mnist5k mnist_fc_small pgd eps 0.1:")
+    assert captured.err.splitlines() == [f"Warning: {cell.key}: randomised outputs: ...",
+                                         f"Warning: {cell.key}: the model is ..."]
+    old = tmp_path / "result.json"
+    old.write_text(json.dumps({"results": [], "epochs": [], "violations": []}))  # written before pre-flight checks
+    assert _load_outcome(cell, old).warnings == []
+    old.write_text(json.dumps({"results": [], "epochs": [], "violations": [], "warnings": ["a", "b"]}))
+    assert _load_outcome(cell, old).warnings == ["a", "b"]

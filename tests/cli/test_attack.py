@@ -16,8 +16,9 @@ from robustkit import __version__
 from robustkit.attacks import ATTACKS, PGD, Attack, AttackResult
 from robustkit.cli import main
 from robustkit.cli.attack import SUMMARY_COLUMNS, sample_columns
+from robustkit.cli.preflight import PREFLIGHT_COLUMNS
 from robustkit.data import load_dataset
-from tests.helpers import one_line_error, read_csv, train_mnist_fc
+from tests.helpers import RandomSearch, one_line_error, read_csv, train_mnist_fc
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -68,6 +69,7 @@ def test_results_match_the_library_and_a_fresh_forward_pass(tmp_path, trained, t
     assert columns[:10] == ["dataset", "model", "checkpoint", "trainer", "eps", "seed", "n", "index", "label",
                             "clean_prediction"]
     assert columns[10:14] == ["pgd_success", "pgd_prediction", "pgd_linf", "pgd_l2"]
+    assert columns[-3:] == ["zero_gradient", "gradient_free_only", "robustkit_version"]
     assert len(rows) == 2 * 60
     x, y = test_split.x[100:160], test_split.y[100:160]
     with torch.no_grad():
@@ -89,6 +91,7 @@ def test_results_match_the_library_and_a_fresh_forward_pass(tmp_path, trained, t
                 assert float(r[f"{label}_l2"]) >= float(r[f"{label}_linf"])
                 broken |= success
             assert (r["worst_case_success"] == "1") == broken
+            assert r["zero_gradient"] == "0" and r["gradient_free_only"] == ""  # no gradient-free attack ran
             if r["clean_prediction"] != r["label"]:  # clean-misclassified samples count as broken
                 assert r["worst_case_success"] == "1" and r["pgd_success"] == "1"
 
@@ -136,6 +139,15 @@ def test_results_match_the_library_and_a_fresh_forward_pass(tmp_path, trained, t
     with Image.open(out / "examples.png") as image:
         assert image.format == "PNG"
         assert image.size == (round(100 * 1.45 * 7), round(100 * (1.6 * 8 + 0.9)))  # clean + 3 attacks x 2 eps
+
+    # a plain trained net: every pre-flight check passes, nothing is printed
+    assert "Warning" not in result.stderr
+    columns, checks = read_csv(out / "preflight.csv")
+    assert columns == list(PREFLIGHT_COLUMNS)
+    assert [r["check"] for r in checks] == ["randomised_outputs", "output_kind", "zero_gradient", "train_mode"]
+    assert [(r["value"], r["flagged"], r["warning"]) for r in checks] == [
+        ("0", "0", ""), ("logits", "0", ""), ("0", "0", ""), ("0", "0", "")]
+    assert all(r["n_checked"] == "60" and r["n"] == "60" and r["eps"] == "" and r["seed"] == "3" for r in checks)
 
     lines = result.stdout.splitlines()
     assert lines[0].split()[:2] == ["attack", "eps"]
@@ -237,6 +249,117 @@ def test_third_party_models(kind, tmp_path, monkeypatch, trained, test_split):
     worst = float(summary[-1]["robust_acc"])
     assert 0 < worst <= min(float(r["robust_acc"]) for r in summary[:-1]) < 1
     assert (out / "examples.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------ pre-flight checks
+
+
+ROUNDED_SOURCE = """\
+import torch
+from torch import nn
+
+
+class RoundInput(nn.Module):
+    def forward(self, x):
+        return torch.round(x * 4) / 4
+
+
+def build():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 50), nn.ReLU(), nn.Linear(50, 50), nn.ReLU(), nn.Linear(50, 10))
+    return nn.Sequential(RoundInput(), net)
+"""
+
+
+def test_masked_gradients_are_flagged_and_a_gradient_free_attack_breaks_what_pgd_cannot(
+        tmp_path, monkeypatch, trained, test_split):
+    """The trained net behind a rounding step: zero input gradients everywhere (check c), and the gradient-free
+    random search breaks many samples that PGD does not (check e), both as warnings even under --quiet."""
+    monkeypatch.setitem(ATTACKS._items, RandomSearch.name, RandomSearch)  # only for this test
+    model, _ = trained
+    (tmp_path / "rounded.py").write_text(ROUNDED_SOURCE)
+    weights = tmp_path / "rounded.pt"
+    torch.save({f"1.{k}": v for k, v in model.state_dict().items()}, weights)
+    out = tmp_path / "run"
+    result = run("--quiet", "attack", "--model", f"{tmp_path / 'rounded.py'}:build", "--checkpoint", str(weights),
+                 "--eps", "0.15", "--attack", "pgd,random-search", "--steps", "10", "--n-examples", "60",
+                 "--batch-size", "30", "--out", str(out))
+    assert result.exit_code == 0, result.output
+
+    _, rows = read_csv(out / "attack.csv")
+    only_free = [r["random-search_success"] == "1" and r["pgd_success"] == "0" for r in rows]
+    assert [r["gradient_free_only"] == "1" for r in rows] == only_free
+    gap = sum(only_free)
+    assert gap >= 20
+    assert all(r["zero_gradient"] == "1" for r in rows)
+    pgd_broken = sum(r["pgd_success"] == "1" for r in rows)
+    clean_wrong = sum(r["clean_prediction"] != r["label"] for r in rows)
+    assert pgd_broken <= clean_wrong + 2  # PGD cannot move on a zero gradient
+
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+    assert warnings == [
+        "Warning: zero or non-finite input gradients on 60 of 60 checked points (cross-entropy 60, margin 60; more "
+        "than 10%): a sign of gradient masking (a non-differentiable or saturated step); gradient attacks cannot "
+        "move there, so check with a gradient-free attack",
+        f"Warning: at eps 0.15, a gradient-free attack broke {gap} of 60 points that no gradient attack broke: a "
+        "sign of gradient masking (the gradient attacks' robust accuracy overestimates the robustness)",
+    ]
+    _, checks = read_csv(out / "preflight.csv")
+    table = {r["check"]: r for r in checks}
+    assert list(table) == ["randomised_outputs", "output_kind", "zero_gradient", "train_mode", "gradient_free_gap"]
+    assert (table["zero_gradient"]["value"], table["zero_gradient"]["flagged"]) == ("1", "1")
+    assert table["zero_gradient"]["warning"] == warnings[0].removeprefix("Warning: ")
+    assert (table["gradient_free_gap"]["value"], table["gradient_free_gap"]["flagged"]) == (str(gap), "1")
+    assert table["gradient_free_gap"]["eps"] == "0.15" and table["gradient_free_gap"]["n_checked"] == "60"
+    assert all(table[c]["flagged"] == "0" for c in ("randomised_outputs", "output_kind", "train_mode"))
+
+
+NOISY_SOURCE = """\
+import torch
+from torch import nn
+
+
+class Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+    def forward(self, x):
+        logits = self.net(x)
+        return torch.softmax(logits + torch.randn_like(logits), dim=1)
+
+
+def build():
+    return Noisy()
+"""
+
+
+def test_a_randomised_softmax_model_gets_two_warnings_and_fails_the_recheck(tmp_path):
+    """A fresh forward pass of a randomised model disagrees with the attack's: the re-check fails (exit code 1),
+    and the error names the randomisation that the pre-flight warning reported, not a bug in the attack."""
+    (tmp_path / "noisy.py").write_text(NOISY_SOURCE)
+    result = run("--quiet", "attack", "--model", f"{tmp_path / 'noisy.py'}:build", "--eps", "0.05", "--attack", "pgd",
+                 "--steps", "2", "--n-examples", "12", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 1, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("Warning: randomised outputs: two identical forward passes differ by up to ")
+    assert warnings[1].startswith("Warning: the outputs look like probabilities, not logits (on all 12 checked")
+    assert "failed the re-check (the model's outputs are randomised" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "run" / "preflight.csv").exists()
+
+
+def test_a_softmax_model_is_flagged_in_preflight_csv(tmp_path):
+    (tmp_path / "softmax.py").write_text(NOISY_SOURCE.replace(" + torch.randn_like(logits)", ""))
+    out = tmp_path / "run"
+    result = run("attack", "--model", f"{tmp_path / 'softmax.py'}:build", "--eps", "0.05", "--attack", "pgd",
+                 "--steps", "2", "--n-examples", "12", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+    assert len(warnings) == 1 and "look like probabilities, not logits" in warnings[0]
+    _, checks = read_csv(out / "preflight.csv")
+    assert [r["flagged"] for r in checks] == ["0", "1", "0", "0"]
+    assert checks[1]["value"] == "probabilities" and checks[1]["warning"] == warnings[0].removeprefix("Warning: ")
+    assert str(out / "preflight.csv") in result.stdout
 
 
 # ------------------------------------------------------------------------------------ re-check
