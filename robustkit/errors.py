@@ -59,3 +59,12 @@ class UnsupportedLayerError(RobustkitError, TypeError):
         super().__init__(
             f"the model has {len(self.layers)} unsupported layer(s): {'; '.join(self.layers)}.{tail}"
         )
+
+
+class UnreadableModelError(UnsupportedLayerError):
+    """An imported model whose operators the engine cannot read; the message is the importer's own (it names
+    every unsupported operator of the file at once)."""
+
+    def __init__(self, reasons: Sequence[str]) -> None:
+        self.layers = list(reasons)
+        Exception.__init__(self, "; ".join(self.layers))

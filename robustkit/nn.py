@@ -1,8 +1,9 @@
-"""The layer types of robustkit's own: :class:`Normalize` and :class:`Residual`.
+"""The layer types of robustkit's own: :class:`Normalize`, :class:`Residual` and :class:`Opaque`.
 
-Every other layer of a robustkit model is a standard ``torch.nn`` layer. These two exist because the bound
-engine must recognise them: normalisation is an affine map the verifiers propagate exactly, and a skip
-connection is the sum of two branches that the verifiers bound jointly.
+Every other layer of a robustkit model is a standard ``torch.nn`` layer. These exist because the bound
+engine must recognise them: normalisation is an affine map the verifiers propagate exactly, a skip
+connection is the sum of two branches that the verifiers bound jointly, and an opaque model is one that runs
+(for the gradient attacks) but that the engine must refuse with the importer's reason.
 """
 
 
@@ -84,3 +85,28 @@ class Residual(nn.Module):
         shortcut = x if self.skip is None else self.skip(x)
         out: Tensor = self.main(x) + shortcut
         return out
+
+
+class Opaque(nn.Module):
+    """A model that runs but that the bound engine cannot read, with the reason why.
+
+    The importers wrap a file whose operators they cannot lower to the engine's layers (for example a TorchScript
+    file using ``aten::gelu``) in this module: the forward pass is the file's own, so the gradient attacks work,
+    and the verifiers and the interval attack refuse it with ``reason``, which names what is missing.
+
+    >>> model = Opaque(nn.Identity(), "unsupported operators in net.pt: aten::gelu")
+    >>> model(torch.ones(1, 2)).tolist()
+    [[1.0, 1.0]]
+    """
+
+    def __init__(self, inner: nn.Module, reason: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.reason = reason
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.inner(x)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"reason={self.reason!r}"

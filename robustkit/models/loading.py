@@ -3,13 +3,21 @@
 A model specification is one of
 
 * a zoo name (``mnist_small``), optionally with a checkpoint file of weights;
-* a TorchScript file (``model.ts``, ``model.pt`` saved with ``torch.jit.save``);
+* a TorchScript file (``model.ts``, ``model.pt`` saved with ``torch.jit.save``), of ``nn.Sequential`` models
+  (rebuilt layer by layer, :mod:`robustkit.models.torchscript`) or of any traced or scripted module (lowered
+  from its operator graph, :mod:`robustkit.models.script_lowering`);
+* a ``torch.export`` program (``model.pt2``, saved with ``torch.export.save``; :mod:`robustkit.models.pt2`);
 * an ONNX file (``model.onnx``; needs the ``onnx`` extra);
 * a Python factory ``package.module:function`` or ``path/to/file.py:function`` returning an ``nn.Module``,
-  optionally with a checkpoint.
+  optionally with a checkpoint. A factory is the user's own code: naming it runs it (the module is imported and
+  the function called), as with any Python code one chooses to run.
 
-Checkpoints are untrusted: they are read with ``torch.load(weights_only=True)``, so a file that would run
-code when unpickled is refused (:class:`~robustkit.errors.UnsafeCheckpointError`) and nothing in it runs.
+Model files and checkpoints are untrusted data, and nothing in them is unpickled: checkpoints are read with
+``torch.load(weights_only=True)`` (a file that would run code when unpickled is refused,
+:class:`~robustkit.errors.UnsafeCheckpointError`) or, for ``.safetensors`` files, with the ``safetensors``
+package; ``torch.export`` archives are read as JSON and raw tensor bytes, never with ``torch.export.load``;
+TorchScript files are opened with ``torch.jit.load``, which builds TorchScript objects and unpickles no Python
+classes, and their code runs only once robustkit has read every operator on its path.
 """
 
 from __future__ import annotations
@@ -33,7 +41,10 @@ from robustkit.models.zoo import MODELS, build_model
 from robustkit.nn import Normalize
 from robustkit.runtime import resolve_device
 
-__all__ = ["extract_state_dict", "load_checkpoint", "load_model", "load_state_dict_file", "spec_kind"]
+__all__ = [
+    "extract_state_dict", "is_safetensors", "load_checkpoint", "load_model", "load_safetensors", "load_state_dict_file",
+    "spec_kind",
+]
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights", "params", "module")
 _FACTORY = re.compile(r"^(?P<target>[\w.]+|.+\.py):(?P<function>[A-Za-z_]\w*)$")
@@ -51,7 +62,8 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def spec_kind(spec: str | Path) -> str:
-    """Classify a model specification as ``zoo``, ``torchscript``, ``onnx``, ``factory`` or ``weights``.
+    """Classify a model specification as ``zoo``, ``torchscript``, ``export`` (a ``torch.export`` program),
+    ``onnx``, ``factory`` or ``weights``.
 
     ``weights`` means a checkpoint file was given where a model was expected. An unknown spec raises
     :class:`~robustkit.errors.UnknownNameError` with the close zoo names.
@@ -63,10 +75,14 @@ def spec_kind(spec: str | Path) -> str:
     if path.is_file():
         if path.suffix.lower() == ".onnx":
             return "onnx"
+        from robustkit.models.pt2 import is_pt2
+
+        if path.suffix.lower() == ".pt2" or is_pt2(path):
+            return "export"
         return "torchscript" if _is_torchscript(path) else "weights"
     if _FACTORY.match(text):
         return "factory"
-    if path.suffix.lower() in {".onnx", ".pt", ".pth", ".ts", ".jit", ".py"} or "/" in text:
+    if path.suffix.lower() in {".onnx", ".pt", ".pth", ".pt2", ".ts", ".jit", ".py", ".safetensors"} or "/" in text:
         raise ModelLoadError(f"model file {text!r} does not exist")
     raise UnknownNameError("model", text, MODELS)
 
@@ -145,11 +161,43 @@ def _unsafe(path: Path, what: str) -> UnsafeCheckpointError:
     )
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file: a little-endian 8-byte header length, then a JSON header."""
+    if path.suffix.lower() == ".safetensors":
+        return True
+    try:
+        with path.open("rb") as file:
+            head = file.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def load_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file (read by the ``safetensors`` package: no pickle)."""
+    path = Path(path).expanduser()
+    try:
+        from safetensors import safe_open
+    except ImportError as exc:  # a dependency of robustkit; only a broken install lacks it
+        raise ModelLoadError(f"reading {path} needs the safetensors package: pip install safetensors") from exc
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            metadata = dict(file.metadata() or {})
+            tensors = {str(key): file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 - not a dict
+    except Exception as exc:  # noqa: BLE001 - the Rust reader raises its own error type for damaged files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot read safetensors file {path}: damaged ({first_line})") from None
+    return tensors, metadata
+
+
 def load_checkpoint(path: str | Path) -> Any:
-    """``torch.load`` of an untrusted file with ``weights_only=True`` (new zip and legacy formats), to CPU."""
+    """The contents of an untrusted checkpoint, on CPU: a safetensors file's tensors, or ``torch.load`` with
+    ``weights_only=True`` (new zip and legacy formats)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ModelLoadError(f"checkpoint file {str(path)!r} does not exist")
+    if is_safetensors(path):
+        return load_safetensors(path)[0]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -249,7 +297,8 @@ def _load_factory(spec: str) -> nn.Module:
     return model
 
 
-def _load_torchscript(path: Path) -> nn.Module:
+def _load_torchscript(path: Path, input_shape: Sequence[int] | None) -> nn.Module:
+    from robustkit.models.script_lowering import lower_script
     from robustkit.models.torchscript import to_eager
 
     try:
@@ -261,7 +310,7 @@ def _load_torchscript(path: Path) -> nn.Module:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(f"cannot read TorchScript file {path}: corrupt ({first_line})") from None
     eager = to_eager(scripted)
-    return scripted if eager is None else eager
+    return lower_script(scripted, path, input_shape) if eager is None else eager
 
 
 def _parse_stats(values: Sequence[float] | None, name: str) -> list[float] | None:
@@ -309,7 +358,7 @@ def load_model(
     ``num_classes`` its number of logits is checked, so a mismatch fails here with a clear message.
     """
     kind = spec_kind(spec)
-    if checkpoint is not None and kind in {"torchscript", "onnx"}:
+    if checkpoint is not None and kind in {"torchscript", "export", "onnx"}:
         raise InputError(f"--checkpoint applies to zoo names and factories; the {kind} file holds its own weights")
     if kind == "weights":
         raise ModelLoadError(
@@ -326,7 +375,11 @@ def load_model(
     elif kind == "factory":
         model = _load_factory(str(spec))
     elif kind == "torchscript":
-        model = _load_torchscript(Path(spec).expanduser())
+        model = _load_torchscript(Path(spec).expanduser(), input_shape)
+    elif kind == "export":
+        from robustkit.models.pt2 import load_pt2
+
+        model = load_pt2(Path(spec).expanduser(), input_shape)
     else:
         from robustkit.models.onnx_import import load_onnx
 

@@ -4,7 +4,8 @@ The graph is a list of nodes in topological order; each node applies one bound o
 :mod:`robustkit.verifiers.ops`) to the outputs of earlier nodes (index -1 is the network input) and the last
 node is the output. ``nn.Sequential`` containers are flattened and :class:`~robustkit.nn.Residual` blocks become
 their two branches joined by an addition node. Every layer that cannot be analysed is collected, and one
-:class:`~robustkit.errors.UnsupportedLayerError` lists them all.
+:class:`~robustkit.errors.UnsupportedLayerError` lists them all; an imported model the importers could not
+lower (:class:`~robustkit.nn.Opaque`) is refused with the importer's own message.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from robustkit.errors import UnsupportedLayerError
-from robustkit.nn import Residual
+from robustkit.errors import UnreadableModelError, UnsupportedLayerError
+from robustkit.nn import Opaque, Residual
 from robustkit.verifiers import ops
 from robustkit.verifiers.ops.registry import PASS_THROUGH, keeps_forward, lookup, supported_names
 
@@ -111,6 +112,7 @@ class _Builder:
     def __init__(self) -> None:
         self.nodes: list[Node] = []
         self.unsupported: list[str] = []
+        self.opaque: list[str] = []  # the reasons of imported models the engine cannot read (see Opaque)
 
     def add(self, op: ops.BoundOp, inputs: tuple[int, ...]) -> int:
         self.nodes.append(Node(op, inputs))
@@ -119,6 +121,9 @@ class _Builder:
     def emit(self, module: nn.Module, source: int, path: str) -> int:
         kind = layer_name(module)
         where = display_path(path)
+        if isinstance(module, Opaque):
+            self.opaque.append(module.reason)
+            return source
         if keeps_forward(module, nn.Sequential):
             for name, child in module.named_children():
                 source = self.emit(child, source, f"{path}.{name}" if path else name)
@@ -144,7 +149,9 @@ class _Builder:
             self.unsupported.append(f"{kind} at {where}")
             return source
         if isinstance(module, torch.jit.ScriptModule):
-            self.unsupported.append(f"TorchScript module {module.original_name} at {where} (with its own code)")
+            self.unsupported.append(f"TorchScript module {module.original_name} at {where} (with its own code: save it "
+                                    "with torch.jit.save and read it with robustkit.models.load_model, which "
+                                    "lowers its operators)")
             return source
         from robustkit.verifiers.fx_import import emit_traced
 
@@ -168,7 +175,9 @@ def build_graph(model: nn.Module) -> Graph:
     builder = _Builder()
     output = builder.emit(model, INPUT, "")
     if builder.unsupported:
-        raise UnsupportedLayerError(builder.unsupported, supported_names())
+        raise UnsupportedLayerError(builder.opaque + builder.unsupported, supported_names())
+    if builder.opaque:
+        raise UnreadableModelError(builder.opaque)
     if output == INPUT:
         builder.add(ops.IdentityOp(), (INPUT,))
     graph = Graph(tuple(builder.nodes))
