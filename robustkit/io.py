@@ -25,7 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "torch_save_atomic", "write_csv"]
+__all__ = [
+    "atomic_open", "atomic_write_bytes", "atomic_write_text", "save_safetensors", "torch_save_atomic", "write_csv",
+]
 
 
 def _temporary_path(target: Path) -> tuple[Path, int]:
@@ -115,6 +117,16 @@ def write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterabl
             raise ValueError(f"row {number} has {len(row)} cells but the header has {len(header)}: {list(row)!r}")
         writer.writerow([_cell(value) for value in row])
     return atomic_write_text(path, buffer.getvalue())
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike[str], metadata: dict[str, str]) -> Path:
+    """Write ``tensors`` (a state_dict on CPU) as a safetensors file, atomically, with text ``metadata``."""
+    from safetensors.torch import save
+
+    # safetensors refuses tensors that share memory (tied weights): every tensor gets its own copy
+    data = save({name: value.detach().cpu().clone().contiguous() for name, value in tensors.items()},
+                metadata=metadata)
+    return atomic_write_bytes(path, data)
 
 
 def torch_save_atomic(obj: object, path: str | os.PathLike[str]) -> Path:

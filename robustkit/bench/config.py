@@ -2,6 +2,8 @@
 
 Every key is validated before any training starts; an error names the key (``trainers.pgd.stepz``) and the
 valid choices. See ``examples/bench.toml`` for a documented example and :data:`PRESETS` for the built-ins.
+``grid.models`` takes zoo names and factories (``"nets.py:build"``, ``"mypkg.nets:build"``); a relative factory
+file is read from the TOML file's folder, and the factory's code runs when the bench builds the model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from robustkit.errors import InputError
@@ -83,6 +86,7 @@ class BenchConfig:
     seed: int = 0
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     source: str = "preset paper"
+    model_dir: str | None = None  # the folder relative factory files of ``models`` are read from
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -140,6 +144,31 @@ def _names(value: Any, key: str, registry: Mapping[str, Any], kind: str) -> tupl
     return tuple(value)
 
 
+def _models(value: Any, key: str, base: Path | None) -> tuple[str, ...]:
+    """Zoo names and factory specs; a factory file is looked up relative to ``base`` (the TOML file's folder)."""
+    from robustkit.errors import RobustkitError
+    from robustkit.models import MODELS, spec_kind
+    from robustkit.models.loading import resolve_spec
+
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise _fail(key, "must be a non-empty list of zoo model names or factories (package.module:function, "
+                         "file.py:function)")
+    for spec in value:
+        if spec in MODELS:
+            continue
+        try:
+            kind = spec_kind(resolve_spec(spec, base))
+        except RobustkitError:
+            kind = "unknown"
+        if kind != "factory":
+            where = f" (relative files are read from {base})" if base is not None and ".py:" in spec else ""
+            raise _fail(key, f"{spec!r} is neither a zoo model nor a factory whose file exists{where}",
+                        tuple(MODELS), near=spec)
+    return tuple(value)
+
+
 def _eps_list(value: Any, key: str) -> tuple[float, ...]:
     if isinstance(value, int | float):
         value = [value]
@@ -179,10 +208,10 @@ def _trainer(label: str, raw: Any, defaults: dict[str, Any]) -> TrainerSpec:
     return TrainerSpec(label=label, name=name, options=options, training=training)
 
 
-def parse_config(raw: Mapping[str, Any], source: str) -> BenchConfig:
-    """Validate a parsed TOML document into a :class:`BenchConfig` (all errors name their key)."""
+def parse_config(raw: Mapping[str, Any], source: str, base: Path | None = None) -> BenchConfig:
+    """Validate a parsed TOML document into a :class:`BenchConfig` (all errors name their key); factory files in
+    ``grid.models`` are read relative to ``base`` (the TOML file's folder; the working directory without it)."""
     from robustkit.data import DATASETS
-    from robustkit.models import MODELS
     from robustkit.verifiers import VERIFIERS
 
     top = ("seed", "grid", "data", "training", "trainers", "evaluation")
@@ -223,7 +252,7 @@ def parse_config(raw: Mapping[str, Any], source: str) -> BenchConfig:
         except (InputError, TypeError) as exc:
             raise _fail(f"trainers.{spec.label}", str(exc)) from None
     datasets = _names(grid.get("datasets", ["mnist5k"]), "grid.datasets", DATASETS, "dataset")
-    models = _names(grid.get("models", ["mnist_small"]), "grid.models", MODELS, "model")
+    models = _models(grid.get("models", ["mnist_small"]), "grid.models", base)
     eps = _eps_list(grid.get("eps", [0.1]), "grid.eps")
     if "data_dir" in data:
         _typed("data.data_dir", data["data_dir"], BenchConfig)
@@ -271,6 +300,7 @@ def parse_config(raw: Mapping[str, Any], source: str) -> BenchConfig:
         datasets=datasets, models=models, eps=eps, trainers=tuple(specs), data_dir=data_dir,
         n_train=data.get("n_train", 0), n_test=data.get("n_test", 1000), val_size=data.get("val_size", 200),
         seed=seed, evaluation=EvaluationSettings(**settings), source=source,
+        model_dir=None if base is None else str(base),
     )
 
 
@@ -285,7 +315,7 @@ def load_config(path: str) -> BenchConfig:
         raw = tomllib.loads(file.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"bench config {file} is not valid TOML: {exc}") from None
-    return parse_config(raw, source=str(file))
+    return parse_config(raw, source=str(file), base=file.resolve().parent)
 
 
 def preset(name: str) -> BenchConfig:

@@ -119,6 +119,25 @@ class GridData:
         return cls(dataset, train, test, monitor)
 
 
+def check_models(config: BenchConfig, datasets: dict[str, GridData]) -> None:
+    """Every model of the grid is built once and must fit every dataset (input shape, classes) and be readable by
+    the bound engine (every cell is verified), so a bad model fails before any training, naming ``grid.models``."""
+    from robustkit.models import build_network, fit_problem
+    from robustkit.models.loading import resolve_spec
+    from robustkit.trainers.base import engine_problem
+
+    for spec in config.models:
+        model = build_network(resolve_spec(spec, config.model_dir), seed=config.seed)
+        for name, data in datasets.items():
+            problem = fit_problem(model, data.dataset.input_shape, data.dataset.num_classes, name=f"model {spec}",
+                                  data=name)
+            if problem is None:
+                unreadable = engine_problem(model, data.test.x[:2])
+                problem = None if unreadable is None else f"the bench verifies every model, but {unreadable}"
+            if problem is not None:
+                raise InputError(f"bench config: grid.models: {problem}")
+
+
 def _versions() -> tuple[str, str]:
     from robustkit import __version__
 
@@ -142,11 +161,12 @@ def _check_folder(folder: Path, config: BenchConfig, resume: bool) -> None:
 
 def _train(cell: Cell, config: BenchConfig, train: Any, monitor: Any, folder: Path, device: str,
            resume: bool) -> tuple[torch.nn.Module, Any, float]:
-    from robustkit.models import build_model
+    from robustkit.models import build_network
+    from robustkit.models.loading import resolve_spec
     from robustkit.trainers import get_trainer
     from robustkit.trainers.base import TrainConfig
 
-    model = build_model(cell.model, seed=config.seed)
+    model = build_network(resolve_spec(cell.model, config.model_dir), seed=config.seed)
     trainer = get_trainer(cell.trainer.name, **cell.trainer.options)
     settings = TrainConfig(**cell.trainer.training, eps=cell.eps, seed=config.seed, device=device,
                            val_size=config.val_size)
@@ -247,6 +267,7 @@ def run_bench(
     """
     folder = Path(folder)
     datasets = {name: GridData.load(name, config) for name in config.datasets}  # bad counts fail before any file
+    check_models(config, datasets)
     with run_lock(folder, "robustkit bench" + (" --resume" if resume else ""), on_note):
         _check_folder(folder, config, resume)
         if on_start is not None:

@@ -181,10 +181,10 @@ def model_options(function: F) -> F:
 
     return cast(F, _apply(command, [
         click.option("--model", "model", required=True, metavar="SPEC",
-                     help="A zoo name (see 'robustkit models'), a TorchScript or ONNX file, or a factory "
-                          "package.module:function or file.py:function."),
+                     help="A zoo name (see 'robustkit models'), a TorchScript (.pt, .ts), torch.export (.pt2) or "
+                          "ONNX file, or a factory package.module:function or file.py:function."),
         click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     metavar="FILE", help="Weights (a state_dict) for a zoo model or factory."),
+                     metavar="FILE", help="Weights for a zoo model or factory: a state_dict (.pt) or .safetensors."),
         click.option("--mean", callback=_float_list, metavar="a,b,c",
                      help="Per-channel mean of a model trained on normalised inputs (with --std)."),
         click.option("--std", callback=_float_list, metavar="a,b,c",
@@ -261,7 +261,7 @@ def load_cli_model(args: ModelArgs, dataset: Dataset, options: GlobalOptions) ->
         torch.manual_seed(options.seed)
         return load_model(
             args.spec, args.checkpoint, args.mean, args.std, device=device,
-            input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+            input_shape=dataset.input_shape, num_classes=dataset.num_classes, dataset=dataset.name,
         )
 
 

@@ -1,4 +1,9 @@
-"""``robustkit train``: train a zoo network with one of the registered trainers, with exact resume and DDP.
+"""``robustkit train``: train a network (a zoo name or the user's own factory) with one of the registered
+trainers, with exact resume and DDP.
+
+``--model`` takes a zoo name or a factory ``package.module:function`` / ``file.py:function`` (the same spec
+``verify`` and ``attack`` accept): the factory is called once (its code runs) with the root ``--seed`` set, and
+its model is probed against the dataset's input shape and number of classes before anything is written.
 
 The trainer (``--trainer``, names from :data:`robustkit.trainers.TRAINERS`) runs
 :meth:`~robustkit.trainers.Trainer.fit` on the dataset's training split (or its first ``--n-train`` samples) and
@@ -17,7 +22,10 @@ trainer does not take is a usage error naming the trainer.
   :class:`~robustkit.trainers.EpochRecord` fields and the run's dataset, model, trainer, method, eval_eps, seed,
   n_train, robustkit_version; NaN for fields that do not apply, written ``nan`` in the CSV and ``null`` in the
   JSON lines);
-* ``model.pt`` at the end: the trained model's state_dict (load it with ``--model NAME --checkpoint model.pt``).
+* ``model.pt`` at the end: the trained model's state_dict (load it with ``--model SPEC --checkpoint model.pt``,
+  SPEC being the zoo name or factory it was trained as, which ``config.json`` records, with the factory file's
+  path and SHA-256); ``model.safetensors`` holds the same weights, with the model spec, dataset and trainer in
+  its metadata.
 
 Under ``torchrun --nproc_per_node=N -m robustkit train ...`` every process takes 1/N of each batch
 (DistributedDataParallel); only rank 0 writes files and prints.
@@ -39,16 +47,17 @@ import click
 from robustkit.cli import Command, UserError
 from robustkit.cli.options import PositiveFloat, global_options, output_dir, parse_eps
 from robustkit.data import DATASETS
-from robustkit.models import MODELS
 from robustkit.trainers import TRAINERS, EpochRecord, TrainConfig, Trainer
 from robustkit.verifiers import differentiable_methods
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from robustkit.data import Dataset, Split
 
 # the trainer-specific options: each CLI option sets the trainer's option of the same name
 TRAINER_OPTIONS = ("k", "schedule", "method", "steps")
-FILES = ("model.pt", "history.csv", "history.jsonl", "config.json", "checkpoint.pt")
+FILES = ("model.pt", "model.safetensors", "history.csv", "history.jsonl", "config.json", "checkpoint.pt")
 RUN_COLUMNS = ("dataset", "model", "trainer", "method", "eval_eps", "seed", "n_train")
 HISTORY_COLUMNS = (*RUN_COLUMNS, *(f.name for f in dataclasses.fields(EpochRecord)), "robustkit_version")
 # config.json keys that must match for --resume (the data folder may move; the version may change)
@@ -108,6 +117,7 @@ class Run:
     n_train: int
     n_val: int
     processes: int
+    model_source: dict[str, str] | None = None
 
     @property
     def method(self) -> str:
@@ -122,6 +132,7 @@ class Run:
             "trainer_options": self.trainer.options(),
             "train_config": self.config.to_dict(),
             "model": self.model,
+            **({"model_source": self.model_source} if self.model_source else {}),
             "dataset": self.dataset,
             "data_dir": None if self.data_dir is None else str(self.data_dir),
             "n_train": self.n_train,
@@ -238,15 +249,46 @@ def load_training_data(
                                  count="--n-train")
 
 
-def check_model(model: str, dataset: Dataset) -> None:
-    spec = MODELS[model]
-    if spec.input_shape != dataset.input_shape or spec.num_classes != dataset.num_classes:
-        shape = "x".join(map(str, spec.input_shape))
-        data_shape = "x".join(map(str, dataset.input_shape))
-        raise UserError(
-            f"model {model} takes {shape} inputs and {spec.num_classes} classes, but {dataset.name} has "
-            f"{data_shape} images and {dataset.num_classes} classes"
-        )
+def _model_spec(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--model``: a zoo name or a factory spec (checked for its form here, built when the command runs)."""
+    from robustkit.errors import RobustkitError
+    from robustkit.models import spec_kind
+
+    if value is None:  # missing: robustkit's Command reports it
+        return None
+    try:
+        kind = spec_kind(value)
+    except RobustkitError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if kind not in ("zoo", "factory"):
+        raise click.BadParameter(f"{value} is a {'weights checkpoint' if kind == 'weights' else kind + ' file'}: "
+                                 "training builds a new network from a zoo name or a factory "
+                                 "(package.module:function or file.py:function)")
+    return value
+
+
+def build_checked(spec: str, dataset: Dataset, seed: int) -> nn.Module:
+    """The freshly initialised network ``spec`` (seeded), probed against the dataset's input shape and classes."""
+    from robustkit.models import build_network, fit_problem
+
+    model = build_network(spec, seed=seed)
+    problem = fit_problem(model, dataset.input_shape, dataset.num_classes, name=f"model {spec}", data=dataset.name)
+    if problem is not None:
+        raise UserError(problem)
+    return model
+
+
+def model_source(spec: str) -> dict[str, str] | None:
+    """For a factory in a file: the file's absolute path and SHA-256, recorded in config.json."""
+    import hashlib
+
+    from robustkit.models import spec_kind
+
+    target = spec.rsplit(":", 1)[0]
+    if spec_kind(spec) != "factory" or not target.endswith(".py"):
+        return None
+    file = Path(target).expanduser().resolve()
+    return {"file": str(file), "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
 
 
 def _describe(trainer: Trainer) -> str:
@@ -257,8 +299,10 @@ def _describe(trainer: Trainer) -> str:
 @click.command("train", cls=Command)
 @click.option("--trainer", "trainer_name", required=True, type=click.Choice(list(TRAINERS)),
               help="The training method.")
-@click.option("--model", "model_name", required=True, type=click.Choice(list(MODELS)),
-              help="Zoo network to train from scratch (see 'robustkit models'); initialised from the root --seed.")
+@click.option("--model", "model_name", required=True, callback=_model_spec, metavar="SPEC",
+              help="The network to train from scratch: a zoo name (see 'robustkit models') or a factory "
+                   "package.module:function or file.py:function returning an nn.Module (its code runs); "
+                   "initialised from the root --seed.")
 @click.option("--dataset", "dataset_name", type=click.Choice(list(DATASETS)), default="mnist5k", show_default=True,
               help="Registered dataset (see 'robustkit datasets'): trains on its training split.")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), metavar="DIR",
@@ -299,7 +343,7 @@ def train(
     steps: int | None, warmup_epochs: int, ramp_epochs: int, eps_factor: float, val_size: int,
     n_train: int | None, out: Path | None, resume: bool,
 ) -> None:
-    """Train a zoo network with standard, pgd, verifiable or mixtrain training.
+    """Train a zoo network or your own (a factory) with standard, pgd, verifiable or mixtrain training.
 
     Monitors clean, PGD and symbolic-verified accuracy at --eps after every epoch on the first --val-size
     samples of the test split, prints one line per epoch and writes model.pt, history.csv, history.jsonl,
@@ -310,8 +354,7 @@ def train(
     """
     import torch
 
-    from robustkit.io import atomic_write_text, torch_save_atomic
-    from robustkit.models import build_model
+    from robustkit.io import atomic_write_text, save_safetensors, torch_save_atomic
     from robustkit.progress import set_progress
     from robustkit.runlock import run_lock
 
@@ -328,8 +371,14 @@ def train(
         ramp_epochs=ramp_epochs, seed=options.seed, val_size=val_size, device=options.device,
     )
     dataset, train_split = load_training_data(dataset_name, data_dir, n_train, val_size)
-    check_model(model_name, dataset)
-    run = Run(trainer, config, model_name, dataset.name, data_dir, len(train_split), val_size, world)
+    model = build_checked(model_name, dataset, options.seed)
+    from robustkit.trainers.base import engine_problem
+
+    problem = engine_problem(model, train_split.x[:2])
+    if problem is not None and trainer.bound_method() is not None:
+        raise UserError(f"the {trainer.name} trainer needs bounds of the model, but {problem}")
+    run = Run(trainer, config, model_name, dataset.name, data_dir, len(train_split), val_size, world,
+              model_source(model_name))
 
     if out is not None:
         folder = out
@@ -355,6 +404,9 @@ def train(
             f"Training {model_name} with {_describe(trainer)} on {run.n_train} {dataset.name} training samples: "
             f"eps {eps:g}, {epochs} epochs, batch {batch_size}" + (f", {world} processes (DDP)" if world > 1 else "")
         )
+        if run.n_val and problem is not None:
+            click.echo(f"Note: verified accuracy is not monitored, as the bound engine cannot read the model: "
+                       f"{problem}", err=True)
         if run.n_val:
             click.echo(
                 f"Monitoring after every epoch on the first {run.n_val} samples of the {dataset.name} TEST split "
@@ -370,12 +422,13 @@ def train(
         write_history(folder, run, history)
         click.echo(epoch_line(record, epochs))
 
-    model = build_model(model_name, seed=options.seed)
     result = trainer.fit(model, train_split, dataset.test, config, checkpoint=checkpoint, resume=resume,
                          on_epoch=on_epoch)
     if main_process:
-        torch_save_atomic({name: value.detach().cpu() for name, value in model.state_dict().items()},
-                          folder / "model.pt")
+        state = {name: value.detach().cpu() for name, value in model.state_dict().items()}
+        torch_save_atomic(state, folder / "model.pt")
+        save_safetensors(state, folder / "model.safetensors", {"model": model_name, "dataset": dataset.name,
+                                                               "trainer": trainer.name})
         write_history(folder, run, result.history)  # also when a resumed run had no epoch left to train
         last = result.history[-1]
         click.echo(

@@ -5,7 +5,9 @@
 166406
 """
 
-from robustkit.models.loading import load_model, spec_kind
+from robustkit.models.loading import build_network, fit_problem, load_model, spec_kind
 from robustkit.models.zoo import MODELS, ModelSpec, build_model, count_parameters
 
-__all__ = ["MODELS", "ModelSpec", "build_model", "count_parameters", "load_model", "spec_kind"]
+__all__ = [
+    "MODELS", "ModelSpec", "build_model", "build_network", "count_parameters", "fit_problem", "load_model", "spec_kind",
+]

@@ -42,8 +42,8 @@ from robustkit.nn import Normalize
 from robustkit.runtime import resolve_device
 
 __all__ = [
-    "extract_state_dict", "is_safetensors", "load_checkpoint", "load_model", "load_safetensors", "load_state_dict_file",
-    "spec_kind",
+    "build_network", "extract_state_dict", "fit_problem", "is_safetensors", "load_checkpoint", "load_model",
+    "load_safetensors", "load_state_dict_file", "resolve_spec", "spec_kind",
 ]
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights", "params", "module")
@@ -322,24 +322,80 @@ def _parse_stats(values: Sequence[float] | None, name: str) -> list[float] | Non
     return parsed
 
 
-def _probe(model: nn.Module, input_shape: Sequence[int], num_classes: int | None, device: torch.device) -> None:
-    """One forward pass on a dummy batch: fail early, with a clear message, if the model does not fit."""
-    probe = torch.full((2, *input_shape), 0.5, device=device)
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _takes(model: nn.Module, device: torch.device) -> str:
+    """What the model takes instead, for the error when it fails on the dataset's inputs: the shape of a
+    registered dataset it runs on, or what its first layer takes."""
+    from robustkit.data import DATASETS
+
+    for name in DATASETS:
+        shape = DATASETS[name].info.input_shape
+        try:
+            with torch.no_grad():
+                model(torch.full((2, *shape), 0.5, device=device))
+        except Exception:  # noqa: BLE001 - trying the shapes robustkit knows; a failure only rules one out
+            continue
+        return f"it takes {_shape_text(shape)} inputs (as {name} has)"
+    for path, layer in model.named_modules():
+        if isinstance(layer, nn.Conv2d):
+            return f"its first layer {path} (Conv2d) takes {layer.in_channels} input channels"
+        if isinstance(layer, nn.Linear):
+            return f"its first layer {path} (Linear) takes {layer.in_features} input features"
+    return "it fails on them"
+
+
+def fit_problem(model: nn.Module, input_shape: Sequence[int], num_classes: int | None, *, name: str = "the model",
+                data: str = "the dataset", device: str | torch.device = "cpu") -> str | None:
+    """Why ``model`` does not fit the data (one line naming both shapes), or None: one forward pass on a dummy
+    batch of ``input_shape`` (C, H, W), checking its logits against ``num_classes``."""
+    target = resolve_device(device)
+    probe = torch.full((2, *input_shape), 0.5, device=target)
     try:
         with torch.no_grad():
             out = model(probe)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's model on the expected input
-        raise ModelLoadError(
-            f"the model fails on inputs of shape (N, {', '.join(map(str, input_shape))}): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from None
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return (f"{name} does not take {data}'s {_shape_text(input_shape)} inputs: {_takes(model, target)} "
+                f"({detail})")
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 2:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ModelLoadError(f"the model must return logits of shape (N, classes), got {shape}")
+        return f"{name} must return logits of shape (N, classes), got {shape}"
     if num_classes is not None and out.shape[1] != num_classes:
-        raise ModelLoadError(f"the model returns {out.shape[1]} logits but the dataset has {num_classes} classes")
+        return f"{name} returns {out.shape[1]} logits but {data} has {num_classes} classes"
     if not bool(torch.isfinite(out).all()):
-        raise ModelLoadError("the model returns NaN or infinite logits")
+        return f"{name} returns NaN or infinite logits"
+    return None
+
+
+def resolve_spec(spec: str, base: str | Path | None) -> str:
+    """``spec`` with the file of a ``file.py:function`` factory made absolute against ``base`` when relative (a
+    bench configuration's folder); every other spec is returned unchanged."""
+    match = _FACTORY.match(spec)
+    if base is None or spec in MODELS or match is None or not match.group("target").endswith(".py"):
+        return spec
+    file = Path(match.group("target")).expanduser()
+    if file.is_absolute():
+        return spec
+    return f"{Path(base) / file}:{match.group('function')}"
+
+
+def build_network(spec: str, *, seed: int | None = None) -> nn.Module:
+    """A freshly initialised network to train: a zoo name or a factory (``package.module:function``,
+    ``file.py:function``, whose code runs). With ``seed`` the initialisation is reproducible and the caller's
+    random state is left as it was."""
+    kind = spec_kind(spec)
+    if kind not in ("zoo", "factory"):
+        raise ModelLoadError(
+            f"{spec} is a {'weights checkpoint' if kind == 'weights' else kind + ' file'}: training builds a new "
+            "network, so give a zoo name or a factory (package.module:function or file.py:function)"
+        )
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return build_model(spec) if kind == "zoo" else _load_factory(spec)
 
 
 def load_model(
@@ -350,12 +406,14 @@ def load_model(
     device: str | torch.device = "cpu",
     input_shape: Sequence[int] | None = None,
     num_classes: int | None = None,
+    dataset: str | None = None,
 ) -> nn.Module:
     """Build or read the model ``spec`` and return it ready to use: weights loaded, eval mode, on ``device``.
 
     ``mean``/``std`` wrap the model in :class:`~robustkit.nn.Normalize` (for models trained on normalised
     inputs). With ``input_shape`` (C, H, W) the model is probed with one forward pass, and with
-    ``num_classes`` its number of logits is checked, so a mismatch fails here with a clear message.
+    ``num_classes`` its number of logits is checked, so a mismatch fails here with a clear message (naming
+    ``dataset``). TorchScript files of custom modules need ``input_shape`` to be lowered (they do not record it).
     """
     kind = spec_kind(spec)
     if checkpoint is not None and kind in {"torchscript", "export", "onnx"}:
@@ -390,5 +448,8 @@ def load_model(
         model = nn.Sequential(Normalize(mean_list, std_list), model)
     model = model.to(target).eval()
     if input_shape is not None:
-        _probe(model, input_shape, num_classes, target)
+        problem = fit_problem(model, input_shape, num_classes, name=f"model {spec}",
+                              data=dataset or "the dataset", device=target)
+        if problem is not None:
+            raise ModelLoadError(problem)
     return model

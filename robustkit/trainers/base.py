@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.data import Split
-from robustkit.errors import InputError, NonFiniteError
+from robustkit.errors import InputError, NonFiniteError, UnsupportedLayerError
 from robustkit.progress import progress
 from robustkit.trainers import distributed
 from robustkit.trainers.schedules import EpsSchedule, LRSchedule
@@ -191,6 +191,11 @@ class Trainer(ABC):
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def bound_method(self) -> str | None:
+        """The verifier whose bounds the loss uses (verifiable, mixtrain), or None: such trainers need a model
+        the bound engine reads, and :meth:`fit` refuses any other before the first batch."""
+        return None
+
     def fit(
         self,
         model: nn.Module,
@@ -202,14 +207,22 @@ class Trainer(ABC):
         resume: bool = False,
         on_epoch: Callable[[EpochRecord], None] | None = None,
     ) -> TrainResult:
-        """Train ``model`` in place; see the module docstring."""
+        """Train ``model`` in place; see the module docstring.
+
+        A trainer with a :meth:`bound_method` refuses, before the first batch, a model the bound engine cannot
+        read (:class:`~robustkit.errors.UnsupportedLayerError` naming every unsupported layer); the others train
+        it and leave the verified accuracy of the monitoring out (NaN)."""
         from robustkit.runtime import resolve_device
 
         if len(train) == 0:
             raise InputError("the dataset has no training split (e.g. an MNIST folder with only the test files)")
         device = distributed.local_device(resolve_device(config.device))
         info = distributed.setup(device)
-        model.to(device).train()
+        model.to(device)
+        problem = engine_problem(model, train.x[:2].to(device))
+        if problem is not None and self.bound_method() is not None:
+            raise problem
+        model.train()
         net: nn.Module = model
         if info.active:
             device_ids = [device.index] if device.type == "cuda" else None
@@ -296,7 +309,8 @@ class Trainer(ABC):
             epoch_time = time.perf_counter() - started
             train_time += distributed.all_sum([epoch_time], info, device)[0] / info.world
             evaluated = time.perf_counter()
-            clean, pgd, verified, count = evaluate(model, monitor, config, epoch, info, device)
+            clean, pgd, verified, count = evaluate(model, monitor, config, epoch, info, device,
+                                                   verify=problem is None)
             record = EpochRecord(
                 epoch=epoch + 1, train_time_s=train_time, epoch_time_s=epoch_time,
                 loss=sums[0] / max(seen * info.world, 1), loss_natural=sums[1] / max(seen * info.world, 1),
@@ -356,11 +370,28 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
                            weight_decay=config.weight_decay)
 
 
+def engine_problem(model: nn.Module, x: Tensor) -> UnsupportedLayerError | None:
+    """Why the bound engine cannot read ``model`` (its error, listing every unsupported layer), or None; ``x`` is
+    a probe batch for the check that the engine's graph reproduces the model. The mode is left as it was."""
+    from robustkit.verifiers.graph import build_graph, check_reproduces
+
+    training = model.training
+    model.eval()
+    try:
+        check_reproduces(build_graph(model), model, x)
+    except UnsupportedLayerError as exc:
+        return exc
+    finally:
+        model.train(training)
+    return None
+
+
 def evaluate(
     model: nn.Module, monitor: Split | None, config: TrainConfig, epoch: int, info: distributed.DistInfo,
-    device: torch.device,
+    device: torch.device, *, verify: bool = True,
 ) -> tuple[float, float, float, int]:
-    """Clean, PGD and verified accuracy at ``config.eps`` on the monitoring subset (shared across processes)."""
+    """Clean, PGD and verified accuracy at ``config.eps`` on the monitoring subset (shared across processes);
+    without ``verify`` (a model the bound engine cannot read) the verified accuracy is NaN."""
     if monitor is None or len(monitor) == 0:
         return float("nan"), float("nan"), float("nan"), 0
     from robustkit.evaluation import robustness_counts
@@ -373,14 +404,15 @@ def evaluate(
         generator = torch.Generator(device=device).manual_seed(10_000 + epoch)
         found = robustness_counts(
             model, x[start : start + 100], y[start : start + 100], config.eps, pgd_steps=config.val_pgd_steps,
-            methods=[config.val_method], generator=generator, what=f"the monitoring samples after epoch {epoch + 1}",
+            methods=[config.val_method] if verify else [], generator=generator,
+            what=f"the monitoring samples after epoch {epoch + 1}",
         )
         counts[0] += found.clean
         counts[1] += found.pgd
-        counts[2] += found.verified[config.val_method]
+        counts[2] += found.verified[config.val_method] if verify else 0
     counts = distributed.all_sum(counts, info, device)
     total = max(counts[3], 1.0)
-    return counts[0] / total, counts[1] / total, counts[2] / total, int(counts[3])
+    return counts[0] / total, counts[1] / total, counts[2] / total if verify else float("nan"), int(counts[3])
 
 
 def _generator_states(generator: torch.Generator, info: distributed.DistInfo) -> list[Tensor]:

@@ -56,6 +56,9 @@ class MixTrainer(Trainer):
         schedule: AdaptiveWeight | GeometricWeight = state.extra["weight"]
         return schedule
 
+    def bound_method(self) -> str | None:
+        return self.method
+
     def weight(self, state: TrainState) -> float:
         return self._weight(state).value
 

@@ -35,6 +35,9 @@ class VerifiableTrainer(Trainer):
     def kappa(self, state: TrainState) -> float:
         return self.kappa_start + (self.kappa_end - self.kappa_start) * state.ramp_progress
 
+    def bound_method(self) -> str | None:
+        return self.method
+
     def weight(self, state: TrainState) -> float:
         return self.kappa(state)
 
