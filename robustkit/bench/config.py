@@ -164,8 +164,8 @@ def _models(value: Any, key: str, base: Path | None) -> tuple[str, ...]:
             kind = "unknown"
         if kind != "factory":
             where = f" (relative files are read from {base})" if base is not None and ".py:" in spec else ""
-            raise _fail(key, f"{spec!r} is neither a zoo model nor a factory whose file exists{where}",
-                        tuple(MODELS), near=spec)
+            raise _fail(key, f"unknown model {spec!r} (neither a zoo name nor a factory package.module:function "
+                             f"or file.py:function whose file exists{where})", tuple(MODELS), near=spec)
     return tuple(value)
 
 

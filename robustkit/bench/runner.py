@@ -129,8 +129,7 @@ def check_models(config: BenchConfig, datasets: dict[str, GridData]) -> None:
     for spec in config.models:
         model = build_network(resolve_spec(spec, config.model_dir), seed=config.seed)
         for name, data in datasets.items():
-            problem = fit_problem(model, data.dataset.input_shape, data.dataset.num_classes, name=f"model {spec}",
-                                  data=name)
+            problem = fit_problem(model, data.dataset.input_shape, data.dataset.num_classes, spec=spec, data=name)
             if problem is None:
                 unreadable = engine_problem(model, data.test.x[:2])
                 problem = None if unreadable is None else f"the bench verifies every model, but {unreadable}"

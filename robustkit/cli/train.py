@@ -272,7 +272,7 @@ def build_checked(spec: str, dataset: Dataset, seed: int) -> nn.Module:
     from robustkit.models import build_network, fit_problem
 
     model = build_network(spec, seed=seed)
-    problem = fit_problem(model, dataset.input_shape, dataset.num_classes, name=f"model {spec}", data=dataset.name)
+    problem = fit_problem(model, dataset.input_shape, dataset.num_classes, spec=spec, data=dataset.name)
     if problem is not None:
         raise UserError(problem)
     return model

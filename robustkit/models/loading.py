@@ -326,11 +326,13 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape))
 
 
-def _takes(model: nn.Module, device: torch.device) -> str:
-    """What the model takes instead, for the error when it fails on the dataset's inputs: the shape of a
-    registered dataset it runs on, or what its first layer takes."""
+def _takes(model: nn.Module, device: torch.device, known: Sequence[int] | None) -> str:
+    """What the model takes instead, for the error when it fails on the dataset's inputs: its known shape (a zoo
+    network's), the shape of a registered dataset it runs on, or what its first layer takes."""
     from robustkit.data import DATASETS
 
+    if known is not None:
+        return f"it takes {_shape_text(known)} inputs"
     for name in DATASETS:
         shape = DATASETS[name].info.input_shape
         try:
@@ -341,16 +343,18 @@ def _takes(model: nn.Module, device: torch.device) -> str:
         return f"it takes {_shape_text(shape)} inputs (as {name} has)"
     for path, layer in model.named_modules():
         if isinstance(layer, nn.Conv2d):
-            return f"its first layer {path} (Conv2d) takes {layer.in_channels} input channels"
+            return f"its first layer (model.{path}, Conv2d) takes {layer.in_channels} input channels"
         if isinstance(layer, nn.Linear):
-            return f"its first layer {path} (Linear) takes {layer.in_features} input features"
+            return f"its first layer (model.{path}, Linear) takes {layer.in_features} input features"
     return "it fails on them"
 
 
-def fit_problem(model: nn.Module, input_shape: Sequence[int], num_classes: int | None, *, name: str = "the model",
+def fit_problem(model: nn.Module, input_shape: Sequence[int], num_classes: int | None, *, spec: str | None = None,
                 data: str = "the dataset", device: str | torch.device = "cpu") -> str | None:
-    """Why ``model`` does not fit the data (one line naming both shapes), or None: one forward pass on a dummy
-    batch of ``input_shape`` (C, H, W), checking its logits against ``num_classes``."""
+    """Why ``model`` (built from ``spec``) does not fit the data, in one line naming both shapes, or None: one
+    forward pass on a dummy batch of ``input_shape`` (C, H, W), checking its logits against ``num_classes``."""
+    name = "the model" if spec is None else f"model {spec}"
+    known = MODELS[spec].input_shape if spec in MODELS else None
     target = resolve_device(device)
     probe = torch.full((2, *input_shape), 0.5, device=target)
     try:
@@ -358,7 +362,7 @@ def fit_problem(model: nn.Module, input_shape: Sequence[int], num_classes: int |
             out = model(probe)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's model on the expected input
         detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        return (f"{name} does not take {data}'s {_shape_text(input_shape)} inputs: {_takes(model, target)} "
+        return (f"{name} does not take {data}'s {_shape_text(input_shape)} inputs: {_takes(model, target, known)} "
                 f"({detail})")
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 2:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -448,8 +452,8 @@ def load_model(
         model = nn.Sequential(Normalize(mean_list, std_list), model)
     model = model.to(target).eval()
     if input_shape is not None:
-        problem = fit_problem(model, input_shape, num_classes, name=f"model {spec}",
-                              data=dataset or "the dataset", device=target)
+        problem = fit_problem(model, input_shape, num_classes, spec=str(spec), data=dataset or "the dataset",
+                              device=target)
         if problem is not None:
             raise ModelLoadError(problem)
     return model

@@ -424,8 +424,10 @@ ATTACK_CASES = [
 
 TRAIN_CASES = [
     case("train-unknown-trainer", _with(TRAIN, "--trainer", "sgd"), "'sgd' is not one of"),
-    case("train-unknown-model", _with(TRAIN, "--model", "mnist_smal"), "'mnist_smal' is not one of"),
-    case("train-model-of-other-shape", _with(TRAIN, "--model", "toy2d"), "toy2d takes 1x1x2 inputs", "1x28x28"),
+    case("train-unknown-model", _with(TRAIN, "--model", "mnist_smal"), "unknown model 'mnist_smal'",
+         "Did you mean 'mnist_small'"),
+    case("train-model-of-other-shape", _with(TRAIN, "--model", "toy2d"), "toy2d does not take mnist5k's 1x28x28 "
+         "inputs: it takes 1x1x2 inputs"),
     case("train-unknown-dataset", _with(TRAIN, "--dataset", "mnist6k"), "'mnist6k' is not one of"),
     case("train-dataset-needs-folder", _with(TRAIN, "--dataset", "mnist"), "--data-dir"),
     case("train-data-dir-is-file", _with(TRAIN, "--dataset", "mnist", "--data-dir", "{a_file}"), "is a file"),

@@ -165,7 +165,8 @@ def test_standard_run_reports_nan_fields_as_missing(tmp_path: Path) -> None:
         (["--trainer", "standard", "--resume"], ["--resume needs --out"]),
         (["--trainer", "standard", "--eps", "1.5"], ["eps must be in [0, 1]"]),
         (["--trainer", "standard", "--eps", "0.1,0.2"], ["give one training radius"]),
-        (["--trainer", "standard", "--model", "toy2d"], ["toy2d takes 1x1x2 inputs", "1x28x28"]),
+        (["--trainer", "standard", "--model", "toy2d"], ["model toy2d does not take mnist5k's 1x28x28 inputs: it "
+                                                         "takes 1x1x2 inputs"]),
         (["--trainer", "standard", "--dataset", "mnist"], ["pass --data-dir"]),
         (["--trainer", "standard", "--n-train", "100000"], ["--n-train 100000", "training split has 4000",
                                                            "use --n-train 4000 or less"]),
