@@ -158,11 +158,13 @@ def _models(value: Any, key: str, base: Path | None) -> tuple[str, ...]:
     for spec in value:
         if spec in MODELS:
             continue
+        resolved = resolve_spec(spec, base)
         try:
-            kind = spec_kind(resolve_spec(spec, base))
+            kind = spec_kind(resolved)
         except RobustkitError:
             kind = "unknown"
-        if kind != "factory":
+        target = resolved.rsplit(":", 1)[0]
+        if kind != "factory" or (target.endswith(".py") and not Path(target).expanduser().is_file()):
             where = f" (relative files are read from {base})" if base is not None and ".py:" in spec else ""
             raise _fail(key, f"unknown model {spec!r} (neither a zoo name nor a factory package.module:function "
                              f"or file.py:function whose file exists{where})", tuple(MODELS), near=spec)
