@@ -137,7 +137,7 @@ def test_train_a_factory_then_verify_its_checkpoint(nets: Path) -> None:
     model.load_state_dict(torch.load("run/model.pt", weights_only=True))
     x, y = first_test_samples(30)
     expected = library_verified(model, x, y, 0.005, ("interval", "symbolic"))
-    assert 0 < float(verify(model, x, y, 0.005, method="symbolic").verified.float().mean())
+    assert float(verify(model, x, y, 0.005, method="symbolic").verified.float().mean()) > 0
     for weights in ("run/model.pt", "run/model.safetensors"):
         out = f"verify-{Path(weights).suffix[1:]}"
         verified = run("verify", "--model", "nets.py:small", "--checkpoint", weights, "--eps", "0.005", "--method",
@@ -188,7 +188,8 @@ def test_verify_a_custom_torchscript_module(nets: Path, how: str) -> None:
 def test_interval_attack_on_an_exported_program_matches_the_eager_network(nets: Path) -> None:
     model = factory("build", seed=2)
     torch.save(model.state_dict(), "weights.pt")
-    program = torch.export.export(model, (first_test_samples(2)[0],), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    batch = {"x": {0: torch.export.Dim("batch")}}
+    program = torch.export.export(model, (first_test_samples(2)[0],), dynamic_shapes=batch)
     torch.export.save(program, "exported.pt2")
     rows = {}
     for name, args in (("pt2", ["--model", "exported.pt2"]),
@@ -250,7 +251,7 @@ eps_sweep = []
     assert result.exit_code == 0, result.output
     _, rows = read_csv(Path("bench/results.csv"))
     assert {r["model"] for r in rows} == {"nets.py:build"}
-    assert list(Path("bench/cells").iterdir())[0].name.startswith("mnist5k__nets.py_build__standard")
+    assert [cell.name for cell in Path("bench/cells").iterdir()] == ["mnist5k__nets.py_build__standard__eps0.05"]
     (folder / "missing.toml").write_text(toml.replace("nets.py:build", "other.py:build"))
     one_line_error(run("bench", "--config", str(folder / "missing.toml"), "--out", "never"),
                    "grid.models: unknown model 'other.py:build'", f"relative files are read from {folder}")
