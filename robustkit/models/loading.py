@@ -354,7 +354,7 @@ def fit_problem(model: nn.Module, input_shape: Sequence[int], num_classes: int |
     """Why ``model`` (built from ``spec``) does not fit the data, in one line naming both shapes, or None: one
     forward pass on a dummy batch of ``input_shape`` (C, H, W), checking its logits against ``num_classes``."""
     name = "the model" if spec is None else f"model {spec}"
-    known = MODELS[spec].input_shape if spec in MODELS else None
+    known = MODELS[spec].input_shape if spec is not None and spec in MODELS else None
     target = resolve_device(device)
     probe = torch.full((2, *input_shape), 0.5, device=target)
     try:

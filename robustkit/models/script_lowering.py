@@ -63,6 +63,10 @@ def _contains_tensor(values: Sequence[Any]) -> bool:
     return False
 
 
+def _contains_unreadable(values: Sequence[Any]) -> bool:
+    return any(v is UNREADABLE or (isinstance(v, list | tuple) and _contains_unreadable(v)) for v in values)
+
+
 def _contains_batch(values: Sequence[Any]) -> bool:
     return any(v is BATCH or (isinstance(v, list | tuple) and _contains_batch(v)) for v in values)
 
@@ -95,13 +99,18 @@ class _Interpreter:
         outputs = list(node.outputs())
         values = [self.get(v) for v in inputs]
         handler = getattr(self, "prim_" + kind.removeprefix("prim::"), None) if kind.startswith("prim::") else None
-        if handler is not None:
+        results: list[Any]
+        if (kind.startswith("prim::") or kind in _SCALAR) and _contains_unreadable(values) and kind != "prim::GetAttr":
+            results = [UNREADABLE] * len(outputs)  # follows from an operator reported already
+        elif handler is not None:
             results = handler(node, values)
+        elif kind == "aten::tensor" and values and not _contains_tensor(values[:1]) and not _contains_batch(values):
+            results = [torch.tensor(values[0], dtype=values[1] if isinstance(values[1], torch.dtype) else None)]
         elif kind in ("aten::__is__", "aten::__isnot__"):
             results = [(values[0] is values[1]) == (kind == "aten::__is__")]
         elif kind == "aten::warn":
             results = []
-        elif kind in _SCALAR and not _contains_tensor(values) and UNREADABLE not in values:
+        elif kind in _SCALAR and not _contains_tensor(values):
             results = [self.scalar(kind, values)]
         elif kind.startswith("aten::"):
             results = [self.tensor_op(node, inputs, values)]

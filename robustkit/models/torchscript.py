@@ -5,8 +5,8 @@ Conv2d, ReLU, Flatten, pooling, batch norm, dropout, identity) and robustkit's `
 rebuilt layer by layer with the same weights, so it can be verified. Modules are recognised by their fully
 qualified TorchScript type name (``__torch__.torch.nn.modules.linear.Linear``), never by their short name, so a
 user's own class called ``Linear`` with a different ``forward`` is not mistaken for a standard one. Anything
-else makes :func:`to_eager` return None and the caller keeps the TorchScript module (attacks still work; the
-verifiers then report the unsupported layers).
+else makes :func:`to_eager` return None, and the caller lowers the module from its operator graph instead
+(:mod:`robustkit.models.script_lowering`).
 """
 
 from __future__ import annotations
