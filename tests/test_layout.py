@@ -31,11 +31,11 @@ def test_dependencies_are_split_between_runtime_and_extras():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     runtime = {re.split(r"[<>=!~ \[]", d)[0].lower() for d in project["dependencies"]}
     assert runtime == {"torch", "numpy", "foolbox", "pandas", "matplotlib", "click", "mlxtend", "scipy", "tqdm",
-                       "pillow"}
+                       "pillow", "safetensors"}
     extras = project["optional-dependencies"]
     assert {re.split(r"[<>=]", d)[0] for d in extras["test"]} == {"pytest", "hypothesis"}
     assert {re.split(r"[<>=]", d)[0] for d in extras["dev"]} == {"ruff", "mypy"}
-    assert "onnx" in {re.split(r"[<>=]", d)[0] for d in extras["onnx"]}
+    assert {"onnx", "onnxscript"} <= {re.split(r"[<>=]", d)[0] for d in extras["onnx"]}
     assert project["scripts"]["robustkit"] == "robustkit.cli:main"
 
 
