@@ -316,12 +316,16 @@ def load_pt2(path: str | Path, input_shape: Sequence[int] | None = None) -> nn.M
     """
     path = Path(path)
     try:
-        reader, program, tensors = _open(path)
-        graph = _Graph(reader, program, tensors)
+        return _load(path, input_shape)
     except RobustkitError:
         raise
     except Exception as exc:  # noqa: BLE001 - a malformed archive must not crash the caller with a KeyError
         raise ModelLoadError(f"cannot read torch.export file {path}: malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _load(path: Path, input_shape: Sequence[int] | None) -> nn.Module:
+    reader, program, tensors = _open(path)
+    graph = _Graph(reader, program, tensors)
     if input_shape is not None and tuple(input_shape) != graph.input_shape:
         shown = ", ".join(map(str, graph.input_shape))
         raise ModelLoadError(f"torch.export file {path} was exported for inputs of shape (N, {shown}), not "

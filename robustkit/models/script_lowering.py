@@ -280,6 +280,10 @@ def lower_script(module: torch.jit.ScriptModule, path: Path, input_shape: Sequen
         outputs = [interpreter.get(v) for v in graph.outputs()]
     except _Stop as stop:
         return Opaque(module, f"TorchScript file {path}: {stop}")
+    except Exception as exc:  # noqa: BLE001 - an IR construct the reader does not expect: keep the runnable script
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return Opaque(module, f"TorchScript file {path}: robustkit cannot read its graph ({type(exc).__name__}: "
+                              f"{detail})")
     problems = lowering.problems()
     if problems:
         return Opaque(module, f"unsupported operators in {path}: {', '.join(problems)}. robustkit reads "

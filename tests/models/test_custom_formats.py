@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import zipfile
 from pathlib import Path
 
@@ -280,6 +281,21 @@ def test_damaged_export_archives_fail_with_a_clear_error(tmp_path):
     garbage.write_bytes(b"PK\x03\x04" + b"\x00" * 50)
     with pytest.raises(ModelLoadError):
         load_model(garbage)
+    # random damage anywhere (bytes of the JSON, the configs, the weights) loads or fails as a ModelLoadError
+    rng = random.Random(0)
+    data = good.read_bytes()
+    outcomes = {"loaded": 0, "refused": 0}
+    for _ in range(20):
+        damaged = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        garbage.write_bytes(bytes(damaged) if rng.random() < 0.8 else bytes(damaged[: rng.randrange(len(data))]))
+        try:
+            load_model(garbage, input_shape=SHAPE)
+            outcomes["loaded"] += 1
+        except ModelLoadError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] >= 5, outcomes
 
 
 def test_the_reproduction_check_catches_a_misreading_and_accepts_rounding(tmp_path):
