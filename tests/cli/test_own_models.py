@@ -147,8 +147,9 @@ def test_train_a_factory_then_verify_its_checkpoint(nets: Path) -> None:
 
 
 @pytest.mark.parametrize(("trainer", "spec"), [("standard", "nets.py:build"), ("pgd", "nets.py:small"),
-                                               ("verifiable", "nets.py:small")])
-def test_every_trainer_trains_a_factory(nets: Path, trainer: str, spec: str) -> None:
+                                               ("verifiable", "nets:small")])
+def test_every_trainer_trains_a_factory(nets: Path, trainer: str, spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(nets.parent))  # nets:small is the importable module's factory
     result = run("train", "--trainer", trainer, "--model", spec, "--eps", "0.05", "--epochs", "1",
                  "--n-train", "60", "--val-size", "10", "--out", "run")
     assert result.exit_code == 0, result.output
