@@ -103,6 +103,13 @@ def _view(v: Tensor, like: Tensor) -> Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
+def _select(mask: Tensor, chosen: Tensor, other: Tensor) -> Tensor:
+    """Per sample, ``chosen`` where ``mask`` else ``other``: ``torch.where`` with the (B,) mask broadcast over the
+    sample is about 3x slower on CPU than ``lerp`` with 0/1 weights, which is exact (lerp computes end - (end -
+    start) * 0 for weight 1) for finite values; the loop does this twice per step."""
+    return torch.lerp(other, chosen, _view(mask.to(other.dtype), other))
+
+
 @dataclass(frozen=True, kw_only=True)
 class APGD(Attack):
     """Auto-PGD; see the module docstring for the algorithm and the defaults."""
@@ -181,7 +188,7 @@ class APGD(Attack):
         run = _Run(
             index=torch.arange(x.shape[0], device=x.device), x=x, y=y, target=target,
             lower=(x - eps).clamp(min=0), upper=(x + eps).clamp(max=1), point=out.clone(), previous=out.clone(),
-            grad=grad, value=value, value_before=value, best=out.clone(), best_grad=grad, best_value=value,
+            grad=grad, value=value, value_before=value, best=out.clone(), best_grad=grad.clone(), best_value=value,
             increases=torch.zeros_like(value), best_at_check=value, halved_at_check=torch.ones_like(broken),
             step=torch.full_like(value, 2 * eps),
         )
@@ -191,8 +198,8 @@ class APGD(Attack):
                 run.increases += run.value > run.value_before
                 run.value_before = run.value
                 improved = run.value > run.best_value
-                run.best = torch.where(_view(improved, run.point), run.point, run.best)
-                run.best_grad = torch.where(_view(improved, run.grad), run.grad, run.best_grad)
+                run.best = _select(improved, run.point, run.best)
+                run.best_grad = _select(improved, run.grad, run.best_grad)
                 run.best_value = torch.maximum(run.value, run.best_value)
             fooled = logits.argmax(1) != run.y
             if bool(fooled.any()):
@@ -219,8 +226,8 @@ class APGD(Attack):
         best point."""
         halve = (run.increases < self.rho * window) | (~run.halved_at_check & (run.best_value <= run.best_at_check))
         run.step = torch.where(halve, run.step / 2, run.step)
-        run.point = torch.where(_view(halve, run.point), run.best, run.point)
-        run.grad = torch.where(_view(halve, run.grad), run.best_grad, run.grad)
+        run.point = _select(halve, run.best, run.point)
+        run.grad = _select(halve, run.best_grad, run.grad)
         run.value_before = torch.where(halve, run.best_value, run.value_before)
         run.increases = torch.zeros_like(run.increases)
         run.best_at_check, run.halved_at_check = run.best_value, halve
@@ -233,15 +240,15 @@ class APGD(Attack):
             direction = run.grad / _view(run.grad.flatten(1).norm(dim=1).clamp(min=1e-12), run.grad)
         moved = self.clip(torch.addcmul(run.point, _view(run.step, run.point), direction), run, eps)
         if run.steps_taken > 0:  # alpha z + (1 - alpha)(2 x_k - x_{k-1}) = x_k + alpha (z - x_k) + (1 - alpha)(...)
-            moved = self.clip(torch.lerp(run.point + (run.point - run.previous), moved, self.momentum), run, eps)
+            moved = self.clip(torch.lerp((run.point - run.previous).add_(run.point), moved, self.momentum), run, eps)
         run.previous, run.point = run.point, moved
         run.steps_taken += 1
         logits, run.value, run.grad = _loss_and_gradient(model, moved, run.y, run.target, loss)
         return logits
 
     def clip(self, candidate: Tensor, run: _Run, eps: float) -> Tensor:
-        """Projection onto the eps-ball and [0, 1]."""
-        return candidate.clamp(run.lower, run.upper) if self.norm == "linf" else project(candidate, run.x, eps, "l2")
+        """Projection onto the eps-ball and [0, 1] (in place for L-inf: ``candidate`` is always a fresh tensor)."""
+        return candidate.clamp_(run.lower, run.upper) if self.norm == "linf" else project(candidate, run.x, eps, "l2")
 
 
 @dataclass(eq=False)
