@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from torch import nn
 
 from robustkit.attacks import APGD, PGD
 from robustkit.attacks.apgd import _Run, checkpoints, dlr_loss, targeted_dlr_loss
@@ -75,6 +76,33 @@ def test_apgd_breaks_at_least_as_many_points_as_pgd_with_equal_steps(trained_fc,
         for attack in (APGD(steps=50), APGD(steps=50, loss="dlr")):
             apgd = attack(trained_fc, x, y, eps=eps, generator=torch.Generator().manual_seed(0))
             assert int(apgd.success.sum()) >= int(pgd.success.sum()), (attack, eps)
+
+
+class Counted(nn.Module):
+    """The wrapped network, counting the rows it sees with and without autograd."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.rows = {True: 0, False: 0}
+
+    def forward(self, x):
+        self.rows[torch.is_grad_enabled()] += x.shape[0]
+        return self.inner(x)
+
+
+def test_one_forward_and_backward_pass_per_step_and_fewer_once_samples_break(trained_fc, mnist):
+    x, y = mnist.test.x[:40], mnist.test.y[:40]
+    model = Counted(trained_fc).eval()
+    with torch.no_grad():
+        correct = int((trained_fc(x).argmax(1) == y).sum())
+    result = APGD(steps=30)(model, x, y, eps=0.0)  # nothing can break: every sample takes every step
+    assert not bool(result.success[trained_fc(x).argmax(1) == y].any())
+    assert model.rows[True] == 31 * correct  # the start and 30 steps, each with its backward pass
+    assert model.rows[False] == 2 * 40 + 2 * correct  # clean and final passes, re-check, and run's clean logits
+    model.rows = {True: 0, False: 0}
+    APGD(steps=30)(model, x, y, eps=0.1)  # most samples break within a few steps and stop there
+    assert model.rows[True] < 0.5 * 31 * correct
 
 
 def test_targeted_apgd_breaks_at_least_as_many_points_as_its_first_target(trained_fc, mnist):
