@@ -10,7 +10,8 @@ p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) (:func:`checkpoints`
 and 99 for 100 steps), for each sample where
 
 1. fewer than ``rho`` of the steps since the last checkpoint increased the loss, or
-2. the step size was not halved at the last checkpoint and the best loss has not grown since then;
+2. the step size was not halved at the last checkpoint and the best loss has not grown since then (from the
+   second checkpoint on, as in the reference code);
 
 a halving sample restarts from its best point (highest loss so far) with the gradient there. Losses:
 ``ce`` (cross-entropy) and ``dlr``, the difference of logits ratio -(z_y - max_{i != y} z_i) /
@@ -20,16 +21,18 @@ than y, each on the samples still robust, ascending the targeted DLR loss -(z_y 
 (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12) (needs 4 classes), or -CE(z, t) for ``loss="ce"``. AutoAttack's
 APGD-CE is ``APGD()``, its APGD-T ``APGD(loss="dlr", targeted=True)``.
 
-Each sample stops at its first misclassified iterate (``early_stop``; the samples left keep exactly the
-trajectory they would have had, so this only saves time); a sample never broken returns its highest-loss point.
-``restarts`` repeats the attack from fresh uniform random starts in the ball on the samples still robust (for
-targeted runs, each restart goes through all target classes). All randomness comes from the generator.
+Each sample stops at its first misclassified iterate (``early_stop``; the samples left keep the trajectory they
+would have had, up to floating-point effects of the batch size, so this only saves time); a sample never broken
+returns its highest-loss point. ``restarts`` repeats the attack from fresh uniform random starts in the ball on
+the samples still robust (for targeted runs, each restart goes through all target classes). All randomness
+comes from the generator.
 
 Defaults, from the paper and AutoAttack's standard version: 100 steps, 1 restart, initial step 2 eps,
-momentum alpha = 0.75 (no momentum on the first step), rho = 0.75, 9 target classes, random start. Two
-choices where the paper and the reference code differ: condition 1 counts strictly fewer than rho (the paper;
-the code uses at most), and the loss increase that opens a window after a halving is measured from the restart
-point's loss (the paper's x_{k+1} = x_max).
+momentum alpha = 0.75 (no momentum on the first step), rho = 0.75, 9 target classes, random start. Where the
+paper and the reference code differ or the code adds detail: condition 1 counts strictly fewer than rho (the
+paper; the code uses at most), the first loss comparison after a halving is against the restart point's loss
+(the paper's x_{k+1} = x_max), and the random start is uniform in the ball (robustkit's shared
+:func:`~robustkit.gradients.random_start`; the code scales uniform noise so that its largest coordinate is eps).
 
 >>> import torch
 >>> from robustkit.models import build_model
