@@ -60,6 +60,8 @@ class Square(Attack):
     """The L-inf Square attack; see the module docstring for the algorithm and the defaults."""
 
     name: ClassVar[str] = "square"
+    # forward passes only: the pre-flight checks flag points it breaks that no gradient attack breaks
+    gradient_free: ClassVar[bool] = True
     n_queries: int = 5000
     p_init: float = 0.8
     restarts: int = 1
