@@ -12,8 +12,8 @@ Per method, the verified accuracy over all N points (clean-misclassified points 
 * ``alpha-crown``: with the options given on the command line (defaults: the verifier's);
 
 and the attack accuracy: the per-sample worst case of PGD (``--pgd-steps`` steps x ``--restarts`` restarts,
-cross-entropy) and cw-linf (PGD with the Carlini-Wagner margin loss, the same budget), clean-misclassified
-points counted as broken. The band is attack accuracy - crown's verified accuracy; alpha-crown closes
+cross-entropy), cw-linf (PGD with the Carlini-Wagner margin loss, the same budget) and AutoAttack's standard
+ensemble (``--no-autoattack`` leaves it out), clean-misclassified points counted as broken. The band is attack accuracy - crown's verified accuracy; alpha-crown closes
 (alpha-crown - crown) / band of it. Times are wall-clock seconds per sample of ``verify`` on batches of
 ``--batch`` points.
 
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                         "intermediate bounds' slopes too")
     parser.add_argument("--pgd-steps", type=int, default=100, help="attack steps (default 100)")
     parser.add_argument("--restarts", type=int, default=5, help="attack restarts (default 5)")
+    parser.add_argument("--no-autoattack", action="store_true", help="leave AutoAttack (standard) out of the "
+                        "attacks' worst case")
     parser.add_argument("--batch", type=int, default=50, help="points per verify call (default 50)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the cores are shared)")
     args = parser.parse_args(argv)
@@ -115,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         clean = model(x).argmax(1) == y
 
-    attack = WorstCase(attacks=[("pgd", {"steps": args.pgd_steps, "restarts": args.restarts}),
-                                ("cw-linf", {"steps": args.pgd_steps, "restarts": args.restarts})])
+    members: list[tuple[str, dict[str, Any]]] = [("pgd", {"steps": args.pgd_steps, "restarts": args.restarts}),
+                                                 ("cw-linf", {"steps": args.pgd_steps, "restarts": args.restarts})]
+    if not args.no_autoattack:
+        members.append(("autoattack", {}))
+    attack = WorstCase(attacks=members)
     clock = time.perf_counter()
     attacked = attack(model, x, y, eps=args.eps, generator=torch.Generator().manual_seed(0))
     attack_time = time.perf_counter() - clock
@@ -140,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     attack_acc = float(robust.float().mean())
     band = attack_acc - crown_acc
     rows = [["clean", f"{float(clean.float().mean()):.1%}", "", "", ""],
-            [f"attacks (PGD {args.pgd_steps}x{args.restarts}, cw-linf)", f"{attack_acc:.1%}", "", "",
+            [f"attacks (PGD {args.pgd_steps}x{args.restarts}, cw-linf" + ("" if args.no_autoattack else
+                                                                         ", autoattack") + ")", f"{attack_acc:.1%}", "", "",
              f"{attack_time / n:.3f}"]]
     for name, (verified, _, seconds) in found.items():
         accuracy = float(verified.float().mean())

@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                     if method in baseline_methods:
                         baseline[model, eps, method, mode] = measure(job, args.baseline)
                     loads.append(os.getloadavg()[0])
-                    print(f"  measured {model} eps {eps:g} {method} {mode}", file=sys.stderr, flush=True)
+                    print(f"  measured {model} eps {eps:g} {method} {mode} ({time.perf_counter() - started:.0f} s "
+                          f"into the run, load {loads[-1]:.1f})", file=sys.stderr, flush=True)
                 for size in SMALL_BATCHES:
                     job = {"model": model, "weights": str(weights[model]), "method": name, "options": options,
                            "eps": eps, "mode": "forward", "batch": size, "repeats": max(args.repeats, 50 // size),

@@ -37,6 +37,7 @@ def _fail(key: str, message: str, choices: list[str] | tuple[str, ...] = (), nea
     """The error for ``key``; with ``choices``, the valid ones and those close to ``near`` (default: the key's
     last part, for an unknown key; pass the offending value for an unknown name)."""
     hint = ""
+    choices = tuple(dict.fromkeys(choices))  # a table named after a trainer is one choice, not two
     if choices:
         close = difflib.get_close_matches(key.rsplit(".", 1)[-1] if near is None else near, list(choices), n=2)
         hint = (f" Did you mean {', '.join(repr(c) for c in close)}?" if close else "") + \

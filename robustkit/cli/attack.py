@@ -58,8 +58,13 @@ FOOLBOX_PREFIX = "foolbox:"
 ENSEMBLE = "worst-case"
 WORST_CASE_LABEL = "worst case"
 # which option of each attack --steps and --restarts set
-STEPS_OPTIONS = {"pgd": "steps", "cw-linf": "steps", "cw-l2": "steps", "interval": "inner_steps"}
-RESTARTS_OPTIONS = {"pgd": "restarts", "cw-linf": "restarts", "interval": "restarts", "foolbox": "restarts"}
+STEPS_OPTIONS = {
+    "pgd": "steps", "cw-linf": "steps", "cw-l2": "steps", "interval": "inner_steps", "apgd": "steps", "fab": "steps",
+}
+RESTARTS_OPTIONS = {
+    "pgd": "restarts", "cw-linf": "restarts", "interval": "restarts", "foolbox": "restarts", "apgd": "restarts",
+    "fab": "restarts", "square": "restarts",
+}
 EXAMPLE_ROWS = 8
 MAX_REPORTED = 10
 
@@ -284,9 +289,9 @@ def format_summary(runs: Sequence[AttackRun], data: EvalData, clean_prediction: 
                    "or foolbox:CLASS for any L-inf attack class of foolbox.attacks (e.g. "
                    "foolbox:LinfDeepFoolAttack).")
 @click.option("--steps", type=click.IntRange(min=1), metavar="N",
-              help="Gradient steps: pgd/cw-linf/cw-l2 'steps', interval 'inner_steps', foolbox 'steps'.")
+              help="Gradient steps: pgd/cw-linf/cw-l2/apgd/fab 'steps', interval 'inner_steps', foolbox 'steps'.")
 @click.option("--restarts", type=click.IntRange(min=1), metavar="R",
-              help="Restarts on the samples still robust: pgd/cw-linf/interval/foolbox 'restarts'.")
+              help="Restarts on the samples still robust: pgd/cw-linf/interval/apgd/fab/square/foolbox 'restarts'.")
 @out_option("attack")
 @click.option("--save-adv", is_flag=True, help="Also write the adversarial images to adv.npz.")
 @click.pass_context

@@ -19,6 +19,11 @@ FAST_OPTIONS = {
     "interval": {"inner_steps": 10, "iterations": 2, "restarts": 1},
     "foolbox": {"attack": "LinfPGD", "options": {"steps": 10}},
     "worst-case": {"attacks": ["pgd", "cw-linf"]},
+    "apgd": {"steps": 20},
+    "apgd-l2": {"norm": "l2", "steps": 20},
+    "square": {"n_queries": 300},
+    "fab": {"steps": 20, "n_target_classes": 3},
+    "autoattack": {"version": "fast"},
 }
 
 

@@ -20,6 +20,10 @@ ATTACK_OPTIONS = {
     "interval": {"inner_steps": 20, "iterations": 2},
     "foolbox": {"attack": "LinfPGD", "options": {"steps": 20}},
     "worst-case": {"attacks": ["pgd", "interval"]},
+    "apgd": {"steps": 30, "loss": "dlr", "targeted": True, "n_target_classes": 3},
+    "square": {"n_queries": 500},
+    "fab": {"steps": 30, "n_target_classes": 3},
+    "autoattack": {"version": "fast"},
 }
 
 

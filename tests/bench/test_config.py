@@ -72,3 +72,15 @@ def test_bad_files(tmp_path):
     broken.write_text("[grid\nmodels = 3")
     with pytest.raises(InputError, match="not valid TOML"):
         load_config(str(broken))
+
+
+def test_a_trainer_label_typo_suggests_and_lists_each_choice_once():
+    """The paper preset names tables after trainers (``[trainers.mixtrain]``): one suggestion, one listing."""
+    config = tomllib.loads(PRESETS["paper"])
+    config["grid"]["trainers"] = ["mixtrian"]
+    with pytest.raises(InputError) as raised:
+        parse_config(config, "test")
+    message = str(raised.value)
+    assert "Did you mean 'mixtrain'?" in message
+    listed = message.split("Valid: ", 1)[1].rstrip(".").split(", ")
+    assert len(listed) == len(set(listed)) and {"mixtrain", "verifiable-symbolic", "verifiable"} <= set(listed)

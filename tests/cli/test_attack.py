@@ -192,6 +192,25 @@ def test_steps_and_restarts_map_to_each_attacks_option(tmp_path, trained):
     assert "--steps is ignored by foolbox:FGSM" in result.stderr
 
 
+def test_steps_and_restarts_of_the_autoattack_family(tmp_path, trained):
+    _, weights = trained
+    out = tmp_path / "run"
+    # at eps 0.3 APGD-CE breaks every sample of this network, so autoattack's later stages have nothing to do
+    result = run("attack", "--model", "mnist_fc_small", "--checkpoint", str(weights), "--eps", "0.3", "--attack",
+                 "apgd,fab,square,autoattack", "--steps", "3", "--restarts", "2", "--n-examples", "4",
+                 "--out", str(out))
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out / "summary.csv")[1]
+    config = {r["method"]: r["config"] for r in rows}
+    assert "steps=3" in config["apgd"] and "restarts=2" in config["apgd"]
+    assert "steps=3" in config["fab"] and "restarts=2" in config["fab"]
+    assert "n_queries=5000" in config["square"] and "restarts=2" in config["square"]
+    assert config["autoattack"] == "AutoAttack(version='standard')"
+    assert "--steps is ignored by square" in result.stderr and "--steps is ignored by autoattack" in result.stderr
+    assert "--restarts is ignored by autoattack" in result.stderr
+    assert {r["method"]: r["robust_acc"] for r in rows}["autoattack"] == "0"
+
+
 # ------------------------------------------------------------------------------------ third-party models
 
 

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from robustkit.errors import InputError
+from robustkit.models import MODELS, build_model
 from robustkit.verifiers import get_verifier, margin_bounds, ops
 from robustkit.verifiers.alpha_crown import AlphaCrownOptions, alpha_crown_bound
 from robustkit.verifiers.base import input_box, margin_spec
@@ -235,3 +236,33 @@ def test_crown_symbolic_intermediates_are_never_below_symbolic_ones(net, eps, se
         tight = alpha_crown_bound(graph, lower, upper, spec, AlphaCrownOptions(iterations=2))
     assert torch.all(both >= symbolic)
     assert torch.all(tight >= symbolic)
+
+
+# the large CIFAR and ImageNet networks take minutes each on 2 cores (the symbolic intermediate pass over a
+# 3072- or 12288-dimensional input): slow tests, run with -m slow
+LARGE = ("cifar_large", "cifar_resnet", "imagenet200_resnet")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in MODELS])
+def test_every_zoo_network_gets_sound_bounds_never_below_crown(name):
+    """alpha-crown on each zoo architecture (untrained weights, a small box so that some but not all ReLUs are
+    unstable): sampled points of the box respect the bound, and it is never below CROWN's with the same
+    intermediate bounds."""
+    spec = MODELS[name]
+    model = build_model(name, seed=3).eval()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(1, *spec.input_shape, generator=generator)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        graph = build_graph(model)
+        lower, upper = input_box(x, 0.002)
+        rows = margin_spec(y, spec.num_classes)
+        plain = crown_pass(graph, lower, upper, rows, "crown+symbolic")[0]
+        tight = alpha_crown_bound(graph, lower, upper, rows, AlphaCrownOptions(iterations=3, early_stop=False))
+        points = box_points(x, 0.002, n_uniform=40, n_vertices=24, generator=generator)
+        out = model(points.reshape(-1, *spec.input_shape))
+    assert torch.all(tight >= plain)
+    actual = torch.einsum("kn,pn->pk", rows[0], out)
+    assert torch.all(actual >= tight - tolerance(tight)), "a sampled point below alpha-crown's bound"
+    stated = rows[0].abs().sum(1) > 0
+    assert bool(torch.isfinite(tight[:, stated]).all())
