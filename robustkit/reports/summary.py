@@ -1,10 +1,11 @@
 """The paper-style summary table: one row per trained cell, grouped by dataset, model and training eps.
 
 The columns read like the MixTrain paper's table: Trainer | Clean | PGD | CW | Interval attack |
-Verified (interval) | Verified (symbolic) | Verified (best) | Train time | Time vs MixTrain. Every value comes
-from the ``results.csv`` rows measured at the cell's own radius (eval eps = train eps). "Time vs MixTrain"
-divides a cell's training time by that of the MixTrain cell of the same dataset, model and training eps (the
-cell labelled ``mixtrain``, else the first cell whose trainer is ``mixtrain``); it is ``n/a`` without one.
+Verified (interval) | Verified (symbolic) | Verified (CROWN) | Verified (best) | Train time | Time vs MixTrain
+(``time_vs_mixtrain`` in ``summary.csv``, to 3 significant digits). Every value comes from the ``results.csv``
+rows measured at the cell's own radius (eval eps = train eps). "Time vs MixTrain" divides a cell's training time
+by that of the MixTrain cell of the same dataset, model and training eps (the cell labelled ``mixtrain``, else
+the first cell whose trainer is ``mixtrain``); it is ``n/a`` without one.
 
 :func:`summary_frame` builds the table as a DataFrame (fractions and seconds), :func:`summary_markdown` renders
 it for people (percentages with one decimal, readable times), :func:`write_summary` writes ``summary.csv`` and
@@ -52,7 +53,7 @@ NOT_AVAILABLE = "n/a"
 
 TABLE_METRICS = (
     "clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "verified_interval", "verified_symbolic",
-    "verified_best",
+    "verified_crown", "verified_best",
 )
 TABLE_HEADERS = ("Trainer", *(METRIC_LABELS[m] for m in TABLE_METRICS), "Train time", "Time vs MixTrain")
 SUMMARY_COLUMNS = (
@@ -61,6 +62,8 @@ SUMMARY_COLUMNS = (
 )
 # whole numbers in summary.csv: counts and the pre-flight flags
 INTEGER_COLUMNS = frozenset({"seed", "n", *PREFLIGHT_METRICS} - {"preflight_zero_gradient"})
+# summary.csv columns rounded to this many significant digits (a ratio of two measured times)
+ROUNDED_COLUMNS = {"time_vs_mixtrain": 3}
 ACCURACY_NOTE = (
     "Accuracies count all n test samples of each cell, at the cell's training eps: clean-misclassified samples "
     "count as broken by the attacks and as not verified. Verified (best) is the per-sample best of the "
@@ -214,13 +217,17 @@ def summary_markdown(summary: pd.DataFrame, title: str = "Benchmark summary") ->
     return "\n".join(lines)
 
 
-def _csv_value(value: Any, integer: bool) -> str:
+def _csv_value(value: Any, integer: bool, digits: int | None = None) -> str:
+    """A summary.csv cell: text as is, empty for NaN, whole numbers without a point, ``digits`` significant
+    digits where given (``15.2438`` -> ``15.2``), else every digit of the float."""
     if isinstance(value, str):
         return value
     number = float(value)
     if math.isnan(number):
         return ""
-    return str(int(number)) if integer else repr(number)
+    if integer:
+        return str(int(number))
+    return repr(float(f"{number:.{digits}g}")) if digits is not None else repr(number)
 
 
 def write_summary(
@@ -233,7 +240,7 @@ def write_summary(
     written = []
     if "csv" in formats:
         rows = [
-            [_csv_value(record[c], integer=c in INTEGER_COLUMNS) for c in SUMMARY_COLUMNS]
+            [_csv_value(record[c], c in INTEGER_COLUMNS, ROUNDED_COLUMNS.get(c)) for c in SUMMARY_COLUMNS]
             for record in summary.to_dict("records")
         ]
         written.append(write_csv(folder / SUMMARY_CSV, SUMMARY_COLUMNS, rows))

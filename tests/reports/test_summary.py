@@ -90,12 +90,13 @@ def test_markdown_tables(summary):
         "mnist5k / mnist_small / train eps 0.1", "mnist5k / mnist_fc / train eps 0.3"]
     main_rows = [line for line in sections[0].splitlines() if line.startswith("| ")]
     assert main_rows[0] == "| " + " | ".join(TABLE_HEADERS) + " |"
+    assert "| Verified (symbolic) | Verified (CROWN) | Verified (best) |" in main_rows[0]  # crown has its column
     assert main_rows[1:] == [
-        "| standard | 98.9% | 2.1% | 1.3% | 0.4% | 0.0% | 0.0% | 0.1% | 30.0 s | 0.30x |",
-        "| pgd | 98.5% | 93.1% | 92.5% | 91.2% | 0.0% | 12.4% | 30.1% | 1.6 min | 0.95x |",
-        "| verifiable-symbolic | 97.5% | 95.3% | 95.1% | 95.0% | 90.0% | 95.2% | 95.3% | 25.0 min | 15.0x |",
-        "| verifiable-interval | 98.0% | 94.0% | 93.9% | 93.5% | 92.2% | 92.5% | 92.6% | 2.0 min | 1.20x |",
-        "| mixtrain | 98.4% | 95.5% | 95.1% | 95.2% | 91.0% | 95.1% | 95.5% | 1.7 min | 1.00x |",
+        "| standard | 98.9% | 2.1% | 1.3% | 0.4% | 0.0% | 0.0% | 0.1% | 0.1% | 30.0 s | 0.30x |",
+        "| pgd | 98.5% | 93.1% | 92.5% | 91.2% | 0.0% | 12.4% | 30.1% | 30.1% | 1.6 min | 0.95x |",
+        "| verifiable-symbolic | 97.5% | 95.3% | 95.1% | 95.0% | 90.0% | 95.2% | 95.3% | 95.3% | 25.0 min | 15.0x |",
+        "| verifiable-interval | 98.0% | 94.0% | 93.9% | 93.5% | 92.2% | 92.5% | 92.6% | 92.6% | 2.0 min | 1.20x |",
+        "| mixtrain | 98.4% | 95.5% | 95.1% | 95.2% | 91.0% | 95.1% | 95.5% | 95.5% | 1.7 min | 1.00x |",
     ]
     assert "n = 1,000 test samples." in sections[0] and "n = 500 test samples." in sections[1]
     small_rows = [line for line in sections[1].splitlines() if line.startswith("| ")][1:]
@@ -117,6 +118,18 @@ def test_csv_round_trip(summary, tmp_path):
         first = next(csv.DictReader(handle))
     assert (first["seed"], first["n"], first["clean_acc"], first["verified_exact"]) == ("0", "1000", "0.989", "")
     assert first["train_time_s"] == "30.0" and first["time_vs_mixtrain"] == "0.3"
+
+
+def test_time_vs_mixtrain_is_written_to_three_significant_digits(tmp_path):
+    run = make_run(tmp_path / "run")
+    results = read_results(run / "results.csv")
+    # a pgd training time of 95.123456 s against MixTrain's 100 s: the ratio 0.95123456 is written as 0.951
+    results.loc[(results["trainer"] == "pgd") & (results["metric"] == "train_time_s"), "value"] = 95.123456
+    write_summary(summary_frame(results), tmp_path, formats=("csv",))
+    with (tmp_path / "summary.csv").open(newline="") as handle:
+        written = {row["trainer"]: row for row in csv.DictReader(handle) if row["model"] == GROUP[1]}
+    assert written["pgd"]["time_vs_mixtrain"] == "0.951" and written["pgd"]["train_time_s"] == "95.123456"
+    assert written["verifiable-symbolic"]["time_vs_mixtrain"] == "15.0"
 
 
 def test_empty_results(tmp_path):
