@@ -177,8 +177,10 @@ SWEEP_METHODS = ("interval", "symbolic")
 
 def _sweep(model: nn.Module, data: EvalData, settings: EvaluationSettings, seed: int,
            train_eps: float) -> list[Measurement]:
-    """Clean, PGD and interval/symbolic-verified accuracy at several eps on the first ``sweep_n`` samples
-    (the training eps itself is measured on all test samples, so the sweep leaves it out)."""
+    """Clean, PGD and interval/symbolic-verified accuracy at the sweep's radii and at the training eps, all on the
+    first ``sweep_n`` samples with one attack configuration, so every point of the accuracy-vs-eps curve is
+    measured the same way (the cell's own rows at the training eps use all test samples and stronger attacks; the
+    reports tell the two apart by ``n``)."""
     from robustkit.attacks import PGD
 
     if not settings.eps_sweep or settings.sweep_n == 0:
@@ -187,7 +189,7 @@ def _sweep(model: nn.Module, data: EvalData, settings: EvaluationSettings, seed:
     n = len(y)
     rows = []
     what = f"the {data.dataset.name} test split"
-    for eps in progress([e for e in settings.eps_sweep if e != train_eps], desc="eps sweep", unit="eps"):
+    for eps in progress(sorted({*settings.eps_sweep, train_eps}), desc="eps sweep", unit="eps"):
         generator = make_generator(seed, model_device(model))
         counts = [robustness_counts(model, x[i : i + settings.batch_size], y[i : i + settings.batch_size], eps,
                                     pgd_steps=SWEEP_PGD_STEPS, methods=SWEEP_METHODS, generator=generator,

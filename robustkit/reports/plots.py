@@ -5,8 +5,10 @@ Four kinds (:data:`PLOT_KINDS`):
 - ``verified_vs_time``: verified accuracy on the monitoring subset after each epoch against the cumulative
   training time, one line per trainer (the paper's main comparison: robustness bought per second of training);
 - ``accuracy_vs_eps``: clean, PGD and symbolically verified accuracy against the evaluation radius, from the
-  eps sweep rows of ``results.csv`` (a subset of the test split); the hollow marker is the cell's own radius,
-  measured on all n test samples;
+  eps sweep rows of ``results.csv`` only (:func:`sweep_points`): every point of a curve is measured on the same
+  samples with the same attack, which the caption states (:func:`sweep_description`); the cell's own numbers at
+  the training radius (all n test samples, the full evaluation) are the summary table's, marked by a dotted line
+  but not mixed into the curves;
 - ``training_curves``: loss, training eps and the loss weight (MixTrain's a, verifiable training's kappa)
   against the epoch;
 - ``train_time``: training time per trainer as bars (log scale when the times span more than
@@ -49,7 +51,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EPS_SWEEP_METRICS", "KIND_TITLES", "LOG_SCALE_RATIO", "PLOTS_DIR", "PLOT_FORMATS", "PLOT_KINDS", "PlotSpec",
-    "TrainerStyle", "plan_plots", "plot_stem", "render_plot", "save_figure", "trainer_styles", "write_plots",
+    "TrainerStyle", "plan_plots", "plot_stem", "render_plot", "save_figure", "sweep_description", "sweep_points",
+    "trainer_styles", "write_plots",
 ]
 
 PLOTS_DIR = "plots"
@@ -137,13 +140,37 @@ def _has_values(frame: pd.DataFrame, column: str) -> bool:
     return bool(frame[column].notna().any())
 
 
+def sweep_points(results: pd.DataFrame) -> pd.DataFrame:
+    """The points of the accuracy-vs-eps curves: the eps sweep's rows (:func:`~robustkit.reports.records.sweep_rows`)
+    of :data:`EPS_SWEEP_METRICS` with a value, never a cell's own rows (measured on other samples with other
+    attacks)."""
+    sweep = sweep_rows(results)
+    return sweep.loc[sweep["metric"].isin(EPS_SWEEP_METRICS) & sweep["value"].notna()]
+
+
+def _described(values: Sequence[str]) -> str:
+    distinct = ordered_unique(v for v in values if v)
+    return " / ".join(distinct) if distinct else "not recorded"
+
+
+def sweep_description(points: pd.DataFrame) -> str:
+    """What the points of :func:`sweep_points` are: their number of test samples and the attack, e.g. ``the first
+    200 test samples; PGD: PGD(steps=20, ...)`` (a range or every configuration when the points differ, as in
+    runs merged from several configurations)."""
+    counts = sorted({int(n) for n in points["n"].dropna()})
+    samples = ("n unknown" if not counts else f"the first {counts[0]:,} test samples" if len(counts) == 1
+               else f"{counts[0]:,} to {counts[-1]:,} test samples (the points differ)")
+    attack = _described(points.loc[points["metric"] == "pgd_acc", "config"].tolist())
+    return f"{samples}; PGD: {attack}"
+
+
 def plan_plots(records: RunRecords) -> list[PlotSpec]:
     """The plots the records have data for, in a stable order: per group, the kinds of :data:`PLOT_KINDS`."""
     plans = []
     for group in _groups(records):
         epochs = _rows(records.epochs, group)
         results = _rows(records.results, group)
-        sweep = sweep_rows(results)
+        points = sweep_points(results)
         times = cell_rows(results)
         times = times.loc[(times["metric"] == "train_time_s") & times["value"].notna()]
         n_val = sorted({int(v) for v in epochs["n_val"].dropna()})
@@ -155,9 +182,10 @@ def plan_plots(records: RunRecords) -> list[PlotSpec]:
                 "training time, evaluation excluded.",
             ),
             "accuracy_vs_eps": (
-                not sweep.loc[sweep["metric"].isin(EPS_SWEEP_METRICS)].empty,
-                "Clean, PGD and symbolically verified accuracy against the evaluation radius on the sweep subset; "
-                "hollow markers: the training radius, measured on all n test samples.",
+                not points.empty,
+                "Clean, PGD and symbolically verified accuracy against the evaluation radius (the eps sweep): every "
+                f"point on {sweep_description(points)}. The dotted line is the training radius; the summary table's "
+                "numbers there come from all n test samples and the full evaluation, so they differ from the curve.",
             ),
             "training_curves": (
                 not epochs.empty,
@@ -220,23 +248,16 @@ def _draw_accuracy_vs_eps(figure: Figure, results: pd.DataFrame, styles: dict[st
     from matplotlib.ticker import MaxNLocator
 
     panels = figure.subplots(1, len(EPS_SWEEP_METRICS), sharey=True, squeeze=False)[0]
-    sweep = sweep_rows(results)
-    cells = cell_rows(results)
+    points = sweep_points(results)
     for axes, metric in zip(panels, EPS_SWEEP_METRICS, strict=True):
         for trainer in ordered_unique(results["trainer"]):
             style = styles[trainer]
-            line = sweep.loc[(sweep["trainer"] == trainer) & (sweep["metric"] == metric) & sweep["value"].notna()]
-            own = cells.loc[(cells["trainer"] == trainer) & (cells["metric"] == metric) & cells["value"].notna()]
-            # the curve passes through the training radius too (measured there on all n samples)
-            line = pd.concat([line, own]).sort_values("eval_eps")
+            line = points.loc[(points["trainer"] == trainer) & (points["metric"] == metric)].sort_values("eval_eps")
             if not line.empty:
                 axes.plot(line["eval_eps"], 100 * line["value"], color=style.colour, marker=style.marker,
                           markersize=4, label=trainer)
-            if not own.empty:
-                axes.plot(own["eval_eps"], 100 * own["value"], linestyle="none", marker=style.marker, markersize=8,
-                          markerfacecolor="none", markeredgecolor=style.colour, clip_on=False)
-        if not cells.empty:
-            axes.axvline(float(cells["train_eps"].iloc[0]), color="0.6", linestyle=":", linewidth=1)
+        if not results.empty:
+            axes.axvline(float(results["train_eps"].iloc[0]), color="0.6", linestyle=":", linewidth=1)
         axes.set_title(METRIC_LABELS[metric], fontsize=10)
         axes.set_xlabel("evaluation eps")
         axes.xaxis.set_major_locator(MaxNLocator(5))

@@ -13,11 +13,25 @@ from robustkit.reports.plots import (
     plot_stem,
     render_plot,
     save_figure,
+    sweep_description,
+    sweep_points,
     trainer_styles,
     write_plots,
 )
 from robustkit.reports.records import load_run
-from tests.reports.runs import ACCURACY_ORDER, CELLS, GROUP, N_VAL, SMALL_CELLS, SMALL_GROUP, SWEEP_EPS, sweep_value
+from tests.reports.runs import (
+    ACCURACY_ORDER,
+    CELLS,
+    CONFIG,
+    GROUP,
+    N_SWEEP,
+    N_VAL,
+    SMALL_CELLS,
+    SMALL_GROUP,
+    SWEEP_EPS,
+    make_run,
+    sweep_value,
+)
 
 
 @pytest.fixture
@@ -63,17 +77,41 @@ def test_verified_vs_time_draws_the_monitoring_curves(records):
     assert lines["pgd"].get_color() == trainer_styles(records)["pgd"].colour
 
 
-def test_accuracy_vs_eps_uses_the_sweep(records):
+def test_accuracy_vs_eps_plots_only_the_sweep(records):
     figure = render_plot(_spec(records, "accuracy_vs_eps", GROUP), records)
     assert [a.get_title() for a in figure.axes] == ["Clean", "PGD", "Verified (symbolic)"]
-    pgd_lines = [line for line in figure.axes[1].get_lines() if line.get_label() == "pgd"]
-    (line,) = pgd_lines
-    # the sweep points and, at the training eps, the cell's own measurement on all test samples
-    train_eps = GROUP[2]
-    own = dict(zip(ACCURACY_ORDER, CELLS["pgd"][0], strict=True))["pgd_acc"]
-    expected = sorted([(e, 100 * sweep_value("pgd", "pgd_acc", e)) for e in SWEEP_EPS] + [(train_eps, 100 * own)])
-    assert list(line.get_xdata()) == [e for e, _ in expected]
-    assert list(line.get_ydata()) == pytest.approx([v for _, v in expected])
+    (line,) = [line for line in figure.axes[1].get_lines() if line.get_label() == "pgd"]
+    # the sweep's points only: the cell's own number at the training eps (1,000 samples, other attacks) is left out
+    assert list(line.get_xdata()) == list(SWEEP_EPS)
+    assert list(line.get_ydata()) == pytest.approx([100 * sweep_value("pgd", "pgd_acc", e) for e in SWEEP_EPS])
+
+
+def test_every_point_of_accuracy_vs_eps_has_the_same_samples_and_attack(tmp_path):
+    # the bench's sweep measures the training eps (0.1) again, on the sweep's 200 samples with the sweep's PGD
+    records = load_run(make_run(tmp_path / "run", sweep_eps=(0.05, 0.1, 0.2)))
+    spec = _spec(records, "accuracy_vs_eps", GROUP)
+    figure = render_plot(spec, records)
+    points = sweep_points(records.results)
+    points = points.loc[points["model"] == GROUP[1]]
+    assert set(points["n"]) == {N_SWEEP} and set(points["eval_eps"]) == {0.05, 0.1, 0.2}
+    assert set(points.loc[points["metric"] == "pgd_acc", "config"]) == {CONFIG}
+    for axes, metric in zip(figure.axes, ("clean_acc", "pgd_acc", "verified_symbolic"), strict=True):
+        curves = {line.get_label(): line for line in axes.get_lines() if not line.get_label().startswith("_")}
+        assert list(curves) == list(CELLS)
+        for trainer, line in curves.items():
+            mine = points.loc[(points["trainer"] == trainer) & (points["metric"] == metric)].sort_values("eval_eps")
+            assert list(line.get_xdata()) == [0.05, 0.1, 0.2]
+            assert list(line.get_ydata()) == pytest.approx(list(100 * mine["value"]))
+    own_pgd = dict(zip(ACCURACY_ORDER, CELLS["pgd"][0], strict=True))["pgd_acc"]
+    pgd_at_train_eps = [y for x, y in zip(*_pgd_line(figure), strict=True) if x == 0.1]
+    assert pgd_at_train_eps == pytest.approx([100 * sweep_value("pgd", "pgd_acc", 0.1)]) != [100 * own_pgd]
+    assert f"every point on the first {N_SWEEP} test samples; PGD: {CONFIG}" in spec.caption
+    assert sweep_description(points.iloc[:0]) == "n unknown; PGD: not recorded"
+
+
+def _pgd_line(figure):
+    (line,) = [line for line in figure.axes[1].get_lines() if line.get_label() == "pgd"]
+    return list(line.get_xdata()), list(line.get_ydata())
 
 
 def test_training_curves_and_time_bars(records):
