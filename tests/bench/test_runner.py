@@ -63,7 +63,10 @@ def test_results_are_long_format_with_every_metric(quick_run):
     assert set(results[0]) >= {"dataset", "model", "trainer", "train_eps", "eval_eps", "metric", "value", "n",
                                "time_s", "seed", "robustkit_version", "torch_version"}
     for trainer in TRAINERS:
-        mine = {r["metric"]: r for r in results if r["trainer"] == trainer and r["eval_eps"] == r["train_eps"]}
+        at_train_eps = [r for r in results if r["trainer"] == trainer and r["eval_eps"] == r["train_eps"]]
+        mine: dict[str, dict[str, str]] = {}
+        for r in at_train_eps:
+            mine.setdefault(r["metric"], r)  # the cell's own rows come first, then the sweep's at the same eps
         for metric in ["clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "worst_attack_acc",
                        "verified_interval", "verified_symbolic", "verified_crown", "verified_exact",
                        "verified_best", "train_time_s", "eval_time_s", "peak_memory_mb", "epochs"]:
@@ -77,6 +80,10 @@ def test_results_are_long_format_with_every_metric(quick_run):
         assert value["verified_crown"] >= value["verified_symbolic"] - 1e-9  # crown takes the better bound
         sweep = {float(r["eval_eps"]) for r in results if r["trainer"] == trainer and r["eval_eps"] != r["train_eps"]}
         assert sweep == {0.05, 0.2}
+        # the sweep measures the training eps too, on its own 30 samples with its own PGD, like its other points
+        sweep_pgd = [r for r in results if r["trainer"] == trainer and r["metric"] == "pgd_acc" and r["n"] == "30"]
+        assert sorted(float(r["eval_eps"]) for r in sweep_pgd) == [0.05, 0.1, 0.2]
+        assert len({r["config"] for r in sweep_pgd}) == 1 and sweep_pgd[0]["config"] != mine["pgd_acc"]["config"]
         # the pre-flight checks of the cell's model, on all 60 test samples (fewer than 100)
         assert all(int(mine[m]["n"]) == 60 for m in PREFLIGHT)
         flags = [value[m] for m in PREFLIGHT[1:] if m != "preflight_zero_gradient"]
