@@ -27,7 +27,7 @@ from robustkit.data import Dataset, Split, load_dataset
 from robustkit.errors import InputError
 from robustkit.evaluation import take_samples
 from robustkit.io import atomic_write_text, json_value, torch_save_atomic, write_csv
-from robustkit.progress import progress
+from robustkit.progress import WorkLog, format_seconds, log, progress
 from robustkit.runlock import LOCK_FILE, run_lock
 from robustkit.runtime import PeakMemory
 
@@ -181,6 +181,8 @@ def run_cell(cell: Cell, config: BenchConfig, data: GridData, folder: Path, devi
     folder.mkdir(parents=True, exist_ok=True)
     train, test = data.train, data.test
     model, result, train_memory = _train(cell, config, train, data.monitor, folder, device, resume)
+    log(f"  trained ({format_seconds(result.train_time_s)} of training time); evaluating on {len(test)} test samples "
+        f"at eps {cell.eps:g}")
     evaluation = evaluate_model(model, data.dataset, test, cell.eps, config.evaluation, config.seed)
     base = {"dataset": cell.dataset, "model": cell.model, "trainer": cell.trainer.label,
             "trainer_name": cell.trainer.name, "train_eps": cell.eps, "seed": config.seed}
@@ -278,18 +280,25 @@ def run_bench(
                  "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
         cells = plan(config)
         outcomes: list[CellOutcome] = []
+        cells_log = WorkLog("cell", len(cells), "cell")
         for position, cell in enumerate(progress(cells, desc="bench cells", unit="cell")):
             cell_folder = folder / "cells" / cell.key
             result_file = cell_folder / "result.json"
             if resume and result_file.is_file():
                 outcome = _load_outcome(cell, result_file)
+                cells_log.finished(cell.key, None)
             else:
+                log(f"cell {cell.key} ({position + 1}/{len(cells)}): training {cell.trainer.label}")
+                clock = time.perf_counter()
                 outcome = run_cell(cell, config, datasets[cell.dataset], cell_folder, device, resume)
+                cells_log.finished(cell.key, time.perf_counter() - clock)
             outcomes.append(outcome)
             _write_tables(folder, outcomes)
             if on_cell is not None:
                 on_cell(outcome, position + 1, len(cells))
         from robustkit.reports.build import build_report
 
+        clock = time.perf_counter()
         files = build_report(folder)
+        log(f"report: {len(files)} files in {format_seconds(time.perf_counter() - clock)}")
     return BenchRun(folder, tuple(outcomes), tuple(files))

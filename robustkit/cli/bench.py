@@ -67,9 +67,12 @@ def bench(ctx: click.Context, config_file: str | None, preset_name: str | None, 
     import dataclasses
 
     from robustkit.bench import load_config, preset, run_bench
+    from robustkit.progress import set_log
     from robustkit.runtime import resolve_device
 
     options = global_options(ctx)
+    set_log(True)  # one line per epoch, stage and cell when stderr is no terminal (not under --quiet)
+    ctx.call_on_close(lambda: set_log(False))
     if config_file is not None and preset_name is not None:
         raise click.UsageError("give either --config or --preset, not both")
     config = load_config(config_file) if config_file is not None else preset(preset_name or "paper")
