@@ -50,9 +50,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
-    "EPS_SWEEP_METRICS", "KIND_TITLES", "LOG_SCALE_RATIO", "PLOTS_DIR", "PLOT_FORMATS", "PLOT_KINDS", "PlotSpec",
-    "TrainerStyle", "plan_plots", "plot_stem", "render_plot", "save_figure", "sweep_description", "sweep_points",
-    "trainer_styles", "write_plots",
+    "EPS_SWEEP_METRICS", "INTERVAL_CAPTION", "KIND_TITLES", "LOG_SCALE_RATIO", "PLOTS_DIR", "PLOT_FORMATS",
+    "PLOT_KINDS", "PlotSpec", "TrainerStyle", "plan_plots", "plot_stem", "render_plot", "save_figure", "seed_means",
+    "sweep_description", "sweep_points", "trainer_styles", "write_plots",
 ]
 
 PLOTS_DIR = "plots"
@@ -164,6 +164,38 @@ def sweep_description(points: pd.DataFrame) -> str:
     return f"{samples}; PGD: {attack}"
 
 
+def seed_means(frame: pd.DataFrame, by: str, column: str, n_column: str | None) -> pd.DataFrame:
+    """``column`` per value of ``by`` over the seeds of ``frame`` (one trainer's rows): its mean, and the ends
+    ``low`` / ``high`` of its 95% interval (:func:`robustkit.reports.stats.interval`: Wilson over the ``n_column``
+    samples for one seed, t over the seeds for several; NaN without ``n_column`` for one seed)."""
+    from robustkit.reports.stats import interval
+
+    rows = []
+    for key, part in frame.loc[frame[column].notna()].groupby(by, sort=True):
+        values = [float(v) for v in part[column]]
+        n = float(part[n_column].max()) if n_column is not None else math.nan
+        low, high = interval(values, n)
+        rows.append({by: float(key), "mean": sum(values) / len(values), "low": low, "high": high,
+                     "seeds": part["seed"].nunique()})
+    return pd.DataFrame(rows, columns=[by, "mean", "low", "high", "seeds"])
+
+
+def _error_bars(axes: Axes, x: Sequence[float], means: pd.DataFrame, colour: str, scale: float = 100.0) -> None:
+    """Vertical 95% interval bars at ``x`` (none where the interval is unknown)."""
+    known = means["low"].notna().to_numpy() & means["high"].notna().to_numpy()
+    if not known.any():
+        return
+    centre = scale * means["mean"].to_numpy()[known]
+    below = centre - scale * means["low"].to_numpy()[known]
+    above = scale * means["high"].to_numpy()[known] - centre
+    axes.errorbar(np.asarray(x, dtype=float)[known], centre, yerr=np.vstack([below, above]), fmt="none",
+                  ecolor=colour, elinewidth=0.8, capsize=2, alpha=0.8)
+
+
+INTERVAL_CAPTION = ("Error bars: 95% intervals (Wilson over the samples for one seed, t over the seeds for several; "
+                    "several seeds are plotted as their mean).")
+
+
 def plan_plots(records: RunRecords) -> list[PlotSpec]:
     """The plots the records have data for, in a stable order: per group, the kinds of :data:`PLOT_KINDS`."""
     plans = []
@@ -179,13 +211,14 @@ def plan_plots(records: RunRecords) -> list[PlotSpec]:
             "verified_vs_time": (
                 not epochs.empty and _has_values(epochs, "verified_acc"),
                 f"Verified accuracy after each epoch ({subset} monitoring test samples) against the cumulative "
-                "training time, evaluation excluded.",
+                "training time, evaluation excluded. " + INTERVAL_CAPTION,
             ),
             "accuracy_vs_eps": (
                 not points.empty,
                 "Clean, PGD and symbolically verified accuracy against the evaluation radius (the eps sweep): every "
                 f"point on {sweep_description(points)}. The dotted line is the training radius; the summary table's "
-                "numbers there come from all n test samples and the full evaluation, so they differ from the curve.",
+                "numbers there come from all n test samples and the full evaluation, so they differ from the curve. "
+                + INTERVAL_CAPTION,
             ),
             "training_curves": (
                 not epochs.empty,
@@ -230,13 +263,16 @@ def _draw_verified_vs_time(figure: Figure, epochs: pd.DataFrame, styles: dict[st
     axes = figure.subplots()
     times: list[float] = []
     for trainer in ordered_unique(epochs["trainer"]):
-        rows = epochs.loc[(epochs["trainer"] == trainer) & epochs["verified_acc"].notna()].sort_values("epoch")
+        rows = epochs.loc[(epochs["trainer"] == trainer) & epochs["verified_acc"].notna()]
         if rows.empty:
             continue
         style = styles[trainer]
-        axes.plot(rows["train_time_s"], 100 * rows["verified_acc"], color=style.colour, marker=style.marker,
-                  markersize=4, label=trainer)
-        times += rows["train_time_s"].tolist()
+        verified = seed_means(rows, "epoch", "verified_acc", "n_val")
+        seconds = seed_means(rows, "epoch", "train_time_s", None)["mean"].tolist()  # the mean over the seeds
+        axes.plot(seconds, 100 * verified["mean"], color=style.colour, marker=style.marker, markersize=4,
+                  label=trainer)
+        _error_bars(axes, seconds, verified, style.colour)
+        times += seconds
     _log_if_wide(axes, times, "x")
     axes.set_xlabel("cumulative training time (s)")
     axes.set_ylabel("verified accuracy (%)")
@@ -252,10 +288,12 @@ def _draw_accuracy_vs_eps(figure: Figure, results: pd.DataFrame, styles: dict[st
     for axes, metric in zip(panels, EPS_SWEEP_METRICS, strict=True):
         for trainer in ordered_unique(results["trainer"]):
             style = styles[trainer]
-            line = points.loc[(points["trainer"] == trainer) & (points["metric"] == metric)].sort_values("eval_eps")
+            line = seed_means(points.loc[(points["trainer"] == trainer) & (points["metric"] == metric)], "eval_eps",
+                              "value", "n")
             if not line.empty:
-                axes.plot(line["eval_eps"], 100 * line["value"], color=style.colour, marker=style.marker,
+                axes.plot(line["eval_eps"], 100 * line["mean"], color=style.colour, marker=style.marker,
                           markersize=4, label=trainer)
+                _error_bars(axes, line["eval_eps"].tolist(), line, style.colour)
         if not results.empty:
             axes.axvline(float(results["train_eps"].iloc[0]), color="0.6", linestyle=":", linewidth=1)
         axes.set_title(METRIC_LABELS[metric], fontsize=10)
@@ -282,11 +320,12 @@ def _draw_training_curves(figure: Figure, epochs: pd.DataFrame, styles: dict[str
     for axes, (column, label) in zip(panels, quantities, strict=True):
         drawn = False
         for trainer in ordered_unique(epochs["trainer"]):
-            rows = epochs.loc[(epochs["trainer"] == trainer) & epochs[column].notna()].sort_values("epoch")
+            rows = epochs.loc[(epochs["trainer"] == trainer) & epochs[column].notna()]
             if rows.empty:
                 continue
             style = styles[trainer]
-            axes.plot(rows["epoch"], rows[column], color=style.colour, marker=style.marker, markersize=3,
+            means = seed_means(rows, "epoch", column, None)  # the mean over the seeds
+            axes.plot(means["epoch"], means["mean"], color=style.colour, marker=style.marker, markersize=3,
                       label=trainer)
             drawn = True
         if not drawn:
@@ -304,10 +343,18 @@ def _draw_train_time(figure: Figure, results: pd.DataFrame, styles: dict[str, Tr
     rows = cell_rows(results)
     rows = rows.loc[(rows["metric"] == "train_time_s") & rows["value"].notna()]
     trainers = ordered_unique(rows["trainer"])
-    seconds = [float(rows.loc[rows["trainer"] == t, "value"].iloc[0]) for t in trainers]
+    per_seed = [rows.loc[rows["trainer"] == t, "value"].astype(float).tolist() for t in trainers]
+    seconds = [sum(values) / len(values) for values in per_seed]  # the mean over the seeds
     axes = figure.subplots()
     positions = list(range(len(trainers)))
     axes.barh(positions, seconds, color=[styles[t].colour for t in trainers])
+    from robustkit.reports.stats import t_interval
+
+    spread = [t_interval(values) if len(values) > 1 else (math.nan, math.nan) for values in per_seed]
+    for position, mean, (low, high) in zip(positions, seconds, spread, strict=True):
+        if not math.isnan(low):  # a t interval over the seeds (a time has no binomial interval)
+            axes.errorbar([mean], [position], xerr=[[mean - max(low, 0.0)], [high - mean]], fmt="none", ecolor="0.2",
+                          capsize=3)
     axes.set_yticks(positions, labels=trainers)
     axes.invert_yaxis()
     _log_if_wide(axes, seconds, "x")

@@ -63,7 +63,7 @@ def test_a_log_without_terminal_shows_every_epoch_stage_and_cell(quick_run_and_l
     out, _, stderr = quick_run_and_log
     lines = log_lines(stderr)
     messages = [message for _, message in lines]
-    keys = [f"mnist5k__mnist_fc_small__{trainer}__eps0.1" for trainer in TRAINERS]
+    keys = [f"mnist5k__mnist_fc_small__{trainer}__eps0.1__seed0" for trainer in TRAINERS]
     assert sorted(p.name for p in (out / "cells").iterdir()) == sorted(keys)
     for position, (trainer, key) in enumerate(zip(TRAINERS, keys, strict=True), start=1):
         start = messages.index(f"cell {key} ({position}/5): training {trainer}")
@@ -166,7 +166,14 @@ def test_summary_table_matches_results(quick_run):
         assert float(row["pgd_acc"]) == pytest.approx(float(pgd["value"]))
     mixtrain = next(r for r in summary if r["trainer"] == "mixtrain")
     assert float(mixtrain["time_vs_mixtrain"]) == pytest.approx(1.0)
-    assert list(summary[0])[-6:] == ["time_vs_mixtrain", *PREFLIGHT]  # appended; earlier columns unchanged
+    columns = list(summary[0])
+    after = columns.index("time_vs_mixtrain")
+    # appended, earlier columns unchanged: the pre-flight metrics, then the seeds and the intervals
+    assert columns[after:after + 8] == ["time_vs_mixtrain", *PREFLIGHT, "n_seeds", "interval"]
+    assert columns[after + 8:after + 11] == ["clean_acc_std", "clean_acc_low", "clean_acc_high"]
+    for row in summary:
+        assert (row["seed"], row["n_seeds"], row["interval"], row["clean_acc_std"]) == ("0", "1", "wilson", "")
+        assert float(row["clean_acc_low"]) <= float(row["clean_acc"]) <= float(row["clean_acc_high"])
     for row in summary:
         for metric in PREFLIGHT:
             measured = next(r for r in results if r["trainer"] == row["trainer"] and r["metric"] == metric)
@@ -266,7 +273,7 @@ def test_preflight_warnings_go_to_the_log_and_old_result_files_have_none(tmp_pat
     outcome = CellOutcome(cell, [], [], [], reused=False, warnings=["randomised outputs: ...", "the model is ..."])
     _report_cell(outcome, 1, 2)
     captured = capsys.readouterr()
-    assert captured.out.startswith("[1/2] mnist5k mnist_fc_small pgd eps 0.1:")
+    assert captured.out.startswith("[1/2] mnist5k mnist_fc_small pgd eps 0.1 seed 0:")
     assert captured.err.splitlines() == [f"Warning: {cell.key}: randomised outputs: ...",
                                          f"Warning: {cell.key}: the model is ..."]
     old = tmp_path / "result.json"

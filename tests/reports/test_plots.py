@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -67,7 +68,7 @@ def test_stems_are_safe_and_distinct():
 def test_verified_vs_time_draws_the_monitoring_curves(records):
     figure = render_plot(_spec(records, "verified_vs_time", GROUP), records)
     (axes,) = figure.axes
-    lines = {line.get_label(): line for line in axes.get_lines()}
+    lines = {line.get_label(): line for line in axes.get_lines() if not line.get_label().startswith("_")}
     assert list(lines) == list(CELLS)
     mixtrain = lines["mixtrain"]
     assert list(mixtrain.get_xdata()) == [25.0, 50.0, 75.0, 100.0]  # cumulative training time
@@ -148,3 +149,37 @@ def test_write_plots_writes_png_and_pdf_per_plan(records, tmp_path):
     for path in written:
         image = Image.open(io.BytesIO(path.read_bytes()))
         assert image.format == "PNG" and image.width >= 500 and image.height >= 150
+
+
+def test_error_bars_are_the_95_percent_intervals(tmp_path):
+    from robustkit.reports.stats import t_interval, wilson_interval
+
+    records = load_run(make_run(tmp_path / "run"))
+    figure = render_plot(_spec(records, "accuracy_vs_eps", GROUP), records)
+    pgd_axes = figure.axes[1]
+    # one seed: Wilson intervals over the sweep's 200 samples, one bar per point, centred on the point
+    bars = [c for c in pgd_axes.collections if len(c.get_segments()) == len(SWEEP_EPS)]
+    segments = {(float(seg[0][0]), round(float(seg[0][1]), 9), round(float(seg[1][1]), 9))
+                for bar in bars for seg in bar.get_segments()}
+    for eps in SWEEP_EPS:
+        low, high = wilson_interval(sweep_value("pgd", "pgd_acc", eps), N_SWEEP)
+        assert (eps, round(100 * low, 9), round(100 * high, 9)) in segments
+    # three seeds: the mean over the seeds and a t interval over them
+    results = records.results
+    copies = []
+    for seed, shift in ((0, -0.02), (1, 0.0), (2, 0.02)):
+        copy = results.assign(seed=seed)
+        sweep = copy["eval_eps"] != copy["train_eps"]
+        copy.loc[sweep, "value"] = (copy.loc[sweep, "value"] + shift).clip(0, 1)
+        copies.append(copy)
+    seeded = type(records)(records.run_dir, pd.concat(copies, ignore_index=True), records.epochs)
+    figure = render_plot(_spec(seeded, "accuracy_vs_eps", GROUP), seeded)
+    (line,) = [line for line in figure.axes[1].get_lines() if line.get_label() == "pgd"]
+    values = {eps: [min(1.0, max(0.0, sweep_value("pgd", "pgd_acc", eps) + d)) for d in (-0.02, 0.0, 0.02)]
+              for eps in SWEEP_EPS}
+    assert list(line.get_ydata()) == pytest.approx([100 * sum(v) / 3 for v in values.values()])
+    segments = {(float(seg[0][0]), round(float(seg[0][1]), 6), round(float(seg[1][1]), 6))
+                for bar in figure.axes[1].collections for seg in bar.get_segments()}
+    for eps, found in values.items():
+        low, high = t_interval(found)
+        assert (eps, round(100 * low, 6), round(100 * high, 6)) in segments
