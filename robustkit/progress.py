@@ -100,13 +100,17 @@ class WorkLog:
             self.timed_seconds += seconds
         left = self.total - self.done
         took = "finished earlier, reused" if seconds is None else f"done in {format_seconds(seconds)}"
-        line = (f"{self.what} {label} {took}{details}; {self.done}/{self.total} {self.unit}s, elapsed "
+        line = (f"{self.what} {label} {took}{details}; {self.done}/{self.total} {_plural(self.unit)}, elapsed "
                 f"{format_seconds(time.perf_counter() - self.started)}")
         if left and self.timed:
             mean = self.timed_seconds / self.timed
             line += (f", estimate {format_seconds(left * mean)} left ({left} x the mean {format_seconds(mean)} of "
-                     f"the {self.timed} {self.unit}{'s' if self.timed > 1 else ''} finished here)")
+                     f"the {self.timed} {_plural(self.unit) if self.timed > 1 else self.unit} finished here)")
         log(line)
+
+
+def _plural(unit: str) -> str:
+    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
 
 
 def _heartbeat(iterable: Iterable[T], desc: str, unit: str) -> Iterator[T]:
@@ -116,7 +120,7 @@ def _heartbeat(iterable: Iterable[T], desc: str, unit: str) -> Iterator[T]:
         yield item
         if time.perf_counter() - _last_line >= HEARTBEAT_S:
             of = f"/{total}" if total is not None else ""
-            log(f"{desc}: {count}{of} {unit}s, {format_seconds(time.perf_counter() - started)} so far")
+            log(f"{desc}: {count}{of} {_plural(unit)} done, {format_seconds(time.perf_counter() - started)} so far")
 
 
 def progress(iterable: Iterable[T], **kwargs: Any) -> Iterable[T]:
