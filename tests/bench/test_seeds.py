@@ -75,3 +75,23 @@ def test_seeds_give_distinct_cells_a_summary_over_them_and_resume_per_seed(tmp_p
         k: v for k, v in summary.items() if k not in timing}
     other = CliRunner().invoke(main, ["bench", "--config", str(config), "--seeds", "3", "--out", str(out), "--resume"])
     assert other.exit_code == 2 and "different settings (seeds)" in other.output
+
+
+def test_a_folder_written_before_seeds_resumes_in_place(tmp_path):
+    import json
+    import tomllib
+
+    from robustkit.bench import parse_config, plan, run_bench
+
+    config = parse_config(tomllib.loads(TINY), source="tiny")
+    out = tmp_path / "old"
+    (cell,) = plan(config)
+    legacy = out / "cells" / cell.legacy_key
+    legacy.mkdir(parents=True)
+    saved = config.to_dict()
+    saved["seed"] = saved.pop("seeds")[0]  # config.json as written before seeds: "seed": 0
+    (out / "config.json").write_text(json.dumps({"config": saved}))
+    (legacy / "result.json").write_text(json.dumps({"results": [], "epochs": [], "violations": []}))
+    run = run_bench(config, out, resume=True)
+    assert [o.reused for o in run.outcomes] == [True]  # found in its old folder: nothing trained again
+    assert sorted(p.name for p in (out / "cells").iterdir()) == [cell.legacy_key]
