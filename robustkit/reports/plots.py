@@ -14,10 +14,12 @@ Four kinds (:data:`PLOT_KINDS`):
 - ``train_time``: training time per trainer as bars (log scale when the times span more than
   :data:`LOG_SCALE_RATIO`).
 
-A plot without data (say, no eps sweep) is not drawn. Files go to ``plots/`` under the output folder with
-stable names, ``<kind>__<dataset>__<model>__eps<train eps>.png`` (and ``.pdf``). Rendering uses matplotlib's
-Agg canvas on a :class:`~matplotlib.figure.Figure` created directly, never pyplot, so nothing is shown and
-pyplot's global state is left alone; the files carry no dates, so the same records give the same bytes.
+Accuracies are drawn with their 95% intervals as error bars (:func:`seed_means`); a run with several seeds is
+drawn as the mean over its seeds. A plot without data (say, no eps sweep) is not drawn. Files go to ``plots/``
+under the output folder with stable names, ``<kind>__<dataset>__<model>__eps<train eps>.png`` (and ``.pdf``).
+Rendering uses matplotlib's Agg canvas on a :class:`~matplotlib.figure.Figure` created directly, never pyplot, so
+nothing is shown and pyplot's global state is left alone; the files carry no dates, so the same records give the
+same bytes.
 """
 
 from __future__ import annotations

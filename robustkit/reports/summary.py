@@ -12,7 +12,10 @@ it for people (percentages with one decimal, readable times), :func:`write_summa
 ``summary.md``. Cells keep the order of their first row in ``results.csv``, so the same file gives the same
 table, byte for byte. ``summary.csv`` ends with the cells' pre-flight results (:data:`PREFLIGHT_METRICS`: the
 number of warnings, 0/1 flags and the share of checked samples with zero input gradients), empty for runs made
-before the bench recorded them; the Markdown table leaves them out.
+before the bench recorded them; the Markdown table leaves them out. Every accuracy carries its 95% interval
+(:mod:`robustkit.reports.stats`: Wilson over the test points for one seed, t over the seeds for several), shown
+in parentheses in ``summary.md`` and as ``<metric>_low`` / ``<metric>_high`` in ``summary.csv`` (after every
+earlier column); a cell run with several seeds is one row, their mean, with ± the standard deviation.
 
 >>> format_percent(0.9712), format_duration(4521.0), format_ratio(15.24), format_ratio(float("nan"))
 ('97.1%', '1.3 h', '15.2x', 'n/a')
