@@ -110,7 +110,10 @@ class WorkLog:
 
 
 def _plural(unit: str) -> str:
-    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
+    """``batch`` -> ``batches``, ``epoch`` -> ``epochs``, ``cell`` -> ``cells``; ``eps`` stays."""
+    if unit == "eps":
+        return unit
+    return unit + ("es" if unit.endswith(("s", "x", "sh", "tch")) else "s")
 
 
 def _heartbeat(iterable: Iterable[T], desc: str, unit: str) -> Iterator[T]:

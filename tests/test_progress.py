@@ -66,3 +66,10 @@ def test_quiet_a_terminal_or_a_library_call_log_nothing(stderr, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: the bars show progress
     progress.log("hidden")
     assert messages(stderr) == []
+
+
+def test_units_are_counted_in_plain_english(stderr):
+    work = progress.WorkLog("  pgd", 2, "epoch")
+    work.finished("epoch 1", 1.0)
+    assert "1/2 epochs" in messages(stderr)[0]
+    assert [progress._plural(u) for u in ("batch", "epoch", "cell", "eps")] == ["batches", "epochs", "cells", "eps"]

@@ -17,7 +17,7 @@ eps = [0.1]
 [data]
 n_train = 100
 n_test = 40
-val_size = 10
+val_size = 0
 [training]
 epochs = 1
 [evaluation]
@@ -25,8 +25,9 @@ pgd_steps = 3
 pgd_restarts = 1
 cw_steps = 3
 interval_attack = { inner_steps = 2, iterations = 1, restarts = 1 }
-eps_sweep = [0.05]
-sweep_n = 20
+eps_sweep = []
+verifiers = ["interval"]
+exact = false
 """
 
 
