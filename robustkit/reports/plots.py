@@ -352,10 +352,10 @@ def _draw_train_time(figure: Figure, results: pd.DataFrame, styles: dict[str, Tr
     axes.barh(positions, seconds, color=[styles[t].colour for t in trainers])
     from robustkit.reports.stats import t_interval
 
-    spread = [t_interval(values) if len(values) > 1 else (math.nan, math.nan) for values in per_seed]
+    spread = [t_interval(values, bounds=(0.0, math.inf)) for values in per_seed]
     for position, mean, (low, high) in zip(positions, seconds, spread, strict=True):
         if not math.isnan(low):  # a t interval over the seeds (a time has no binomial interval)
-            axes.errorbar([mean], [position], xerr=[[mean - max(low, 0.0)], [high - mean]], fmt="none", ecolor="0.2",
+            axes.errorbar([mean], [position], xerr=[[mean - low], [high - mean]], fmt="none", ecolor="0.2",
                           capsize=3)
     axes.set_yticks(positions, labels=trainers)
     axes.invert_yaxis()

@@ -38,9 +38,10 @@ def wilson_interval(fraction: float, n: float, level: float = LEVEL) -> tuple[fl
     return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
-def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
-    """The t interval of the mean of ``values`` (one per seed; NaNs left out), clipped to [0, 1]; ``(nan, nan)``
-    with fewer than two values."""
+def t_interval(values: Sequence[float], level: float = LEVEL,
+               bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float]:
+    """The t interval of the mean of ``values`` (one per seed; NaNs left out), clipped to ``bounds`` (an accuracy's
+    [0, 1] by default; ``(0, inf)`` for a time); ``(nan, nan)`` with fewer than two values."""
     from scipy.stats import t
 
     finite = [float(v) for v in values if not math.isnan(v)]
@@ -49,7 +50,7 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, fl
     mean = sum(finite) / len(finite)
     sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
     half = float(t.ppf(0.5 + level / 2, len(finite) - 1)) * sd / math.sqrt(len(finite))
-    return max(0.0, mean - half), min(1.0, mean + half)
+    return max(bounds[0], mean - half), min(bounds[1], mean + half)
 
 
 def interval(values: Sequence[float], n: float, level: float = LEVEL) -> tuple[float, float]:

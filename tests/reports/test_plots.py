@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pandas as pd
 import pytest
@@ -183,3 +184,25 @@ def test_error_bars_are_the_95_percent_intervals(tmp_path):
     for eps, found in values.items():
         low, high = t_interval(found)
         assert (eps, round(100 * low, 6), round(100 * high, 6)) in segments
+
+
+def test_train_time_bars_of_several_seeds_are_their_mean_with_a_t_interval(tmp_path):
+    from robustkit.reports.stats import t_interval
+
+    records = load_run(make_run(tmp_path / "run"))
+    copies = []
+    for seed in (0, 1, 2):
+        copy = records.results.assign(seed=seed)
+        timing = copy["metric"] == "train_time_s"
+        copy.loc[timing, "value"] = copy.loc[timing, "value"] * (1 + 0.1 * seed)
+        copies.append(copy)
+    seeded = type(records)(records.run_dir, pd.concat(copies, ignore_index=True), records.epochs)
+    figure = render_plot(_spec(seeded, "train_time", GROUP), seeded)
+    axes = figure.axes[0]
+    assert [p.get_width() for p in axes.patches] == pytest.approx([s * 1.1 for _, s in CELLS.values()])
+    segments = [seg for bar in axes.collections for seg in bar.get_segments()]
+    assert len(segments) == len(CELLS)
+    for (_, seconds), segment in zip(CELLS.values(), segments, strict=True):
+        low, high = t_interval([seconds, 1.1 * seconds, 1.2 * seconds], bounds=(0.0, math.inf))
+        assert (segment[0][0], segment[1][0]) == pytest.approx((low, high))
+        assert high > 1.0  # seconds, not clipped to an accuracy's [0, 1]
