@@ -18,6 +18,7 @@ def test_python_api_example_runs(tmp_path, monkeypatch):
     for call in ("verify(", "attack(", ".fit(", "run_bench("):
         assert call in code
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the example's run folder goes under tmp_path too
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
