@@ -16,6 +16,7 @@ verified.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -189,21 +190,25 @@ class AttackRun:
 def run_attack(
     model: nn.Module, data: EvalData, label: str, attack: Attack, eps_list: Sequence[float], seed: int
 ) -> list[AttackRun]:
-    """Attack every sample at every eps, batch by batch, with one progress bar.
+    """Attack every sample at every eps, batch by batch, with one progress bar (and one log line at the end,
+    :func:`robustkit.progress.log`).
 
     Every eps gets its own generator seeded with ``seed``, so an attack's result depends neither on the other
     radii nor on the other attacks evaluated.
     """
     from robustkit.attacks import AttackResult
-    from robustkit.progress import progress
+    from robustkit.progress import format_seconds, log, progress
     from robustkit.runtime import make_generator
 
     device = model_device(model)
     generators = {eps: make_generator(seed, device) for eps in eps_list}
     parts: dict[float, list[AttackResult]] = {eps: [] for eps in eps_list}
     steps = [(eps, batch) for eps in eps_list for batch in data.batches()]
+    started = time.perf_counter()
     for eps, (_, x, y) in progress(steps, desc=f"attack {label}", unit="batch"):
         parts[eps].append(attack(model, x, y, eps=eps, generator=generators[eps]))
+    log(f"  stage attack {label} at eps {', '.join(f'{e:g}' for e in eps_list)} on {data.n} samples: "
+        f"{format_seconds(time.perf_counter() - started)}")
     return [
         AttackRun(
             label=label, config=repr(attack), eps=eps,
@@ -293,9 +298,10 @@ def run_verifiers(
     """Verify every sample with every verifier at every eps, batch by batch, with one progress bar.
 
     The verifiers of a batch run together (:func:`robustkit.verifiers.verify_many`, which shares the symbolic
-    pass between ``symbolic`` and ``crown``). Runs are ordered by verifier, then eps.
+    pass between ``symbolic`` and ``crown``). Runs are ordered by verifier, then eps. At the end one log line per
+    verifier (:func:`robustkit.progress.log`) gives its time, measured inside the shared run.
     """
-    from robustkit.progress import progress
+    from robustkit.progress import format_seconds, log, progress
     from robustkit.verifiers import VerificationResult, verify_many
 
     steps = [(eps, batch) for eps in eps_list for batch in data.batches()]
@@ -307,6 +313,11 @@ def run_verifiers(
         results = verify_many(model, x, y, eps, instances)
         for name, verifier in verifiers.items():
             parts[name, eps].append(results[verifier.name])
+    for name in verifiers:
+        seconds = sum(float(r.time_s.sum()) for eps in eps_list for r in parts[name, eps])
+        log(f"  stage verify {name} at eps {', '.join(f'{e:g}' for e in eps_list)} on {data.n} samples: "
+            f"{format_seconds(seconds)}" + (" (run batch by batch with the other verifiers)" if len(verifiers) > 1
+                                            else ""))
     return [
         MethodRun(
             method=name, eps=eps,

@@ -84,7 +84,7 @@ class BenchConfig:
     n_train: int = 0
     n_test: int = 1000
     val_size: int = 200
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # every cell is trained and evaluated once per seed
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     source: str = "preset paper"
     model_dir: str | None = None  # the folder relative factory files of ``models`` are read from
@@ -211,13 +211,35 @@ def _trainer(label: str, raw: Any, defaults: dict[str, Any]) -> TrainerSpec:
     return TrainerSpec(label=label, name=name, options=options, training=training)
 
 
+def _seeds(raw: Mapping[str, Any]) -> tuple[int, ...]:
+    """``seed = S`` (one seed, the default 0) or ``seeds = [S, ...]`` (every cell once per seed), not both."""
+    if "seed" in raw and "seeds" in raw:
+        raise _fail("seeds", "give either seed (one) or seeds (a list), not both")
+    if "seeds" not in raw:
+        seed = raw.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise _fail("seed", "must be an integer")
+        return (seed,)
+    return check_seeds(raw["seeds"], "seeds")
+
+
+def check_seeds(value: Any, key: str) -> tuple[int, ...]:
+    """A non-empty list of distinct integers, as a tuple; an error naming ``key`` otherwise."""
+    if (not isinstance(value, list | tuple) or not value
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise _fail(key, f"must be a non-empty list of integers, got {value!r}")
+    if len(set(value)) != len(value):
+        raise _fail(key, f"lists a seed twice: {value!r}")
+    return tuple(value)
+
+
 def parse_config(raw: Mapping[str, Any], source: str, base: Path | None = None) -> BenchConfig:
     """Validate a parsed TOML document into a :class:`BenchConfig` (all errors name their key); factory files in
     ``grid.models`` are read relative to ``base`` (the TOML file's folder; the working directory without it)."""
     from robustkit.data import DATASETS
     from robustkit.verifiers import VERIFIERS
 
-    top = ("seed", "grid", "data", "training", "trainers", "evaluation")
+    top = ("seed", "seeds", "grid", "data", "training", "trainers", "evaluation")
     for key in raw:
         if key not in top:
             raise _fail(key, "unknown section", top)
@@ -296,13 +318,11 @@ def parse_config(raw: Mapping[str, Any], source: str, base: Path | None = None) 
             IntervalAttack(**settings["interval_attack"])
         except (InputError, TypeError) as exc:
             raise _fail("evaluation.interval_attack", str(exc)) from None
-    seed = raw.get("seed", 0)
-    if not isinstance(seed, int):
-        raise _fail("seed", "must be an integer")
+    seeds = _seeds(raw)
     return BenchConfig(
         datasets=datasets, models=models, eps=eps, trainers=tuple(specs), data_dir=data_dir,
         n_train=data.get("n_train", 0), n_test=data.get("n_test", 1000), val_size=data.get("val_size", 200),
-        seed=seed, evaluation=EvaluationSettings(**settings), source=source,
+        seeds=seeds, evaluation=EvaluationSettings(**settings), source=source,
         model_dir=None if base is None else str(base),
     )
 

@@ -39,7 +39,7 @@ from robustkit.evaluation import (
     verified_but_broken,
     worst_case,
 )
-from robustkit.progress import progress
+from robustkit.progress import format_seconds, log, progress
 from robustkit.runtime import PeakMemory, make_generator
 
 
@@ -126,6 +126,8 @@ def evaluate_model(
         measurements.append(Measurement("clean_acc", eps, _fraction(correct), n, 0.0))
         checks, warnings = _preflight(model, test, eps, seed)
         measurements += checks
+        log(f"  stage clean accuracy and pre-flight checks on {n} samples: "
+            f"{format_seconds(time.perf_counter() - started)}")
         attacks = {
             "pgd_acc": PGD(steps=settings.pgd_steps, restarts=settings.pgd_restarts),
             "cw_acc": CWLinf(steps=settings.cw_steps),
@@ -161,6 +163,8 @@ def evaluate_model(
             verified_any |= exact_verified
             measurements.append(Measurement("verified_exact", eps, _fraction(exact_verified), n,
                                             time.perf_counter() - clock, repr(exact)))
+            log(f"  stage verify exact on the {len(open_samples)} open samples: "
+                f"{format_seconds(time.perf_counter() - clock)}")
         best = _fraction(verified_any)
         measurements.append(Measurement("verified_best", eps, best, n, 0.0))
         violation = order_violation(best, _fraction(~broken_any), _fraction(correct), eps)
@@ -177,8 +181,10 @@ SWEEP_METHODS = ("interval", "symbolic")
 
 def _sweep(model: nn.Module, data: EvalData, settings: EvaluationSettings, seed: int,
            train_eps: float) -> list[Measurement]:
-    """Clean, PGD and interval/symbolic-verified accuracy at several eps on the first ``sweep_n`` samples
-    (the training eps itself is measured on all test samples, so the sweep leaves it out)."""
+    """Clean, PGD and interval/symbolic-verified accuracy at the sweep's radii and at the training eps, all on the
+    first ``sweep_n`` samples with one attack configuration, so every point of the accuracy-vs-eps curve is
+    measured the same way (the cell's own rows at the training eps use all test samples and stronger attacks; the
+    reports tell the two apart by ``n``)."""
     from robustkit.attacks import PGD
 
     if not settings.eps_sweep or settings.sweep_n == 0:
@@ -187,7 +193,9 @@ def _sweep(model: nn.Module, data: EvalData, settings: EvaluationSettings, seed:
     n = len(y)
     rows = []
     what = f"the {data.dataset.name} test split"
-    for eps in progress([e for e in settings.eps_sweep if e != train_eps], desc="eps sweep", unit="eps"):
+    radii = sorted({*settings.eps_sweep, train_eps})
+    for position, eps in enumerate(progress(radii, desc="eps sweep", unit="eps"), start=1):
+        clock = time.perf_counter()
         generator = make_generator(seed, model_device(model))
         counts = [robustness_counts(model, x[i : i + settings.batch_size], y[i : i + settings.batch_size], eps,
                                     pgd_steps=SWEEP_PGD_STEPS, methods=SWEEP_METHODS, generator=generator,
@@ -199,4 +207,6 @@ def _sweep(model: nn.Module, data: EvalData, settings: EvaluationSettings, seed:
         for method in SWEEP_METHODS:
             rows.append(Measurement(f"verified_{method}", eps, sum(c.verified[method] for c in counts) / n, n,
                                     sum(c.verify_time_s[method] for c in counts)))
+        log(f"  stage eps sweep {position}/{len(radii)} (eps {eps:g}, {n} samples): "
+            f"{format_seconds(time.perf_counter() - clock)}")
     return rows

@@ -27,7 +27,7 @@ from robustkit.data import Dataset, Split, load_dataset
 from robustkit.errors import InputError
 from robustkit.evaluation import take_samples
 from robustkit.io import atomic_write_text, json_value, torch_save_atomic, write_csv
-from robustkit.progress import progress
+from robustkit.progress import WorkLog, format_seconds, log, progress
 from robustkit.runlock import LOCK_FILE, run_lock
 from robustkit.runtime import PeakMemory
 
@@ -46,9 +46,16 @@ class Cell:
     model: str
     trainer: TrainerSpec
     eps: float
+    seed: int = 0
 
     @property
     def key(self) -> str:
+        """The cell's folder name under ``cells/``: dataset, model, trainer label, eps and seed."""
+        return f"{self.legacy_key}__seed{self.seed}"
+
+    @property
+    def legacy_key(self) -> str:
+        """The folder name of runs made before seeds were part of the key (resumed where it exists)."""
         text = f"{self.dataset}__{self.model}__{self.trainer.label}__eps{self.eps:g}"
         return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
@@ -86,10 +93,12 @@ class BenchRun:
 
 
 def plan(config: BenchConfig) -> list[Cell]:
-    """The grid's cells in run order: dataset, model, eps, then the trainers in their listed order."""
+    """The grid's cells in run order: seed (the whole grid of the first seed first, so its table fills first),
+    dataset, model, eps, then the trainers in their listed order."""
     return [
-        Cell(dataset, model, trainer, eps)
-        for dataset in config.datasets for model in config.models for eps in config.eps for trainer in config.trainers
+        Cell(dataset, model, trainer, eps, seed)
+        for seed in config.seeds for dataset in config.datasets for model in config.models for eps in config.eps
+        for trainer in config.trainers
     ]
 
 
@@ -127,7 +136,7 @@ def check_models(config: BenchConfig, datasets: dict[str, GridData]) -> None:
     from robustkit.trainers.base import engine_problem
 
     for spec in config.models:
-        model = build_network(resolve_spec(spec, config.model_dir), seed=config.seed)
+        model = build_network(resolve_spec(spec, config.model_dir), seed=config.seeds[0])
         for name, data in datasets.items():
             problem = fit_problem(model, data.dataset.input_shape, data.dataset.num_classes, spec=spec, data=name)
             if problem is None:
@@ -152,6 +161,8 @@ def _check_folder(folder: Path, config: BenchConfig, resume: bool) -> None:
     if not saved_file.is_file():
         raise InputError(f"cannot resume: {folder} holds no bench run (no config.json)")
     saved = _read_json(saved_file, "config", "this folder cannot be resumed; start the run in a new --out")
+    if isinstance(saved, dict) and "seeds" not in saved and "seed" in saved:  # written before seeds
+        saved["seeds"] = [saved.pop("seed")]
     mine = json.loads(json.dumps(config.to_dict()))
     differing = sorted(k for k in set(saved) | set(mine) if k != "source" and saved.get(k) != mine.get(k))
     if differing:
@@ -165,9 +176,9 @@ def _train(cell: Cell, config: BenchConfig, train: Any, monitor: Any, folder: Pa
     from robustkit.trainers import get_trainer
     from robustkit.trainers.base import TrainConfig
 
-    model = build_network(resolve_spec(cell.model, config.model_dir), seed=config.seed)
+    model = build_network(resolve_spec(cell.model, config.model_dir), seed=cell.seed)
     trainer = get_trainer(cell.trainer.name, **cell.trainer.options)
-    settings = TrainConfig(**cell.trainer.training, eps=cell.eps, seed=config.seed, device=device,
+    settings = TrainConfig(**cell.trainer.training, eps=cell.eps, seed=cell.seed, device=device,
                            val_size=config.val_size)
     with PeakMemory() as memory:
         result = trainer.fit(model, train, monitor, settings, checkpoint=folder / "checkpoint.pt", resume=resume)
@@ -181,9 +192,11 @@ def run_cell(cell: Cell, config: BenchConfig, data: GridData, folder: Path, devi
     folder.mkdir(parents=True, exist_ok=True)
     train, test = data.train, data.test
     model, result, train_memory = _train(cell, config, train, data.monitor, folder, device, resume)
-    evaluation = evaluate_model(model, data.dataset, test, cell.eps, config.evaluation, config.seed)
+    log(f"  trained ({format_seconds(result.train_time_s)} of training time); evaluating on {len(test)} test samples "
+        f"at eps {cell.eps:g}")
+    evaluation = evaluate_model(model, data.dataset, test, cell.eps, config.evaluation, cell.seed)
     base = {"dataset": cell.dataset, "model": cell.model, "trainer": cell.trainer.label,
-            "trainer_name": cell.trainer.name, "train_eps": cell.eps, "seed": config.seed}
+            "trainer_name": cell.trainer.name, "train_eps": cell.eps, "seed": cell.seed}
     tail = {"robustkit_version": version, "torch_version": torch_version}
     results = [
         {**base, "eval_eps": cell.eps, "metric": metric, "value": value, "n": n, "time_s": seconds, **tail,
@@ -278,18 +291,28 @@ def run_bench(
                  "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
         cells = plan(config)
         outcomes: list[CellOutcome] = []
+        cells_log = WorkLog("cell", len(cells), "cell")
         for position, cell in enumerate(progress(cells, desc="bench cells", unit="cell")):
             cell_folder = folder / "cells" / cell.key
+            legacy = folder / "cells" / cell.legacy_key
+            if resume and len(config.seeds) == 1 and not cell_folder.exists() and legacy.is_dir():
+                cell_folder = legacy  # a run made before seeds were part of the cells' folder names
             result_file = cell_folder / "result.json"
             if resume and result_file.is_file():
                 outcome = _load_outcome(cell, result_file)
+                cells_log.finished(cell.key, None)
             else:
+                log(f"cell {cell.key} ({position + 1}/{len(cells)}): training {cell.trainer.label}")
+                clock = time.perf_counter()
                 outcome = run_cell(cell, config, datasets[cell.dataset], cell_folder, device, resume)
+                cells_log.finished(cell.key, time.perf_counter() - clock)
             outcomes.append(outcome)
             _write_tables(folder, outcomes)
             if on_cell is not None:
                 on_cell(outcome, position + 1, len(cells))
         from robustkit.reports.build import build_report
 
+        clock = time.perf_counter()
         files = build_report(folder)
+        log(f"report: {len(files)} files in {format_seconds(time.perf_counter() - clock)}")
     return BenchRun(folder, tuple(outcomes), tuple(files))

@@ -142,16 +142,17 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random generator.")
 @click.option("--device", default="auto", show_default=True, callback=_check_device,
               help=f"Where to compute: {DEVICE_CHOICES}.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars, and no progress log lines (bench, train).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
               help="CPU threads for torch (default: torch's choice). 1 is much faster when other processes "
                    "keep the cores busy.")
 @click.pass_context
 def main(ctx: click.Context, seed: int, device: str, quiet: bool, threads: int | None) -> None:
     """robustkit: train, attack and formally verify neural networks against L-inf adversaries."""
-    from robustkit.progress import set_progress
+    from robustkit.progress import set_log, set_progress
 
     set_progress(not quiet)
+    set_log(False)  # the long-running commands (bench, train) turn their log lines on
     if threads is not None:
         import torch
 

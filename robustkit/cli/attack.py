@@ -241,7 +241,8 @@ def write_adversarial(out: Path, runs: Sequence[AttackRun], data: EvalData) -> P
 
 def write_examples(out: Path, runs: Sequence[AttackRun], data: EvalData, clean_prediction: Tensor) -> Path:
     """``examples.png``: up to :data:`EXAMPLE_ROWS` samples (those broken at the largest eps first), clean and
-    under every attack and eps, titled with the predicted classes."""
+    under every attack and eps, titled with the predicted classes; each row is labelled with its index in the test
+    split (``test 107``), so a grid shown beside ``attack.csv`` or ``adv.npz`` names the same samples."""
     from robustkit.reports.images import ExampleColumn, save_examples_grid
 
     largest = max(r.eps for r in runs)
@@ -255,7 +256,7 @@ def write_examples(out: Path, runs: Sequence[AttackRun], data: EvalData, clean_p
     ]
     return save_examples_grid(
         out / "examples.png", data.split.x[rows], data.split.y[rows].tolist(), clean_prediction[rows].tolist(),
-        columns, data.dataset.class_names, [f"#{data.start + p}" for p in rows],
+        columns, data.dataset.class_names, [f"test {data.start + p}" for p in rows],
     )
 
 

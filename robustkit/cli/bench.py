@@ -21,7 +21,7 @@ def _percent(value: float) -> str:
 def _cell_line(outcome: CellOutcome, position: int, total: int) -> str:
     cell = outcome.cell
     parts = [
-        f"[{position}/{total}] {cell.dataset} {cell.model} {cell.trainer.label} eps {cell.eps:g}:",
+        f"[{position}/{total}] {cell.dataset} {cell.model} {cell.trainer.label} eps {cell.eps:g} seed {cell.seed}:",
         f"clean {_percent(outcome.metric('clean_acc'))}",
         f"pgd {_percent(outcome.metric('pgd_acc'))}",
         f"worst attack {_percent(outcome.metric('worst_attack_acc'))}",
@@ -32,6 +32,19 @@ def _cell_line(outcome: CellOutcome, position: int, total: int) -> str:
     if outcome.reused:
         parts.append("(finished earlier, reused)")
     return " ".join(parts)
+
+
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds 0,1,2`` as a tuple of distinct integers (a usage error otherwise)."""
+    from robustkit.bench.config import check_seeds
+    from robustkit.errors import InputError
+
+    try:
+        values = [int(part) for part in text.split(",")]
+        return check_seeds(values, "--seeds")
+    except (ValueError, InputError) as exc:
+        raise click.BadParameter(f"{text!r}: give distinct integers separated by commas, e.g. 0,1,2 ({exc})",
+                                 param_hint="--seeds") from None
 
 
 def _report_cell(outcome: CellOutcome, position: int, total: int) -> None:
@@ -50,12 +63,15 @@ def _report_cell(outcome: CellOutcome, position: int, total: int) -> None:
               help="Run folder (default runs/bench-<date-time>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out: finished cells are kept.")
 @click.option("--seed", type=int, default=None, help="Seed for training and evaluation (overrides the config).")
+@click.option("--seeds", "seed_list", default=None, metavar="S,S,...",
+              help="Run every cell once per seed (e.g. 0,1,2; overrides the config's seed or seeds): summary.md "
+                   "shows the mean, the spread and a t interval over the seeds.")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (overrides the root --device).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder with the files of datasets read from disk (overrides data.data_dir).")
 @click.pass_context
 def bench(ctx: click.Context, config_file: str | None, preset_name: str | None, out: Path | None, resume: bool,
-          seed: int | None, device: str | None, data_dir: str | None) -> None:
+          seed: int | None, seed_list: str | None, device: str | None, data_dir: str | None) -> None:
     """Train every trainer of the grid, evaluate each model with attacks and verifiers, and report.
 
     Writes results.csv (one row per cell and measurement), epochs.csv (training curves), summary.csv,
@@ -67,17 +83,24 @@ def bench(ctx: click.Context, config_file: str | None, preset_name: str | None, 
     import dataclasses
 
     from robustkit.bench import load_config, preset, run_bench
+    from robustkit.progress import set_log
     from robustkit.runtime import resolve_device
 
     options = global_options(ctx)
+    set_log(True)  # one line per epoch, stage and cell when stderr is no terminal (not under --quiet)
+    ctx.call_on_close(lambda: set_log(False))
     if config_file is not None and preset_name is not None:
         raise click.UsageError("give either --config or --preset, not both")
     config = load_config(config_file) if config_file is not None else preset(preset_name or "paper")
     root = ctx.find_root()
     if seed is None and root.get_parameter_source("seed") is click.core.ParameterSource.COMMANDLINE:
         seed = options.seed  # robustkit --seed S bench ...
+    if seed is not None and seed_list is not None:
+        raise click.UsageError("give either --seed or --seeds, not both")
     if seed is not None:
-        config = dataclasses.replace(config, seed=seed)
+        config = dataclasses.replace(config, seeds=(seed,))
+    if seed_list is not None:
+        config = dataclasses.replace(config, seeds=_parse_seeds(seed_list))
     if data_dir is not None:
         config = dataclasses.replace(config, data_dir=data_dir)
     chosen_device = str(resolve_device(device if device is not None else options.device))
@@ -85,7 +108,8 @@ def bench(ctx: click.Context, config_file: str | None, preset_name: str | None, 
         raise click.UsageError("--resume needs the --out folder of the run to continue")
     folder = out if out is not None else output_dir(None, "bench")
     header = (f"robustkit bench: {config.source}, {len(config.trainers)} trainer(s) x {len(config.models)} "
-              f"model(s) x {len(config.datasets)} dataset(s) x {len(config.eps)} eps, device {chosen_device}, "
+              f"model(s) x {len(config.datasets)} dataset(s) x {len(config.eps)} eps x {len(config.seeds)} seed(s) "
+              f"({', '.join(map(str, config.seeds))}), device {chosen_device}, "
               f"into {folder}")
     run = run_bench(config, folder, resume=resume, device=chosen_device, on_cell=_report_cell,
                     on_note=lambda note: click.echo(f"Note: {note}.", err=True),

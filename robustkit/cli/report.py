@@ -39,8 +39,8 @@ def report(ctx: click.Context, run_dir: Path, other_run: Path | None, formats: s
 
     \b
     Examples:
-      robustkit report runs/bench-mnist
-      robustkit report runs/bench-mnist --format md,csv
+      robustkit report runs/quick
+      robustkit report runs/quick --format md,csv
       robustkit report runs/old runs/new > comparison.md
     """
     from robustkit.reports.build import build_report, compare_runs, parse_formats

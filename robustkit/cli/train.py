@@ -355,10 +355,12 @@ def train(
     import torch
 
     from robustkit.io import atomic_write_text, save_safetensors, torch_save_atomic
-    from robustkit.progress import set_progress
+    from robustkit.progress import set_log, set_progress
     from robustkit.runlock import run_lock
 
     options = global_options(ctx)
+    set_log(True)  # one line per epoch, stage and cell when stderr is no terminal (not under --quiet)
+    ctx.call_on_close(lambda: set_log(False))
     trainer = make_trainer(trainer_name, {"k": k, "schedule": schedule, "method": method, "steps": steps})
     if resume and out is None:
         raise click.UsageError("--resume needs --out DIR: the folder of the run to continue")

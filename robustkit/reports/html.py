@@ -23,6 +23,7 @@ import pandas as pd
 from robustkit.reports.records import RunRecords, ordered_unique
 from robustkit.reports.summary import (
     ACCURACY_NOTE,
+    INTERVAL_NOTE,
     TABLE_HEADERS,
     group_title,
     iter_groups,
@@ -141,6 +142,7 @@ def render_index(
         "<header>", f"<h1>{escape_text(heading)}</h1>",
         f"<p>{escape_text('; '.join(_run_facts(records)))}.</p>", "</header>", "<main>",
         f'<p class="note">{escape_text(ACCURACY_NOTE)}</p>',
+        f'<p class="note">{escape_text(INTERVAL_NOTE)}</p>',
     ]
     if links:
         lines.append('<nav><ul class="files">')

@@ -5,17 +5,21 @@ Four kinds (:data:`PLOT_KINDS`):
 - ``verified_vs_time``: verified accuracy on the monitoring subset after each epoch against the cumulative
   training time, one line per trainer (the paper's main comparison: robustness bought per second of training);
 - ``accuracy_vs_eps``: clean, PGD and symbolically verified accuracy against the evaluation radius, from the
-  eps sweep rows of ``results.csv`` (a subset of the test split); the hollow marker is the cell's own radius,
-  measured on all n test samples;
+  eps sweep rows of ``results.csv`` only (:func:`sweep_points`): every point of a curve is measured on the same
+  samples with the same attack, which the caption states (:func:`sweep_description`); the cell's own numbers at
+  the training radius (all n test samples, the full evaluation) are the summary table's, marked by a dotted line
+  but not mixed into the curves;
 - ``training_curves``: loss, training eps and the loss weight (MixTrain's a, verifiable training's kappa)
   against the epoch;
 - ``train_time``: training time per trainer as bars (log scale when the times span more than
   :data:`LOG_SCALE_RATIO`).
 
-A plot without data (say, no eps sweep) is not drawn. Files go to ``plots/`` under the output folder with
-stable names, ``<kind>__<dataset>__<model>__eps<train eps>.png`` (and ``.pdf``). Rendering uses matplotlib's
-Agg canvas on a :class:`~matplotlib.figure.Figure` created directly, never pyplot, so nothing is shown and
-pyplot's global state is left alone; the files carry no dates, so the same records give the same bytes.
+Accuracies are drawn with their 95% intervals as error bars (:func:`seed_means`); a run with several seeds is
+drawn as the mean over its seeds. A plot without data (say, no eps sweep) is not drawn. Files go to ``plots/``
+under the output folder with stable names, ``<kind>__<dataset>__<model>__eps<train eps>.png`` (and ``.pdf``).
+Rendering uses matplotlib's Agg canvas on a :class:`~matplotlib.figure.Figure` created directly, never pyplot, so
+nothing is shown and pyplot's global state is left alone; the files carry no dates, so the same records give the
+same bytes.
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
-    "EPS_SWEEP_METRICS", "KIND_TITLES", "LOG_SCALE_RATIO", "PLOTS_DIR", "PLOT_FORMATS", "PLOT_KINDS", "PlotSpec",
-    "TrainerStyle", "plan_plots", "plot_stem", "render_plot", "save_figure", "trainer_styles", "write_plots",
+    "EPS_SWEEP_METRICS", "INTERVAL_CAPTION", "KIND_TITLES", "LOG_SCALE_RATIO", "PLOTS_DIR", "PLOT_FORMATS",
+    "PLOT_KINDS", "PlotSpec", "TrainerStyle", "plan_plots", "plot_stem", "render_plot", "save_figure", "seed_means",
+    "sweep_description", "sweep_points", "trainer_styles", "write_plots",
 ]
 
 PLOTS_DIR = "plots"
@@ -137,13 +142,69 @@ def _has_values(frame: pd.DataFrame, column: str) -> bool:
     return bool(frame[column].notna().any())
 
 
+def sweep_points(results: pd.DataFrame) -> pd.DataFrame:
+    """The points of the accuracy-vs-eps curves: the eps sweep's rows (:func:`~robustkit.reports.records.sweep_rows`)
+    of :data:`EPS_SWEEP_METRICS` with a value, never a cell's own rows (measured on other samples with other
+    attacks)."""
+    sweep = sweep_rows(results)
+    return sweep.loc[sweep["metric"].isin(EPS_SWEEP_METRICS) & sweep["value"].notna()]
+
+
+def _described(values: Sequence[str]) -> str:
+    distinct = ordered_unique(v for v in values if v)
+    return " / ".join(distinct) if distinct else "not recorded"
+
+
+def sweep_description(points: pd.DataFrame) -> str:
+    """What the points of :func:`sweep_points` are: their number of test samples and the attack, e.g. ``the first
+    200 test samples; PGD: PGD(steps=20, ...)`` (a range or every configuration when the points differ, as in
+    runs merged from several configurations)."""
+    counts = sorted({int(n) for n in points["n"].dropna()})
+    samples = ("n unknown" if not counts else f"the first {counts[0]:,} test samples" if len(counts) == 1
+               else f"{counts[0]:,} to {counts[-1]:,} test samples (the points differ)")
+    attack = _described(points.loc[points["metric"] == "pgd_acc", "config"].tolist())
+    return f"{samples}; PGD: {attack}"
+
+
+def seed_means(frame: pd.DataFrame, by: str, column: str, n_column: str | None) -> pd.DataFrame:
+    """``column`` per value of ``by`` over the seeds of ``frame`` (one trainer's rows): its mean, and the ends
+    ``low`` / ``high`` of its 95% interval (:func:`robustkit.reports.stats.interval`: Wilson over the ``n_column``
+    samples for one seed, t over the seeds for several; NaN without ``n_column`` for one seed)."""
+    from robustkit.reports.stats import interval
+
+    rows = []
+    for key, part in frame.loc[frame[column].notna()].groupby(by, sort=True):
+        values = [float(v) for v in part[column]]
+        n = float(part[n_column].max()) if n_column is not None else math.nan
+        low, high = interval(values, n)
+        rows.append({by: float(key), "mean": sum(values) / len(values), "low": low, "high": high,
+                     "seeds": part["seed"].nunique()})
+    return pd.DataFrame(rows, columns=[by, "mean", "low", "high", "seeds"])
+
+
+def _error_bars(axes: Axes, x: Sequence[float], means: pd.DataFrame, colour: str, scale: float = 100.0) -> None:
+    """Vertical 95% interval bars at ``x`` (none where the interval is unknown)."""
+    known = means["low"].notna().to_numpy() & means["high"].notna().to_numpy()
+    if not known.any():
+        return
+    centre = scale * means["mean"].to_numpy()[known]
+    below = centre - scale * means["low"].to_numpy()[known]
+    above = scale * means["high"].to_numpy()[known] - centre
+    axes.errorbar(np.asarray(x, dtype=float)[known], centre, yerr=np.vstack([below, above]), fmt="none",
+                  ecolor=colour, elinewidth=0.8, capsize=2, alpha=0.8)
+
+
+INTERVAL_CAPTION = ("Error bars: 95% intervals (Wilson over the samples for one seed, t over the seeds for several; "
+                    "several seeds are plotted as their mean).")
+
+
 def plan_plots(records: RunRecords) -> list[PlotSpec]:
     """The plots the records have data for, in a stable order: per group, the kinds of :data:`PLOT_KINDS`."""
     plans = []
     for group in _groups(records):
         epochs = _rows(records.epochs, group)
         results = _rows(records.results, group)
-        sweep = sweep_rows(results)
+        points = sweep_points(results)
         times = cell_rows(results)
         times = times.loc[(times["metric"] == "train_time_s") & times["value"].notna()]
         n_val = sorted({int(v) for v in epochs["n_val"].dropna()})
@@ -152,12 +213,14 @@ def plan_plots(records: RunRecords) -> list[PlotSpec]:
             "verified_vs_time": (
                 not epochs.empty and _has_values(epochs, "verified_acc"),
                 f"Verified accuracy after each epoch ({subset} monitoring test samples) against the cumulative "
-                "training time, evaluation excluded.",
+                "training time, evaluation excluded. " + INTERVAL_CAPTION,
             ),
             "accuracy_vs_eps": (
-                not sweep.loc[sweep["metric"].isin(EPS_SWEEP_METRICS)].empty,
-                "Clean, PGD and symbolically verified accuracy against the evaluation radius on the sweep subset; "
-                "hollow markers: the training radius, measured on all n test samples.",
+                not points.empty,
+                "Clean, PGD and symbolically verified accuracy against the evaluation radius (the eps sweep): every "
+                f"point on {sweep_description(points)}. The dotted line is the training radius; the summary table's "
+                "numbers there come from all n test samples and the full evaluation, so they differ from the curve. "
+                + INTERVAL_CAPTION,
             ),
             "training_curves": (
                 not epochs.empty,
@@ -202,13 +265,16 @@ def _draw_verified_vs_time(figure: Figure, epochs: pd.DataFrame, styles: dict[st
     axes = figure.subplots()
     times: list[float] = []
     for trainer in ordered_unique(epochs["trainer"]):
-        rows = epochs.loc[(epochs["trainer"] == trainer) & epochs["verified_acc"].notna()].sort_values("epoch")
+        rows = epochs.loc[(epochs["trainer"] == trainer) & epochs["verified_acc"].notna()]
         if rows.empty:
             continue
         style = styles[trainer]
-        axes.plot(rows["train_time_s"], 100 * rows["verified_acc"], color=style.colour, marker=style.marker,
-                  markersize=4, label=trainer)
-        times += rows["train_time_s"].tolist()
+        verified = seed_means(rows, "epoch", "verified_acc", "n_val")
+        seconds = seed_means(rows, "epoch", "train_time_s", None)["mean"].tolist()  # the mean over the seeds
+        axes.plot(seconds, 100 * verified["mean"], color=style.colour, marker=style.marker, markersize=4,
+                  label=trainer)
+        _error_bars(axes, seconds, verified, style.colour)
+        times += seconds
     _log_if_wide(axes, times, "x")
     axes.set_xlabel("cumulative training time (s)")
     axes.set_ylabel("verified accuracy (%)")
@@ -220,23 +286,18 @@ def _draw_accuracy_vs_eps(figure: Figure, results: pd.DataFrame, styles: dict[st
     from matplotlib.ticker import MaxNLocator
 
     panels = figure.subplots(1, len(EPS_SWEEP_METRICS), sharey=True, squeeze=False)[0]
-    sweep = sweep_rows(results)
-    cells = cell_rows(results)
+    points = sweep_points(results)
     for axes, metric in zip(panels, EPS_SWEEP_METRICS, strict=True):
         for trainer in ordered_unique(results["trainer"]):
             style = styles[trainer]
-            line = sweep.loc[(sweep["trainer"] == trainer) & (sweep["metric"] == metric) & sweep["value"].notna()]
-            own = cells.loc[(cells["trainer"] == trainer) & (cells["metric"] == metric) & cells["value"].notna()]
-            # the curve passes through the training radius too (measured there on all n samples)
-            line = pd.concat([line, own]).sort_values("eval_eps")
+            line = seed_means(points.loc[(points["trainer"] == trainer) & (points["metric"] == metric)], "eval_eps",
+                              "value", "n")
             if not line.empty:
-                axes.plot(line["eval_eps"], 100 * line["value"], color=style.colour, marker=style.marker,
+                axes.plot(line["eval_eps"], 100 * line["mean"], color=style.colour, marker=style.marker,
                           markersize=4, label=trainer)
-            if not own.empty:
-                axes.plot(own["eval_eps"], 100 * own["value"], linestyle="none", marker=style.marker, markersize=8,
-                          markerfacecolor="none", markeredgecolor=style.colour, clip_on=False)
-        if not cells.empty:
-            axes.axvline(float(cells["train_eps"].iloc[0]), color="0.6", linestyle=":", linewidth=1)
+                _error_bars(axes, line["eval_eps"].tolist(), line, style.colour)
+        if not results.empty:
+            axes.axvline(float(results["train_eps"].iloc[0]), color="0.6", linestyle=":", linewidth=1)
         axes.set_title(METRIC_LABELS[metric], fontsize=10)
         axes.set_xlabel("evaluation eps")
         axes.xaxis.set_major_locator(MaxNLocator(5))
@@ -261,11 +322,12 @@ def _draw_training_curves(figure: Figure, epochs: pd.DataFrame, styles: dict[str
     for axes, (column, label) in zip(panels, quantities, strict=True):
         drawn = False
         for trainer in ordered_unique(epochs["trainer"]):
-            rows = epochs.loc[(epochs["trainer"] == trainer) & epochs[column].notna()].sort_values("epoch")
+            rows = epochs.loc[(epochs["trainer"] == trainer) & epochs[column].notna()]
             if rows.empty:
                 continue
             style = styles[trainer]
-            axes.plot(rows["epoch"], rows[column], color=style.colour, marker=style.marker, markersize=3,
+            means = seed_means(rows, "epoch", column, None)  # the mean over the seeds
+            axes.plot(means["epoch"], means["mean"], color=style.colour, marker=style.marker, markersize=3,
                       label=trainer)
             drawn = True
         if not drawn:
@@ -283,10 +345,18 @@ def _draw_train_time(figure: Figure, results: pd.DataFrame, styles: dict[str, Tr
     rows = cell_rows(results)
     rows = rows.loc[(rows["metric"] == "train_time_s") & rows["value"].notna()]
     trainers = ordered_unique(rows["trainer"])
-    seconds = [float(rows.loc[rows["trainer"] == t, "value"].iloc[0]) for t in trainers]
+    per_seed = [rows.loc[rows["trainer"] == t, "value"].astype(float).tolist() for t in trainers]
+    seconds = [sum(values) / len(values) for values in per_seed]  # the mean over the seeds
     axes = figure.subplots()
     positions = list(range(len(trainers)))
     axes.barh(positions, seconds, color=[styles[t].colour for t in trainers])
+    from robustkit.reports.stats import t_interval
+
+    spread = [t_interval(values, bounds=(0.0, math.inf)) for values in per_seed]
+    for position, mean, (low, high) in zip(positions, seconds, spread, strict=True):
+        if not math.isnan(low):  # a t interval over the seeds (a time has no binomial interval)
+            axes.errorbar([mean], [position], xerr=[[mean - low], [high - mean]], fmt="none", ecolor="0.2",
+                          capsize=3)
     axes.set_yticks(positions, labels=trainers)
     axes.invert_yaxis()
     _log_if_wide(axes, seconds, "x")

@@ -45,8 +45,8 @@ from robustkit.errors import DataError
 __all__ = [
     "ACCURACY_METRICS", "CELL_KEYS", "CELL_METRICS", "EPOCHS_COLUMNS", "EPOCHS_FILE", "EPOCHS_SCHEMA", "GROUP_KEYS",
     "METRICS", "METRIC_LABELS", "MIXTRAIN", "PREFLIGHT_METRICS", "RESULTS_COLUMNS", "RESULTS_FILE", "RESULTS_SCHEMA",
-    "SWEEP_METRICS", "Column", "RecordsError", "RunRecords", "cell_rows", "format_eps", "load_run", "ordered_unique",
-    "read_epochs", "read_results", "sweep_rows",
+    "RUN_KEYS", "SWEEP_METRICS", "Column", "RecordsError", "RunRecords", "cell_rows", "format_eps", "load_run",
+    "ordered_unique", "read_epochs", "read_results", "sweep_rows",
 ]
 
 RESULTS_FILE = "results.csv"
@@ -54,6 +54,8 @@ EPOCHS_FILE = "epochs.csv"
 
 # one trained network; ``trainer`` is the cell's label (e.g. verifiable-symbolic), ``trainer_name`` its registry name
 CELL_KEYS = ("dataset", "model", "trainer", "train_eps")
+# one trained network of one seed: a bench run with several seeds has one per cell and seed
+RUN_KEYS = (*CELL_KEYS, "seed")
 # the cells that one table (and one set of plots) compares
 GROUP_KEYS = ("dataset", "model", "train_eps")
 MIXTRAIN = "mixtrain"
@@ -241,7 +243,7 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
         position = int(np.flatnonzero(outside)[0])
         raise _bad_cell(Path(path), _line(position), "value", str(values[position]),
                         f"is outside [0, 1] but {frame['metric'].iloc[position]} is an accuracy (a fraction)")
-    return _keep_first(frame, [*CELL_KEYS, "eval_eps", "metric", "n"], Path(path))
+    return _keep_first(frame, [*RUN_KEYS, "eval_eps", "metric", "n"], Path(path))
 
 
 def read_epochs(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -253,7 +255,7 @@ def read_epochs(path: str | os.PathLike[str]) -> pd.DataFrame:
     warning).
     """
     frame = _read_table(path, EPOCHS_SCHEMA)
-    return _keep_first(frame, [*CELL_KEYS, "epoch"], Path(path))
+    return _keep_first(frame, [*RUN_KEYS, "epoch"], Path(path))
 
 
 @dataclass(frozen=True, eq=False)
@@ -279,18 +281,18 @@ def _cell_mask(results: pd.DataFrame) -> np.ndarray[Any, np.dtype[np.bool_]]:
     training eps again on its subset, the row over the most samples (on a tie, the first)."""
     at_train = np.isclose(results["eval_eps"].to_numpy(dtype=float), results["train_eps"].to_numpy(dtype=float),
                           rtol=0.0, atol=_EPS_TOLERANCE)
-    candidates = results.loc[at_train, [*CELL_KEYS, "metric"]].assign(
+    candidates = results.loc[at_train, [*RUN_KEYS, "metric"]].assign(
         _position=np.flatnonzero(at_train), _n=results.loc[at_train, "n"].fillna(-1.0).to_numpy(),
     )
     candidates = candidates.sort_values(["_n", "_position"], ascending=[False, True], kind="stable")
-    chosen = candidates.drop_duplicates([*CELL_KEYS, "metric"], keep="first")["_position"].to_numpy()
+    chosen = candidates.drop_duplicates([*RUN_KEYS, "metric"], keep="first")["_position"].to_numpy()
     mask = np.zeros(len(results), dtype=bool)
     mask[chosen] = True
     return mask
 
 
 def cell_rows(results: pd.DataFrame) -> pd.DataFrame:
-    """The cells' own measurements, one per cell and metric, at eval eps = train eps over all n test samples:
+    """The cells' own measurements, one per cell, seed and metric, at eval eps = train eps over all n test samples:
     the summary's numbers. Where the eps sweep measured the training eps too (on a subset, so with a smaller
     ``n``), the row with the largest ``n`` is the cell's and the other belongs to :func:`sweep_rows`."""
     return results.loc[_cell_mask(results)]
@@ -300,7 +302,7 @@ def sweep_rows(results: pd.DataFrame) -> pd.DataFrame:
     """The eps sweep: every row that is not one of :func:`cell_rows` (rows with eval eps != train eps, and
     repeated measurements at the training eps on the sweep's subset), one per cell, eval eps and metric."""
     rest = results.loc[~_cell_mask(results)]
-    return rest.drop_duplicates([*CELL_KEYS, "eval_eps", "metric"], keep="first")
+    return rest.drop_duplicates([*RUN_KEYS, "eval_eps", "metric"], keep="first")
 
 
 def ordered_unique(values: Iterable[Hashable]) -> list[Any]:

@@ -1,17 +1,21 @@
 """The paper-style summary table: one row per trained cell, grouped by dataset, model and training eps.
 
 The columns read like the MixTrain paper's table: Trainer | Clean | PGD | CW | Interval attack |
-Verified (interval) | Verified (symbolic) | Verified (best) | Train time | Time vs MixTrain. Every value comes
-from the ``results.csv`` rows measured at the cell's own radius (eval eps = train eps). "Time vs MixTrain"
-divides a cell's training time by that of the MixTrain cell of the same dataset, model and training eps (the
-cell labelled ``mixtrain``, else the first cell whose trainer is ``mixtrain``); it is ``n/a`` without one.
+Verified (interval) | Verified (symbolic) | Verified (CROWN) | Verified (best) | Train time | Time vs MixTrain
+(``time_vs_mixtrain`` in ``summary.csv``, to 3 significant digits). Every value comes from the ``results.csv``
+rows measured at the cell's own radius (eval eps = train eps). "Time vs MixTrain" divides a cell's training time
+by that of the MixTrain cell of the same dataset, model and training eps (the cell labelled ``mixtrain``, else
+the first cell whose trainer is ``mixtrain``); it is ``n/a`` without one.
 
 :func:`summary_frame` builds the table as a DataFrame (fractions and seconds), :func:`summary_markdown` renders
 it for people (percentages with one decimal, readable times), :func:`write_summary` writes ``summary.csv`` and
 ``summary.md``. Cells keep the order of their first row in ``results.csv``, so the same file gives the same
 table, byte for byte. ``summary.csv`` ends with the cells' pre-flight results (:data:`PREFLIGHT_METRICS`: the
 number of warnings, 0/1 flags and the share of checked samples with zero input gradients), empty for runs made
-before the bench recorded them; the Markdown table leaves them out.
+before the bench recorded them; the Markdown table leaves them out. Every accuracy carries its 95% interval
+(:mod:`robustkit.reports.stats`: Wilson over the test points for one seed, t over the seeds for several), shown
+in parentheses in ``summary.md`` and as ``<metric>_low`` / ``<metric>_high`` in ``summary.csv`` (after every
+earlier column); a cell run with several seeds is one row, their mean, with ± the standard deviation.
 
 >>> format_percent(0.9712), format_duration(4521.0), format_ratio(15.24), format_ratio(float("nan"))
 ('97.1%', '1.3 h', '15.2x', 'n/a')
@@ -41,9 +45,10 @@ from robustkit.reports.records import (
 )
 
 __all__ = [
-    "ACCURACY_NOTE", "NOT_AVAILABLE", "SUMMARY_COLUMNS", "SUMMARY_CSV", "SUMMARY_MD", "TABLE_HEADERS",
-    "TABLE_METRICS", "format_duration", "format_percent", "format_ratio", "group_title", "iter_groups",
-    "mixtrain_reference", "sample_count", "summary_frame", "summary_markdown", "table_cells", "write_summary",
+    "ACCURACY_NOTE", "INTERVAL_COLUMNS", "INTERVAL_NOTE", "NOT_AVAILABLE", "SUMMARY_COLUMNS", "SUMMARY_CSV",
+    "SUMMARY_MD", "TABLE_HEADERS", "TABLE_METRICS", "format_accuracy", "format_duration", "format_percent",
+    "format_ratio", "group_title", "iter_groups", "mixtrain_reference", "sample_count", "summary_frame",
+    "summary_markdown", "table_cells", "write_summary",
 ]
 
 SUMMARY_CSV = "summary.csv"
@@ -52,19 +57,29 @@ NOT_AVAILABLE = "n/a"
 
 TABLE_METRICS = (
     "clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "verified_interval", "verified_symbolic",
-    "verified_best",
+    "verified_crown", "verified_best",
 )
 TABLE_HEADERS = ("Trainer", *(METRIC_LABELS[m] for m in TABLE_METRICS), "Train time", "Time vs MixTrain")
+# per accuracy: the standard deviation over seeds (empty for one seed) and the 95% interval's ends
+INTERVAL_COLUMNS = tuple(f"{metric}_{part}" for metric in ACCURACY_METRICS for part in ("std", "low", "high"))
 SUMMARY_COLUMNS = (
     *GROUP_KEYS, "trainer", "trainer_name", "seed", "n", *ACCURACY_METRICS, *CELL_METRICS, "time_vs_mixtrain",
     *PREFLIGHT_METRICS,
+    "n_seeds", "interval", *INTERVAL_COLUMNS,
 )
 # whole numbers in summary.csv: counts and the pre-flight flags
-INTEGER_COLUMNS = frozenset({"seed", "n", *PREFLIGHT_METRICS} - {"preflight_zero_gradient"})
+INTEGER_COLUMNS = frozenset({"seed", "n", "n_seeds", *PREFLIGHT_METRICS} - {"preflight_zero_gradient"})
+# summary.csv columns rounded to this many significant digits (a ratio of two measured times)
+ROUNDED_COLUMNS = {"time_vs_mixtrain": 3}
 ACCURACY_NOTE = (
     "Accuracies count all n test samples of each cell, at the cell's training eps: clean-misclassified samples "
     "count as broken by the attacks and as not verified. Verified (best) is the per-sample best of the "
     "verifiers run. Time vs MixTrain is the training time divided by that of the MixTrain cell in the same table."
+)
+INTERVAL_NOTE = (
+    "In parentheses: the 95% interval of each accuracy, over the n test samples (Wilson score interval) for one "
+    "seed, over the seeds (t interval of the mean) for several; with several seeds the value is the mean over "
+    "the seeds and ± its standard deviation. Differences inside these intervals are noise."
 )
 
 
@@ -78,6 +93,23 @@ def _missing(value: float) -> bool:
 def format_percent(fraction: float) -> str:
     """An accuracy (a fraction) as a percentage with one decimal; ``n/a`` when it was not measured."""
     return NOT_AVAILABLE if _missing(fraction) else f"{100 * fraction:.1f}%"
+
+
+def format_accuracy(value: float, std: float, low: float, high: float) -> str:
+    """An accuracy with its spread and 95% interval: ``97.1% (96.0-97.9)`` for one seed, ``97.1% ± 0.4
+    (96.2-98.0)`` (mean, standard deviation over seeds, interval) for several; parts that are NaN are left out.
+
+    >>> format_accuracy(0.9712, math.nan, 0.9600, 0.9791), format_accuracy(0.5, 0.02, 0.45, 0.55)
+    ('97.1% (96.0-97.9)', '50.0% ± 2.0 (45.0-55.0)')
+    """
+    if _missing(value):
+        return NOT_AVAILABLE
+    text = format_percent(value)
+    if not _missing(std):
+        text += f" ± {100 * std:.1f}"
+    if not (_missing(low) or _missing(high)):
+        text += f" ({100 * low:.1f}-{100 * high:.1f})"
+    return text
 
 
 def format_duration(seconds: float) -> str:
@@ -129,30 +161,63 @@ def mixtrain_reference(group: pd.DataFrame) -> float:
     return reference if reference > 0 else math.nan
 
 
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _std(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    if len(finite) < 2:
+        return math.nan
+    mean = sum(finite) / len(finite)
+    return math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+
+
 def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
     """One row per cell (dataset, model, trainer, train eps) with :data:`SUMMARY_COLUMNS`.
 
     Accuracies are fractions and times seconds, NaN where a metric was not measured. ``n`` is the number of
     test samples of the clean accuracy (else the largest ``n`` among the cell's rows). Groups and, inside a
-    group, trainers are ordered by their first row in ``results``.
+    group, trainers are ordered by their first row in ``results``. A cell run with several seeds gets the mean
+    over its seeds (the pre-flight metrics: the largest, the worst seed), ``seed`` lists them (``0;1;2``) and
+    ``n_seeds`` counts them; every accuracy gets ``<metric>_std`` (over seeds, NaN for one) and the 95%
+    interval ``<metric>_low`` / ``<metric>_high`` of :func:`robustkit.reports.stats.interval` (``interval``:
+    ``wilson`` over the test samples for one seed, ``t`` over the seeds for several).
     """
+    from robustkit.reports.stats import interval
+
     measured = cell_rows(results)
     trainer_rank = {t: i for i, t in enumerate(ordered_unique(results["trainer"]))}
     group_rank = {g: i for i, g in enumerate(ordered_unique(zip(*(results[k] for k in GROUP_KEYS), strict=True)))}
     rows: list[dict[str, Any]] = []
     for key, cell in measured.groupby(list(CELL_KEYS), sort=False):
         dataset, model, trainer, train_eps = key
-        values = dict(zip(cell["metric"], cell["value"], strict=True))
+        seeds = [int(seed) for seed in ordered_unique(cell["seed"])]
+        per_seed = [cell.loc[cell["seed"] == seed] for seed in seeds]
+        values = [dict(zip(rows_of_seed["metric"], rows_of_seed["value"], strict=True)) for rows_of_seed in per_seed]
         counts = cell.loc[cell["metric"] == "clean_acc", "n"].dropna()
         if counts.empty:
             counts = cell["n"].dropna()
         row: dict[str, Any] = {
             "dataset": dataset, "model": model, "train_eps": float(train_eps), "trainer": trainer,
-            "trainer_name": cell["trainer_name"].iloc[0], "seed": int(cell["seed"].iloc[0]),
+            "trainer_name": cell["trainer_name"].iloc[0],
+            "seed": seeds[0] if len(seeds) == 1 else ";".join(str(seed) for seed in seeds),
             "n": float(counts.max()) if not counts.empty else math.nan,
+            "n_seeds": len(seeds), "interval": "wilson" if len(seeds) == 1 else "t",
         }
-        for metric in (*ACCURACY_METRICS, *CELL_METRICS, *PREFLIGHT_METRICS):
-            row[metric] = float(values.get(metric, math.nan))
+        for metric in ACCURACY_METRICS:
+            measurements = [float(v.get(metric, math.nan)) for v in values]
+            metric_n = cell.loc[cell["metric"] == metric, "n"].dropna()
+            row[metric] = _mean(measurements)
+            row[f"{metric}_std"] = _std(measurements)
+            row[f"{metric}_low"], row[f"{metric}_high"] = interval(
+                measurements, float(metric_n.max()) if not metric_n.empty else math.nan)
+        for metric in CELL_METRICS:
+            row[metric] = _mean([float(v.get(metric, math.nan)) for v in values])
+        for metric in PREFLIGHT_METRICS:
+            found = [float(v.get(metric, math.nan)) for v in values]
+            row[metric] = max((v for v in found if not math.isnan(v)), default=math.nan)
         row["_order"] = (group_rank[(dataset, model, train_eps)], trainer_rank[trainer])
         rows.append(row)
     rows.sort(key=lambda r: r["_order"])
@@ -176,7 +241,8 @@ def table_cells(row: pd.Series) -> list[str]:
     """One summary row as the table shows it (:data:`TABLE_HEADERS`)."""
     return [
         str(row["trainer"]),
-        *(format_percent(float(row[m])) for m in TABLE_METRICS),
+        *(format_accuracy(float(row[m]), float(row[f"{m}_std"]), float(row[f"{m}_low"]), float(row[f"{m}_high"]))
+          for m in TABLE_METRICS),
         format_duration(float(row["train_time_s"])),
         format_ratio(float(row["time_vs_mixtrain"])),
     ]
@@ -185,11 +251,18 @@ def table_cells(row: pd.Series) -> list[str]:
 def sample_count(group: pd.DataFrame) -> str:
     """``n = 1,000 test samples`` for a table (a range when its cells differ)."""
     counts = sorted({int(n) for n in group["n"] if not math.isnan(n)})
+    seeds = sorted({int(k) for k in group["n_seeds"] if not math.isnan(k)}) if "n_seeds" in group else []
+    if not seeds or seeds == [1]:
+        runs = ""
+    elif len(seeds) == 1:
+        runs = f", {seeds[0]} seeds per cell ({group['seed'].iloc[0]})".replace(";", ", ")
+    else:
+        runs = f", {seeds[0]} to {seeds[-1]} seeds per cell"
     if not counts:
-        return "n unknown"
+        return "n unknown" + runs
     if len(counts) == 1:
-        return f"n = {counts[0]:,} test samples"
-    return f"n = {counts[0]:,} to {counts[-1]:,} test samples (per cell in {SUMMARY_CSV})"
+        return f"n = {counts[0]:,} test samples" + runs
+    return f"n = {counts[0]:,} to {counts[-1]:,} test samples (per cell in {SUMMARY_CSV})" + runs
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -201,7 +274,7 @@ def _markdown_cell(text: str) -> str:
 
 def summary_markdown(summary: pd.DataFrame, title: str = "Benchmark summary") -> str:
     """``summary.md``: the accuracy note, then one Markdown table per dataset, model and training eps."""
-    lines = [f"# {_markdown_cell(title)}", "", ACCURACY_NOTE, ""]
+    lines = [f"# {_markdown_cell(title)}", "", ACCURACY_NOTE, "", INTERVAL_NOTE, ""]
     if summary.empty:
         lines += ["No cell has been evaluated yet.", ""]
     for (dataset, model, train_eps), group in iter_groups(summary):
@@ -214,13 +287,17 @@ def summary_markdown(summary: pd.DataFrame, title: str = "Benchmark summary") ->
     return "\n".join(lines)
 
 
-def _csv_value(value: Any, integer: bool) -> str:
+def _csv_value(value: Any, integer: bool, digits: int | None = None) -> str:
+    """A summary.csv cell: text as is, empty for NaN, whole numbers without a point, ``digits`` significant
+    digits where given (``15.2438`` -> ``15.2``), else every digit of the float."""
     if isinstance(value, str):
         return value
     number = float(value)
     if math.isnan(number):
         return ""
-    return str(int(number)) if integer else repr(number)
+    if integer:
+        return str(int(number))
+    return repr(float(f"{number:.{digits}g}")) if digits is not None else repr(number)
 
 
 def write_summary(
@@ -233,7 +310,7 @@ def write_summary(
     written = []
     if "csv" in formats:
         rows = [
-            [_csv_value(record[c], integer=c in INTEGER_COLUMNS) for c in SUMMARY_COLUMNS]
+            [_csv_value(record[c], c in INTEGER_COLUMNS, ROUNDED_COLUMNS.get(c)) for c in SUMMARY_COLUMNS]
             for record in summary.to_dict("records")
         ]
         written.append(write_csv(folder / SUMMARY_CSV, SUMMARY_COLUMNS, rows))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from robustkit.data import Split
 from robustkit.errors import InputError, NonFiniteError, UnsupportedLayerError
-from robustkit.progress import progress
+from robustkit.progress import WorkLog, format_seconds, progress
 from robustkit.trainers import distributed
 from robustkit.trainers.schedules import EpsSchedule, LRSchedule
 
@@ -258,6 +258,7 @@ class Trainer(ABC):
         monitor = val.subset(0, config.val_size) if val is not None and config.val_size > 0 else None
         n = len(train)
         batches = math.ceil(n / config.batch_size)
+        epochs_log = WorkLog(f"  {self.name}", config.epochs, "epoch", done=start_epoch)
         for epoch in range(start_epoch, config.epochs):
             lr = lr_schedule(epoch)
             for group in optimizer.param_groups:
@@ -322,6 +323,10 @@ class Trainer(ABC):
             if path is not None:
                 save_checkpoint(path, self, config, epoch + 1, model, optimizer, data_generator, state, history,
                                 train_time)
+            if info.main:
+                epochs_log.finished(f"epoch {epoch + 1}", epoch_time + record.eval_time_s,
+                                    f" (training {format_seconds(epoch_time)}, monitoring "
+                                    f"{format_seconds(record.eval_time_s)})")
             if on_epoch is not None and info.main:
                 on_epoch(record)
         model.eval()

@@ -84,3 +84,20 @@ def test_a_trainer_label_typo_suggests_and_lists_each_choice_once():
     assert "Did you mean 'mixtrain'?" in message
     listed = message.split("Valid: ", 1)[1].rstrip(".").split(", ")
     assert len(listed) == len(set(listed)) and {"mixtrain", "verifiable-symbolic", "verifiable"} <= set(listed)
+
+
+def test_seeds_run_every_cell_per_seed_and_the_paper_preset_has_one():
+    assert preset("paper").seeds == (0,) and preset("quick").seeds == (0,)
+    assert {c.seed for c in plan(preset("paper"))} == {0}
+    grid = {"grid": {"trainers": ["standard", "pgd"]}}
+    assert parse_config({**grid, "seed": 7}, "t").seeds == (7,)
+    config = parse_config({**grid, "seeds": [0, 1, 2]}, "t")
+    cells = plan(config)
+    assert [(c.seed, c.trainer.label) for c in cells] == [
+        (0, "standard"), (0, "pgd"), (1, "standard"), (1, "pgd"), (2, "standard"), (2, "pgd")]
+    assert len({c.key for c in cells}) == 6 and cells[2].key == "mnist5k__mnist_small__standard__eps0.1__seed1"
+    assert cells[2].legacy_key == "mnist5k__mnist_small__standard__eps0.1"
+    for bad, fragment in (({"seed": 1, "seeds": [1, 2]}, "not both"), ({"seeds": []}, "non-empty list"),
+                          ({"seeds": [1, 1]}, "twice"), ({"seeds": [0, "1"]}, "integers"), ({"seed": True}, "integer")):
+        with pytest.raises(InputError, match=fragment):
+            parse_config({**grid, **bad}, "t")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 import time
@@ -29,11 +30,66 @@ PREFLIGHT = ["preflight_warnings", "preflight_randomised_outputs", "preflight_pr
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_run_and_log(tmp_path_factory):
+    """The quick preset as ``robustkit bench --preset quick > log.txt 2>&1`` runs it: stderr is no terminal, so
+    the progress bars are off and the log lines on."""
     out = tmp_path_factory.mktemp("bench") / "run"
-    result = CliRunner().invoke(main, ["--quiet", "bench", "--preset", "quick", "--out", str(out)])
+    result = CliRunner().invoke(main, ["bench", "--preset", "quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    return out, result.output
+    return out, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def quick_run(quick_run_and_log):
+    out, output, _ = quick_run_and_log
+    return out, output
+
+
+LOG_LINE = re.compile(r"^\[\d\d:\d\d:\d\d \+(?:(\d+)h)?(?:(\d+)m)?(\d+(?:\.\d)?)s\] (.*)$")
+
+
+def log_lines(stderr: str) -> list[tuple[float, str]]:
+    """(seconds since the log started, message) of every progress log line."""
+    lines = []
+    for line in stderr.splitlines():
+        match = LOG_LINE.match(line)
+        if match:
+            hours, minutes, seconds, message = match.groups()
+            lines.append((3600 * int(hours or 0) + 60 * int(minutes or 0) + float(seconds), message))
+    return lines
+
+
+def test_a_log_without_terminal_shows_every_epoch_stage_and_cell(quick_run_and_log):
+    out, _, stderr = quick_run_and_log
+    lines = log_lines(stderr)
+    messages = [message for _, message in lines]
+    keys = [f"mnist5k__mnist_fc_small__{trainer}__eps0.1__seed0" for trainer in TRAINERS]
+    assert sorted(p.name for p in (out / "cells").iterdir()) == sorted(keys)
+    for position, (trainer, key) in enumerate(zip(TRAINERS, keys, strict=True), start=1):
+        start = messages.index(f"cell {key} ({position}/5): training {trainer}")
+        end = next(i for i, m in enumerate(messages) if m.startswith(f"cell {key} done in "))
+        mine = messages[start:end + 1]
+        assert "estimate" not in mine[0]  # nothing has finished in this cell yet
+        # every epoch: its time, the elapsed time, and an estimate of the epochs left from those finished
+        epochs = [m.strip() for m in mine if " epoch " in m and " done in " in m]
+        assert len(epochs) == 2 and epochs[0].startswith(f"{trainer.split('-')[0]} epoch 1 done in ")
+        assert ", elapsed " in epochs[0] and ", estimate " in epochs[0] and "1/2 epochs" in epochs[0]
+        assert "2/2 epochs" in epochs[1] and "estimate" not in epochs[1]  # nothing is left
+        stages = [m.strip() for m in mine if m.strip().startswith("stage ")]
+        assert [s.split(" at eps")[0].split(" on ")[0].split(":")[0] for s in stages] == [
+            "stage clean accuracy and pre-flight checks", "stage attack pgd", "stage attack cw",
+            "stage attack interval_attack", "stage verify interval", "stage verify symbolic", "stage verify crown",
+            "stage verify exact", "stage eps sweep 1/3 (eps 0.05, 30 samples)",
+            "stage eps sweep 2/3 (eps 0.1, 30 samples)", "stage eps sweep 3/3 (eps 0.2, 30 samples)"]
+        assert all(re.search(r": \d+(\.\d)?s( \(.*\))?$", s) for s in stages)
+        # the cell's last line: its time, the cells done, the elapsed time and an estimate of the cells left
+        assert f"; {position}/5 cells, elapsed " in mine[-1]
+        assert (", estimate " in mine[-1]) == (position < 5)
+    assert messages[-1].startswith("report: ")
+    times = [t for t, _ in lines]
+    assert times == sorted(times)
+    # the quick preset's longest stage is a few seconds: the log never falls silent for a minute
+    assert max(b - a for a, b in zip([0.0, *times], times, strict=False)) < 60
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -63,7 +119,10 @@ def test_results_are_long_format_with_every_metric(quick_run):
     assert set(results[0]) >= {"dataset", "model", "trainer", "train_eps", "eval_eps", "metric", "value", "n",
                                "time_s", "seed", "robustkit_version", "torch_version"}
     for trainer in TRAINERS:
-        mine = {r["metric"]: r for r in results if r["trainer"] == trainer and r["eval_eps"] == r["train_eps"]}
+        at_train_eps = [r for r in results if r["trainer"] == trainer and r["eval_eps"] == r["train_eps"]]
+        mine: dict[str, dict[str, str]] = {}
+        for r in at_train_eps:
+            mine.setdefault(r["metric"], r)  # the cell's own rows come first, then the sweep's at the same eps
         for metric in ["clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "worst_attack_acc",
                        "verified_interval", "verified_symbolic", "verified_crown", "verified_exact",
                        "verified_best", "train_time_s", "eval_time_s", "peak_memory_mb", "epochs"]:
@@ -77,6 +136,10 @@ def test_results_are_long_format_with_every_metric(quick_run):
         assert value["verified_crown"] >= value["verified_symbolic"] - 1e-9  # crown takes the better bound
         sweep = {float(r["eval_eps"]) for r in results if r["trainer"] == trainer and r["eval_eps"] != r["train_eps"]}
         assert sweep == {0.05, 0.2}
+        # the sweep measures the training eps too, on its own 30 samples with its own PGD, like its other points
+        sweep_pgd = [r for r in results if r["trainer"] == trainer and r["metric"] == "pgd_acc" and r["n"] == "30"]
+        assert sorted(float(r["eval_eps"]) for r in sweep_pgd) == [0.05, 0.1, 0.2]
+        assert len({r["config"] for r in sweep_pgd}) == 1 and sweep_pgd[0]["config"] != mine["pgd_acc"]["config"]
         # the pre-flight checks of the cell's model, on all 60 test samples (fewer than 100)
         assert all(int(mine[m]["n"]) == 60 for m in PREFLIGHT)
         flags = [value[m] for m in PREFLIGHT[1:] if m != "preflight_zero_gradient"]
@@ -103,7 +166,14 @@ def test_summary_table_matches_results(quick_run):
         assert float(row["pgd_acc"]) == pytest.approx(float(pgd["value"]))
     mixtrain = next(r for r in summary if r["trainer"] == "mixtrain")
     assert float(mixtrain["time_vs_mixtrain"]) == pytest.approx(1.0)
-    assert list(summary[0])[-6:] == ["time_vs_mixtrain", *PREFLIGHT]  # appended; earlier columns unchanged
+    columns = list(summary[0])
+    after = columns.index("time_vs_mixtrain")
+    # appended, earlier columns unchanged: the pre-flight metrics, then the seeds and the intervals
+    assert columns[after:after + 8] == ["time_vs_mixtrain", *PREFLIGHT, "n_seeds", "interval"]
+    assert columns[after + 8:after + 11] == ["clean_acc_std", "clean_acc_low", "clean_acc_high"]
+    for row in summary:
+        assert (row["seed"], row["n_seeds"], row["interval"], row["clean_acc_std"]) == ("0", "1", "wilson", "")
+        assert float(row["clean_acc_low"]) <= float(row["clean_acc"]) <= float(row["clean_acc_high"])
     for row in summary:
         for metric in PREFLIGHT:
             measured = next(r for r in results if r["trainer"] == row["trainer"] and r["metric"] == metric)
@@ -173,6 +243,7 @@ def test_interrupted_run_resumes_to_the_same_summary(quick_run, tmp_path):
     result = CliRunner().invoke(main, ["--quiet", "bench", "--preset", "quick", "--out", str(out), "--resume"])
     assert result.exit_code == 0, result.output
     assert "(finished earlier, reused)" in result.output
+    assert not log_lines(result.stderr)  # --quiet silences the log lines
     ours = {r["trainer"]: r for r in rows(out / "summary.csv")}
     theirs = {r["trainer"]: r for r in rows(reference / "summary.csv")}
     for trainer in TRAINERS:
@@ -202,7 +273,7 @@ def test_preflight_warnings_go_to_the_log_and_old_result_files_have_none(tmp_pat
     outcome = CellOutcome(cell, [], [], [], reused=False, warnings=["randomised outputs: ...", "the model is ..."])
     _report_cell(outcome, 1, 2)
     captured = capsys.readouterr()
-    assert captured.out.startswith("[1/2] mnist5k mnist_fc_small pgd eps 0.1:")
+    assert captured.out.startswith("[1/2] mnist5k mnist_fc_small pgd eps 0.1 seed 0:")
     assert captured.err.splitlines() == [f"Warning: {cell.key}: randomised outputs: ...",
                                          f"Warning: {cell.key}: the model is ..."]
     old = tmp_path / "result.json"

@@ -450,3 +450,23 @@ def test_bad_steps_and_model():
                    "--steps")
     one_line_error(run("attack", "--model", "mnist_smal", "--eps", "0.1", "--attack", "pgd"),
                    "unknown model 'mnist_smal'", "Did you mean 'mnist_small'")
+
+
+def test_examples_grid_rows_are_labelled_with_their_test_indices(tmp_path, monkeypatch):
+    import robustkit.reports.images as images
+
+    seen = {}
+    real = images.save_examples_grid
+
+    def spy(path, clean, labels, predictions, columns, class_names=None, row_titles=None):
+        seen.update(labels=list(labels), titles=list(row_titles))
+        return real(path, clean, labels, predictions, columns, class_names, row_titles)
+
+    monkeypatch.setattr(images, "save_examples_grid", spy)
+    result = run("attack", "--model", "mnist_fc_small", "--eps", "0.05", "--attack", "pgd", "--steps", "2",
+                 "--start", "300", "--n-examples", "5", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    test = load_dataset("mnist5k").test
+    # five samples, fewer than the grid's eight rows: all of them, in order, named by their test index
+    assert seen["titles"] == [f"test {i}" for i in range(300, 305)]
+    assert seen["labels"] == test.y[300:305].tolist()

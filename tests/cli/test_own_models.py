@@ -252,7 +252,7 @@ eps_sweep = []
     assert result.exit_code == 0, result.output
     _, rows = read_csv(Path("bench/results.csv"))
     assert {r["model"] for r in rows} == {"nets.py:build"}
-    assert [cell.name for cell in Path("bench/cells").iterdir()] == ["mnist5k__nets.py_build__standard__eps0.05"]
+    assert [cell.name for cell in Path("bench/cells").iterdir()] == ["mnist5k__nets.py_build__standard__eps0.05__seed0"]
     (folder / "missing.toml").write_text(toml.replace("nets.py:build", "other.py:build"))
     one_line_error(run("bench", "--config", str(folder / "missing.toml"), "--out", "never"),
                    "grid.models: unknown model 'other.py:build'", f"relative files are read from {folder}")

@@ -54,6 +54,8 @@ def test_mixtrain_run_writes_every_file_and_verify_loads_the_model(tmp_path: Pat
     assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"]
     assert all(" a 0.500 " in line and "verified " in line for line in epoch_lines)
     assert "Done: 2 epochs of mixtrain" in result.output and f"to {out}" in result.output
+    # --quiet: no progress log lines (the epoch lines above are results, on stdout)
+    assert not [line for line in result.stderr.splitlines() if line.startswith("[")]
 
     columns, rows = read_csv(out / "history.csv")
     assert columns == list(HISTORY_COLUMNS)
@@ -221,3 +223,22 @@ def test_a_folder_locked_by_another_run_is_refused(tmp_path: Path) -> None:
     assert not (out / "checkpoint.pt").exists()
     assert run("train", "--trainer", "standard", *SMALL, "--epochs", "1", "--out", str(out)).exit_code == 0
     assert not (out / "robustkit.lock").exists()  # released at the end of the run
+
+
+def test_without_a_terminal_every_epoch_logs_its_time_and_an_estimate(tmp_path: Path) -> None:
+    import re
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--trainer", "standard", *SMALL, "--epochs", "3", "--val-size", "10",
+                                       "--out", str(out)])  # CliRunner's stderr is no terminal
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert len(lines) == 3
+    pattern = (r"\[\d\d:\d\d:\d\d \+[\dhms.]+\]   standard epoch {epoch} done in [\d.]+s \(training [\d.]+s, "
+               r"monitoring [\d.]+s\); {epoch}/3 epochs, elapsed [\d.]+s")
+    for epoch, line in enumerate(lines, start=1):
+        assert re.match(pattern.format(epoch=epoch), line), line
+    # the estimate of the epochs left: the mean of those finished, and none once the last is done
+    assert re.search(r", estimate [\d.]+s left \(2 x the mean [\d.]+s of the 1 epoch finished here\)$", lines[0])
+    assert re.search(r", estimate [\d.]+s left \(1 x the mean [\d.]+s of the 2 epochs finished here\)$", lines[1])
+    assert "estimate" not in lines[2]

@@ -14,7 +14,7 @@ from PIL import Image
 from robustkit.reports.html import render_index
 from robustkit.reports.plots import plan_plots
 from robustkit.reports.records import load_run
-from robustkit.reports.summary import ACCURACY_NOTE, TABLE_HEADERS, summary_frame
+from robustkit.reports.summary import ACCURACY_NOTE, INTERVAL_NOTE, TABLE_HEADERS, summary_frame
 from tests.reports.runs import CELLS, CONFIG
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -104,7 +104,8 @@ def test_text_is_escaped_and_shown(page, built_run):
     assert "<script>" not in source and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in source
     text = "".join(page.text)
     assert CONFIG in text  # the configuration reads back exactly once the entities are decoded
-    assert ACCURACY_NOTE in text
+    assert ACCURACY_NOTE in text and INTERVAL_NOTE in text
+    assert "98.4% (97.4-99.0)" in text  # every accuracy with its 95% interval, as in summary.md
     for header in TABLE_HEADERS:
         assert header in text
     for label in CELLS:

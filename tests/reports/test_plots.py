@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import math
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -13,11 +15,25 @@ from robustkit.reports.plots import (
     plot_stem,
     render_plot,
     save_figure,
+    sweep_description,
+    sweep_points,
     trainer_styles,
     write_plots,
 )
 from robustkit.reports.records import load_run
-from tests.reports.runs import ACCURACY_ORDER, CELLS, GROUP, N_VAL, SMALL_CELLS, SMALL_GROUP, SWEEP_EPS, sweep_value
+from tests.reports.runs import (
+    ACCURACY_ORDER,
+    CELLS,
+    CONFIG,
+    GROUP,
+    N_SWEEP,
+    N_VAL,
+    SMALL_CELLS,
+    SMALL_GROUP,
+    SWEEP_EPS,
+    make_run,
+    sweep_value,
+)
 
 
 @pytest.fixture
@@ -53,7 +69,7 @@ def test_stems_are_safe_and_distinct():
 def test_verified_vs_time_draws_the_monitoring_curves(records):
     figure = render_plot(_spec(records, "verified_vs_time", GROUP), records)
     (axes,) = figure.axes
-    lines = {line.get_label(): line for line in axes.get_lines()}
+    lines = {line.get_label(): line for line in axes.get_lines() if not line.get_label().startswith("_")}
     assert list(lines) == list(CELLS)
     mixtrain = lines["mixtrain"]
     assert list(mixtrain.get_xdata()) == [25.0, 50.0, 75.0, 100.0]  # cumulative training time
@@ -63,17 +79,41 @@ def test_verified_vs_time_draws_the_monitoring_curves(records):
     assert lines["pgd"].get_color() == trainer_styles(records)["pgd"].colour
 
 
-def test_accuracy_vs_eps_uses_the_sweep(records):
+def test_accuracy_vs_eps_plots_only_the_sweep(records):
     figure = render_plot(_spec(records, "accuracy_vs_eps", GROUP), records)
     assert [a.get_title() for a in figure.axes] == ["Clean", "PGD", "Verified (symbolic)"]
-    pgd_lines = [line for line in figure.axes[1].get_lines() if line.get_label() == "pgd"]
-    (line,) = pgd_lines
-    # the sweep points and, at the training eps, the cell's own measurement on all test samples
-    train_eps = GROUP[2]
-    own = dict(zip(ACCURACY_ORDER, CELLS["pgd"][0], strict=True))["pgd_acc"]
-    expected = sorted([(e, 100 * sweep_value("pgd", "pgd_acc", e)) for e in SWEEP_EPS] + [(train_eps, 100 * own)])
-    assert list(line.get_xdata()) == [e for e, _ in expected]
-    assert list(line.get_ydata()) == pytest.approx([v for _, v in expected])
+    (line,) = [line for line in figure.axes[1].get_lines() if line.get_label() == "pgd"]
+    # the sweep's points only: the cell's own number at the training eps (1,000 samples, other attacks) is left out
+    assert list(line.get_xdata()) == list(SWEEP_EPS)
+    assert list(line.get_ydata()) == pytest.approx([100 * sweep_value("pgd", "pgd_acc", e) for e in SWEEP_EPS])
+
+
+def test_every_point_of_accuracy_vs_eps_has_the_same_samples_and_attack(tmp_path):
+    # the bench's sweep measures the training eps (0.1) again, on the sweep's 200 samples with the sweep's PGD
+    records = load_run(make_run(tmp_path / "run", sweep_eps=(0.05, 0.1, 0.2)))
+    spec = _spec(records, "accuracy_vs_eps", GROUP)
+    figure = render_plot(spec, records)
+    points = sweep_points(records.results)
+    points = points.loc[points["model"] == GROUP[1]]
+    assert set(points["n"]) == {N_SWEEP} and set(points["eval_eps"]) == {0.05, 0.1, 0.2}
+    assert set(points.loc[points["metric"] == "pgd_acc", "config"]) == {CONFIG}
+    for axes, metric in zip(figure.axes, ("clean_acc", "pgd_acc", "verified_symbolic"), strict=True):
+        curves = {line.get_label(): line for line in axes.get_lines() if not line.get_label().startswith("_")}
+        assert list(curves) == list(CELLS)
+        for trainer, line in curves.items():
+            mine = points.loc[(points["trainer"] == trainer) & (points["metric"] == metric)].sort_values("eval_eps")
+            assert list(line.get_xdata()) == [0.05, 0.1, 0.2]
+            assert list(line.get_ydata()) == pytest.approx(list(100 * mine["value"]))
+    own_pgd = dict(zip(ACCURACY_ORDER, CELLS["pgd"][0], strict=True))["pgd_acc"]
+    pgd_at_train_eps = [y for x, y in zip(*_pgd_line(figure), strict=True) if x == 0.1]
+    assert pgd_at_train_eps == pytest.approx([100 * sweep_value("pgd", "pgd_acc", 0.1)]) != [100 * own_pgd]
+    assert f"every point on the first {N_SWEEP} test samples; PGD: {CONFIG}" in spec.caption
+    assert sweep_description(points.iloc[:0]) == "n unknown; PGD: not recorded"
+
+
+def _pgd_line(figure):
+    (line,) = [line for line in figure.axes[1].get_lines() if line.get_label() == "pgd"]
+    return list(line.get_xdata()), list(line.get_ydata())
 
 
 def test_training_curves_and_time_bars(records):
@@ -110,3 +150,59 @@ def test_write_plots_writes_png_and_pdf_per_plan(records, tmp_path):
     for path in written:
         image = Image.open(io.BytesIO(path.read_bytes()))
         assert image.format == "PNG" and image.width >= 500 and image.height >= 150
+
+
+def test_error_bars_are_the_95_percent_intervals(tmp_path):
+    from robustkit.reports.stats import t_interval, wilson_interval
+
+    records = load_run(make_run(tmp_path / "run"))
+    figure = render_plot(_spec(records, "accuracy_vs_eps", GROUP), records)
+    pgd_axes = figure.axes[1]
+    # one seed: Wilson intervals over the sweep's 200 samples, one bar per point, centred on the point
+    bars = [c for c in pgd_axes.collections if len(c.get_segments()) == len(SWEEP_EPS)]
+    segments = {(float(seg[0][0]), round(float(seg[0][1]), 9), round(float(seg[1][1]), 9))
+                for bar in bars for seg in bar.get_segments()}
+    for eps in SWEEP_EPS:
+        low, high = wilson_interval(sweep_value("pgd", "pgd_acc", eps), N_SWEEP)
+        assert (eps, round(100 * low, 9), round(100 * high, 9)) in segments
+    # three seeds: the mean over the seeds and a t interval over them
+    results = records.results
+    copies = []
+    for seed, shift in ((0, -0.02), (1, 0.0), (2, 0.02)):
+        copy = results.assign(seed=seed)
+        sweep = copy["eval_eps"] != copy["train_eps"]
+        copy.loc[sweep, "value"] = (copy.loc[sweep, "value"] + shift).clip(0, 1)
+        copies.append(copy)
+    seeded = type(records)(records.run_dir, pd.concat(copies, ignore_index=True), records.epochs)
+    figure = render_plot(_spec(seeded, "accuracy_vs_eps", GROUP), seeded)
+    (line,) = [line for line in figure.axes[1].get_lines() if line.get_label() == "pgd"]
+    values = {eps: [min(1.0, max(0.0, sweep_value("pgd", "pgd_acc", eps) + d)) for d in (-0.02, 0.0, 0.02)]
+              for eps in SWEEP_EPS}
+    assert list(line.get_ydata()) == pytest.approx([100 * sum(v) / 3 for v in values.values()])
+    segments = {(float(seg[0][0]), round(float(seg[0][1]), 6), round(float(seg[1][1]), 6))
+                for bar in figure.axes[1].collections for seg in bar.get_segments()}
+    for eps, found in values.items():
+        low, high = t_interval(found)
+        assert (eps, round(100 * low, 6), round(100 * high, 6)) in segments
+
+
+def test_train_time_bars_of_several_seeds_are_their_mean_with_a_t_interval(tmp_path):
+    from robustkit.reports.stats import t_interval
+
+    records = load_run(make_run(tmp_path / "run"))
+    copies = []
+    for seed in (0, 1, 2):
+        copy = records.results.assign(seed=seed)
+        timing = copy["metric"] == "train_time_s"
+        copy.loc[timing, "value"] = copy.loc[timing, "value"] * (1 + 0.1 * seed)
+        copies.append(copy)
+    seeded = type(records)(records.run_dir, pd.concat(copies, ignore_index=True), records.epochs)
+    figure = render_plot(_spec(seeded, "train_time", GROUP), seeded)
+    axes = figure.axes[0]
+    assert [p.get_width() for p in axes.patches] == pytest.approx([s * 1.1 for _, s in CELLS.values()])
+    segments = [seg for bar in axes.collections for seg in bar.get_segments()]
+    assert len(segments) == len(CELLS)
+    for (_, seconds), segment in zip(CELLS.values(), segments, strict=True):
+        low, high = t_interval([seconds, 1.1 * seconds, 1.2 * seconds], bounds=(0.0, math.inf))
+        assert (segment[0][0], segment[1][0]) == pytest.approx((low, high))
+        assert high > 1.0  # seconds, not clipped to an accuracy's [0, 1]

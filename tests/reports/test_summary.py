@@ -11,6 +11,7 @@ import pytest
 from robustkit.reports.records import RESULTS_COLUMNS, read_results
 from robustkit.reports.summary import (
     ACCURACY_NOTE,
+    INTERVAL_NOTE,
     SUMMARY_COLUMNS,
     TABLE_HEADERS,
     format_duration,
@@ -85,17 +86,24 @@ def test_trainers_keep_their_order_in_results(tmp_path):
 def test_markdown_tables(summary):
     text = summary_markdown(summary)
     assert ACCURACY_NOTE in text and "clean-misclassified samples count as broken" in text
+    assert INTERVAL_NOTE in text and "Wilson score interval" in text
     sections = text.split("\n## ")[1:]
     assert [s.splitlines()[0] for s in sections] == [
         "mnist5k / mnist_small / train eps 0.1", "mnist5k / mnist_fc / train eps 0.3"]
     main_rows = [line for line in sections[0].splitlines() if line.startswith("| ")]
     assert main_rows[0] == "| " + " | ".join(TABLE_HEADERS) + " |"
+    assert "| Verified (symbolic) | Verified (CROWN) | Verified (best) |" in main_rows[0]  # crown has its column
     assert main_rows[1:] == [
-        "| standard | 98.9% | 2.1% | 1.3% | 0.4% | 0.0% | 0.0% | 0.1% | 30.0 s | 0.30x |",
-        "| pgd | 98.5% | 93.1% | 92.5% | 91.2% | 0.0% | 12.4% | 30.1% | 1.6 min | 0.95x |",
-        "| verifiable-symbolic | 97.5% | 95.3% | 95.1% | 95.0% | 90.0% | 95.2% | 95.3% | 25.0 min | 15.0x |",
-        "| verifiable-interval | 98.0% | 94.0% | 93.9% | 93.5% | 92.2% | 92.5% | 92.6% | 2.0 min | 1.20x |",
-        "| mixtrain | 98.4% | 95.5% | 95.1% | 95.2% | 91.0% | 95.1% | 95.5% | 1.7 min | 1.00x |",
+        "| standard | 98.9% (98.0-99.4) | 2.1% (1.4-3.2) | 1.3% (0.8-2.2) | 0.4% (0.2-1.0) | 0.0% (0.0-0.4) | "
+        "0.0% (0.0-0.4) | 0.1% (0.0-0.6) | 0.1% (0.0-0.6) | 30.0 s | 0.30x |",
+        "| pgd | 98.5% (97.5-99.1) | 93.1% (91.4-94.5) | 92.5% (90.7-94.0) | 91.2% (89.3-92.8) | 0.0% (0.0-0.4) | "
+        "12.4% (10.5-14.6) | 30.1% (27.3-33.0) | 30.1% (27.3-33.0) | 1.6 min | 0.95x |",
+        "| verifiable-symbolic | 97.5% (96.3-98.3) | 95.3% (93.8-96.4) | 95.1% (93.6-96.3) | 95.0% (93.5-96.2) | "
+        "90.0% (88.0-91.7) | 95.2% (93.7-96.4) | 95.3% (93.8-96.4) | 95.3% (93.8-96.4) | 25.0 min | 15.0x |",
+        "| verifiable-interval | 98.0% (96.9-98.7) | 94.0% (92.4-95.3) | 93.9% (92.2-95.2) | 93.5% (91.8-94.9) | "
+        "92.2% (90.4-93.7) | 92.5% (90.7-94.0) | 92.6% (90.8-94.1) | 92.6% (90.8-94.1) | 2.0 min | 1.20x |",
+        "| mixtrain | 98.4% (97.4-99.0) | 95.5% (94.0-96.6) | 95.1% (93.6-96.3) | 95.2% (93.7-96.4) | "
+        "91.0% (89.1-92.6) | 95.1% (93.6-96.3) | 95.5% (94.0-96.6) | 95.5% (94.0-96.6) | 1.7 min | 1.00x |",
     ]
     assert "n = 1,000 test samples." in sections[0] and "n = 500 test samples." in sections[1]
     small_rows = [line for line in sections[1].splitlines() if line.startswith("| ")][1:]
@@ -104,7 +112,7 @@ def test_markdown_tables(summary):
 
 def test_markdown_escapes_pipes_in_labels(summary):
     summary.loc[0, "trainer"] = "a|b"
-    assert "| a\\|b | 98.9% |" in summary_markdown(summary)
+    assert "| a\\|b | 98.9% (98.0-99.4) |" in summary_markdown(summary)
 
 
 def test_csv_round_trip(summary, tmp_path):
@@ -117,6 +125,18 @@ def test_csv_round_trip(summary, tmp_path):
         first = next(csv.DictReader(handle))
     assert (first["seed"], first["n"], first["clean_acc"], first["verified_exact"]) == ("0", "1000", "0.989", "")
     assert first["train_time_s"] == "30.0" and first["time_vs_mixtrain"] == "0.3"
+
+
+def test_time_vs_mixtrain_is_written_to_three_significant_digits(tmp_path):
+    run = make_run(tmp_path / "run")
+    results = read_results(run / "results.csv")
+    # a pgd training time of 95.123456 s against MixTrain's 100 s: the ratio 0.95123456 is written as 0.951
+    results.loc[(results["trainer"] == "pgd") & (results["metric"] == "train_time_s"), "value"] = 95.123456
+    write_summary(summary_frame(results), tmp_path, formats=("csv",))
+    with (tmp_path / "summary.csv").open(newline="") as handle:
+        written = {row["trainer"]: row for row in csv.DictReader(handle) if row["model"] == GROUP[1]}
+    assert written["pgd"]["time_vs_mixtrain"] == "0.951" and written["pgd"]["train_time_s"] == "95.123456"
+    assert written["verifiable-symbolic"]["time_vs_mixtrain"] == "15.0"
 
 
 def test_empty_results(tmp_path):
@@ -133,3 +153,56 @@ def test_formatting():
     assert [format_duration(s) for s in (0.0, 59.99, 3599.0, 86400.0, math.nan)] == [
         "0 s", "1.0 min", "1.0 h", "1.0 d", "n/a"]
     assert [format_ratio(r) for r in (0.333, 1.0, 9.999, 15.24, 150.4)] == ["0.33x", "1.00x", "10.0x", "15.2x", "150x"]
+
+
+def _with_seeds(results: pd.DataFrame, shifts: dict[int, float]) -> pd.DataFrame:
+    """The records as if every cell had run once per seed of ``shifts``, each seed's accuracies shifted by its
+    value (clipped to [0, 1]) and its training time by 10 s per seed."""
+    copies = []
+    for seed, shift in shifts.items():
+        copy = results.assign(seed=seed)
+        accuracy = copy["metric"].str.endswith("_acc") | copy["metric"].str.startswith("verified_")
+        copy.loc[accuracy, "value"] = (copy.loc[accuracy, "value"] + shift).clip(0, 1)
+        timing = copy["metric"] == "train_time_s"
+        copy.loc[timing, "value"] = copy.loc[timing, "value"] + 10 * seed
+        copies.append(copy)
+    return pd.concat(copies, ignore_index=True)
+
+
+def test_several_seeds_give_the_mean_the_spread_and_a_t_interval(run_dir):
+    results = _with_seeds(read_results(run_dir / "results.csv"), {0: -0.02, 1: 0.0, 2: 0.02})
+    summary = summary_frame(results)
+    assert len(summary) == len(CELLS) + len(SMALL_CELLS)  # one row per cell, not per seed
+    pgd = summary.loc[(summary["trainer"] == "pgd") & (summary["model"] == GROUP[1])].iloc[0]
+    assert pgd["seed"] == "0;1;2" and pgd["n_seeds"] == 3 and pgd["interval"] == "t"
+    # pgd_acc 0.911, 0.931, 0.951: mean 0.931, sd 0.02, t(0.975, 2) = 4.3027 -> 0.931 +- 0.04968
+    assert pgd["pgd_acc"] == pytest.approx(0.931)
+    assert pgd["pgd_acc_std"] == pytest.approx(0.02)
+    assert (pgd["pgd_acc_low"], pgd["pgd_acc_high"]) == pytest.approx((0.931 - 0.049683, 0.931 + 0.049683), abs=1e-6)
+    assert pgd["train_time_s"] == pytest.approx(95.0 + 10.0)  # the mean of 95, 105 and 115 s
+    assert pgd["time_vs_mixtrain"] == pytest.approx(105.0 / 110.0)
+    text = summary_markdown(summary)
+    assert "n = 1,000 test samples, 3 seeds per cell (0, 1, 2)." in text
+    # clean 0.965, 0.985 and 1.0 (0.985 + 0.02 clipped): mean 98.3%, sd 1.8 points, the interval clipped at 100%
+    assert "| pgd | 98.3% ± 1.8 (94.0-100.0) | 93.1% ± 2.0 (88.1-98.1) |" in text
+    back = run_dir / "seeds"
+    write_summary(summary, back, formats=("csv",))
+    with (back / "summary.csv").open(newline="") as handle:
+        written = {(r["model"], r["trainer"]): r for r in csv.DictReader(handle)}
+    row = written[(GROUP[1], "pgd")]
+    assert (row["seed"], row["n_seeds"], row["interval"]) == ("0;1;2", "3", "t")
+    assert float(row["pgd_acc_std"]) == pytest.approx(0.02)
+
+
+def test_one_seed_gets_wilson_intervals_over_the_test_samples(summary):
+    standard = summary.loc[(summary["trainer"] == "standard") & (summary["model"] == GROUP[1])].iloc[0]
+    assert standard["n_seeds"] == 1 and standard["interval"] == "wilson" and math.isnan(standard["clean_acc_std"])
+    # 989 of 1,000: Wilson's centre (p + z^2/2n) / (1 + z^2/n), half-width z / (1 + z^2/n) sqrt(p(1-p)/n + z^2/4n^2)
+    z, p, n = 1.959964, 0.989, 1000
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert (standard["clean_acc_low"], standard["clean_acc_high"]) == pytest.approx((centre - half, centre + half))
+    assert (standard["clean_acc_low"], standard["clean_acc_high"]) == pytest.approx((0.98041, 0.99385), abs=1e-5)
+    # none verified by interval: the interval starts at 0 and ends at z^2/n / (1 + z^2/n)
+    assert standard["verified_interval_low"] == 0.0
+    assert standard["verified_interval_high"] == pytest.approx(z * z / n / (1 + z * z / n))
