@@ -3,6 +3,7 @@ formats, the --steps/--restarts mapping, the re-check of adversarial examples, a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,15 +14,16 @@ from click.testing import CliRunner
 from PIL import Image
 
 from robustkit import __version__
-from robustkit.attacks import ATTACKS, PGD, Attack, AttackResult
+from robustkit.attacks import ATTACKS, PGD, Attack, AttackResult, AutoAttack, AutoAttackResult
 from robustkit.cli import main
-from robustkit.cli.attack import SUMMARY_COLUMNS, sample_columns
+from robustkit.cli.attack import STAGE_COLUMNS, SUMMARY_COLUMNS, sample_columns
 from robustkit.cli.preflight import PREFLIGHT_COLUMNS
 from robustkit.data import load_dataset
 from tests.helpers import RandomSearch, one_line_error, read_csv, train_mnist_fc
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+STAGE_NAMES = ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
 SUMMARY_FIELDS = [
     "dataset", "model", "checkpoint", "trainer", "method", "config", "eps", "seed", "n", "clean_acc", "robust_acc",
     "n_broken", "time_s", "time_per_sample_s", "robustkit_version",
@@ -209,6 +211,56 @@ def test_steps_and_restarts_of_the_autoattack_family(tmp_path, trained):
     assert "--steps is ignored by square" in result.stderr and "--steps is ignored by autoattack" in result.stderr
     assert "--restarts is ignored by autoattack" in result.stderr
     assert {r["method"]: r["robust_acc"] for r in rows}["autoattack"] == "0"
+
+
+def test_autoattack_prints_and_writes_its_robust_accuracy_after_each_stage(tmp_path, monkeypatch, trained):
+    _, weights = trained
+    out = tmp_path / "run"
+    # the library's results for the command's two batches, recorded as the command gets them (one run, not two:
+    # Square's 5,000 queries dominate the cost)
+    returned = []
+    library_call = AutoAttack.__call__
+
+    def recording(self, *args, **kwargs):
+        returned.append(library_call(self, *args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(AutoAttack, "__call__", recording)
+    result = run("--seed", "5", "attack", "--model", "mnist_fc_small", "--checkpoint", str(weights), "--eps", "0.03",
+                 "--attack", "pgd,autoattack", "--steps", "10", "--n-examples", "20", "--batch-size", "10",
+                 "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert len(returned) == 2 and all(isinstance(r, AutoAttackResult) for r in returned)
+    expected = [0] * len(STAGE_NAMES)
+    for library in returned:
+        assert [stage for stage, _ in library.stage_robust_accuracy] == STAGE_NAMES
+        for position, (_, accuracy) in enumerate(library.stage_robust_accuracy):
+            expected[position] += round(accuracy * 10)
+    assert expected == sorted(expected, reverse=True) and expected[0] > expected[-1] > 0  # some stage matters
+
+    columns, rows = read_csv(out / "stages.csv")
+    assert columns == list(STAGE_COLUMNS)
+    assert [r["stage"] for r in rows] == STAGE_NAMES and [r["stage_index"] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert all(r["method"] == "autoattack" and r["n"] == "20" and r["eps"] == "0.03" for r in rows)
+    assert [int(r["n_robust"]) for r in rows] == expected
+    assert [float(r["robust_acc"]) for r in rows] == pytest.approx([e / 20 for e in expected])
+    header, summary_rows = read_csv(out / "summary.csv")
+    assert header == SUMMARY_FIELDS  # columns unchanged
+    summary = {r["method"]: r for r in summary_rows}
+    assert float(summary["autoattack"]["robust_acc"]) == pytest.approx(expected[-1] / 20)
+    printed = result.stdout.split("Robust accuracy after each stage")[1]
+    for stage, count in zip(STAGE_NAMES, expected, strict=True):
+        assert re.search(rf"autoattack\s+0\.03\s+{stage}\s+{100 * count / 20:.1f}%\s+{count}\n", printed), stage
+    assert str(out / "stages.csv") in result.stdout
+
+
+def test_no_stages_file_without_a_staged_attack(tmp_path, trained):
+    _, weights = trained
+    out = tmp_path / "run"
+    result = run("attack", "--model", "mnist_fc_small", "--checkpoint", str(weights), "--eps", "0.03", "--attack",
+                 "pgd", "--steps", "2", "--n-examples", "4", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert not (out / "stages.csv").exists() and "after each stage" not in result.stdout
 
 
 # ------------------------------------------------------------------------------------ third-party models
