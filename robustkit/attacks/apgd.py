@@ -252,7 +252,7 @@ class APGD(Attack):
         run.previous, run.point = run.point, moved
         run.steps_taken += 1
         if not gradient:
-            logits = model(moved)
+            logits: Tensor = model(moved)
             run.value = loss(logits, run.y, run.target)
             return logits
         logits, run.value, run.grad = _loss_and_gradient(model, moved, run.y, run.target, loss)
