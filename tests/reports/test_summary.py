@@ -21,7 +21,17 @@ from robustkit.reports.summary import (
     summary_markdown,
     write_summary,
 )
-from tests.reports.runs import ACCURACY_ORDER, CELLS, EXACT, GROUP, SMALL_CELLS, SMALL_GROUP, TRAINERS, make_run
+from tests.reports.runs import (
+    ACCURACY_ORDER,
+    AUTOATTACK,
+    CELLS,
+    EXACT,
+    GROUP,
+    SMALL_CELLS,
+    SMALL_GROUP,
+    TRAINERS,
+    make_run,
+)
 
 
 @pytest.fixture
@@ -43,6 +53,11 @@ def test_one_row_per_cell_with_the_recorded_numbers(summary):
             assert row["train_time_s"] == train_time
             exact = EXACT.get(label, math.nan) if group == GROUP else math.nan
             assert row["verified_exact"] == exact or (math.isnan(exact) and math.isnan(row["verified_exact"]))
+            if group == GROUP:
+                assert row["autoattack_acc"] == AUTOATTACK[label]
+            else:
+                assert math.isnan(row["autoattack_acc"])
+    assert list(SUMMARY_COLUMNS)[-1] == "autoattack_acc"  # appended: the earlier columns keep their positions
 
 
 def test_sweep_rows_do_not_leak_into_the_summary(summary):
@@ -91,12 +106,16 @@ def test_markdown_tables(summary):
     main_rows = [line for line in sections[0].splitlines() if line.startswith("| ")]
     assert main_rows[0] == "| " + " | ".join(TABLE_HEADERS) + " |"
     assert main_rows[1:] == [
-        "| standard | 98.9% | 2.1% | 1.3% | 0.4% | 0.0% | 0.0% | 0.1% | 30.0 s | 0.30x |",
-        "| pgd | 98.5% | 93.1% | 92.5% | 91.2% | 0.0% | 12.4% | 30.1% | 1.6 min | 0.95x |",
-        "| verifiable-symbolic | 97.5% | 95.3% | 95.1% | 95.0% | 90.0% | 95.2% | 95.3% | 25.0 min | 15.0x |",
-        "| verifiable-interval | 98.0% | 94.0% | 93.9% | 93.5% | 92.2% | 92.5% | 92.6% | 2.0 min | 1.20x |",
-        "| mixtrain | 98.4% | 95.5% | 95.1% | 95.2% | 91.0% | 95.1% | 95.5% | 1.7 min | 1.00x |",
+        "| standard | 98.9% | 2.1% | 1.3% | 0.4% | 0.2% | 0.0% | 0.0% | 0.1% | 30.0 s | 0.30x |",
+        "| pgd | 98.5% | 93.1% | 92.5% | 91.2% | 90.6% | 0.0% | 12.4% | 30.1% | 1.6 min | 0.95x |",
+        "| verifiable-symbolic | 97.5% | 95.3% | 95.1% | 95.0% | 94.9% | 90.0% | 95.2% | 95.3% | 25.0 min | 15.0x |",
+        "| verifiable-interval | 98.0% | 94.0% | 93.9% | 93.5% | 93.1% | 92.2% | 92.5% | 92.6% | 2.0 min | 1.20x |",
+        "| mixtrain | 98.4% | 95.5% | 95.1% | 95.2% | 95.1% | 91.0% | 95.1% | 95.5% | 1.7 min | 1.00x |",
     ]
+    assert TABLE_HEADERS[5] == "AutoAttack"
+    # a run made before the bench measured AutoAttack: n/a in its column
+    small_rows = [line for line in sections[1].splitlines() if line.startswith("| ")]
+    assert all(line.split(" | ")[5] == "n/a" for line in small_rows[2:])
     assert "n = 1,000 test samples." in sections[0] and "n = 500 test samples." in sections[1]
     small_rows = [line for line in sections[1].splitlines() if line.startswith("| ")][1:]
     assert all(line.endswith("| n/a |") for line in small_rows)
