@@ -47,7 +47,7 @@ model, timed alternately (``--repeats`` rounds after a warm-up). Target 8: APGD-
 (median PGD time / median APGD-CE time).
 
     python benchmarks/attacks.py [--threads 1] [--repeats 7] [--n 1000] [--only pgd,agreement,autoattack,square,speed]
-        [--models-dir DIR] [--retrain]
+        [--trainers pgd,mixtrain] [--models-dir DIR] [--retrain]
 
 Measured (see the end of this docstring for the table of the last run).
 """
@@ -396,7 +396,7 @@ def autoattack_section(args: argparse.Namespace, loads: list[float], failures: l
 
     test = load_dataset("mnist5k").test
     x, y = test.x[:args.n], test.y[:args.n]
-    for trainer in ("pgd", "mixtrain"):
+    for trainer in args.trainers:
         model = bench_model(trainer, args.models_dir, args.threads)
         with torch.no_grad():
             clean = model(x).argmax(1) == y
@@ -493,9 +493,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run (default: {','.join(SECTIONS)})")
     parser.add_argument("--models-dir", type=Path, default=CACHE,
                         help="where the bench's trained models are cached (default ~/.cache/robustkit/benchmarks)")
+    parser.add_argument("--trainers", default="pgd,mixtrain",
+                        help="autoattack section: the bench models it attacks (default pgd,mixtrain)")
     parser.add_argument("--retrain", action="store_true", help="pgd section: train the Madry network again")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    args.trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
+    if not args.trainers or any(t not in ("pgd", "mixtrain") for t in args.trainers):
+        parser.error("--trainers takes pgd and/or mixtrain")
     if args.threads < 1 or args.repeats < 1 or not 1 <= args.n <= 1000:
         parser.error("--threads and --repeats must be >= 1, --n in 1..1000")
     if not sections or any(s not in SECTIONS for s in sections):
