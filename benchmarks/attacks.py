@@ -47,7 +47,7 @@ model, timed alternately (``--repeats`` rounds after a warm-up). Target 8: APGD-
 (median PGD time / median APGD-CE time).
 
     python benchmarks/attacks.py [--threads 1] [--repeats 7] [--n 1000] [--only pgd,agreement,autoattack,square,speed]
-        [--trainers pgd,mixtrain] [--models-dir DIR] [--retrain]
+        [--trainers pgd,mixtrain] [--agreement-models pgd] [--models-dir DIR] [--retrain]
 
 Measured (see the end of this docstring for the table of the last run).
 """
@@ -348,17 +348,27 @@ def percent(robust: Tensor) -> str:
 
 
 def agreement_section(args: argparse.Namespace, loads: list[float], failures: list[str]) -> None:
-    """Target 4: APGD-CE and APGD-T against the reference implementation, on the PGD-trained model."""
-    from apgd_reference import ATTACKS, ensure_environment, run_reference
+    """Target 4: APGD-CE and APGD-T against the reference implementation, on the PGD-trained model (and the others
+    of ``--agreement-models``)."""
+    from apgd_reference import ensure_environment
 
-    from robustkit.attacks import APGD
     from robustkit.data import load_dataset
-    from robustkit.reports.tables import format_table
 
-    model = bench_model("pgd", args.models_dir, args.threads)
     test = load_dataset("mnist5k").test
     x, y = test.x[:args.n], test.y[:args.n]
     python = ensure_environment(args.models_dir / "refenv", torch.__version__)
+    for trainer in args.agreement_models:
+        agreement_on(trainer, bench_model(trainer, args.models_dir, args.threads), x, y, python, args, loads, failures)
+
+
+def agreement_on(trainer: str, model: nn.Module, x: Tensor, y: Tensor, python: Path, args: argparse.Namespace,
+                 loads: list[float], failures: list[str]) -> None:
+    """Target 4 on one model."""
+    from apgd_reference import ATTACKS, run_reference
+
+    from robustkit.attacks import APGD
+    from robustkit.reports.tables import format_table
+
     ours = {"apgd-ce": APGD(), "apgd-t": APGD(loss="dlr", targeted=True)}
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -379,10 +389,10 @@ def agreement_section(args: argparse.Namespace, loads: list[float], failures: li
                      str(int((~robust & reference).sum())), str(int((robust & ~reference).sum())),
                      f"{seconds:.0f}s", f"{theirs[f'{name}_time_s']:.0f}s"])
         if abs(difference) > AGREEMENT_POINTS:
-            failures.append(f"{name}: robustkit {percent(robust)} and the reference {percent(reference)} differ by "
-                            f"more than {100 * AGREEMENT_POINTS:g} points")
-    print(f"\n[agreement] PGD-trained mnist_small, {len(y)} mnist5k test images, eps {EPS:g}: robustkit against the "
-          "reference (pyautoattack 0.2.0, AutoAttack's own code), 100 iterations, 1 restart")
+            failures.append(f"{trainer}: {name}: robustkit {percent(robust)} and the reference {percent(reference)} "
+                            f"differ by more than {100 * AGREEMENT_POINTS:g} points")
+    print(f"\n[agreement] {trainer}-trained mnist_small, {len(y)} mnist5k test images, eps {EPS:g}: robustkit "
+          "against the reference (pyautoattack 0.2.0, AutoAttack's own code), 100 iterations, 1 restart")
     print(format_table(["attack", "robustkit", "reference", "difference (points)", "broken only by robustkit",
                         "broken only by the reference", "robustkit time", "reference time"], rows), flush=True)
 
@@ -495,12 +505,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the bench's trained models are cached (default ~/.cache/robustkit/benchmarks)")
     parser.add_argument("--trainers", default="pgd,mixtrain",
                         help="autoattack section: the bench models it attacks (default pgd,mixtrain)")
+    parser.add_argument("--agreement-models", default="pgd",
+                        help="agreement section: the bench models compared with the reference (default pgd; also "
+                             "standard, mixtrain)")
     parser.add_argument("--retrain", action="store_true", help="pgd section: train the Madry network again")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     args.trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
     if not args.trainers or any(t not in ("pgd", "mixtrain") for t in args.trainers):
         parser.error("--trainers takes pgd and/or mixtrain")
+    args.agreement_models = [t.strip() for t in args.agreement_models.split(",") if t.strip()]
+    if not args.agreement_models or any(t not in BENCH_TRAINERS for t in args.agreement_models):
+        parser.error(f"--agreement-models takes {', '.join(BENCH_TRAINERS)}")
     if args.threads < 1 or args.repeats < 1 or not 1 <= args.n <= 1000:
         parser.error("--threads and --repeats must be >= 1, --n in 1..1000")
     if not sections or any(s not in SECTIONS for s in sections):
