@@ -216,8 +216,8 @@ def test_steps_and_restarts_of_the_autoattack_family(tmp_path, trained):
 def test_autoattack_prints_and_writes_its_robust_accuracy_after_each_stage(tmp_path, monkeypatch, trained):
     _, weights = trained
     out = tmp_path / "run"
-    # the library's results for the command's two batches, recorded as the command gets them (one run, not two:
-    # Square's 5,000 queries dominate the cost)
+    # the library's result, recorded as the command gets it (one run, not two: Square's 5,000 queries dominate the
+    # cost; tests/test_evaluation.py joins the stages of several batches)
     returned = []
     library_call = AutoAttack.__call__
 
@@ -227,30 +227,28 @@ def test_autoattack_prints_and_writes_its_robust_accuracy_after_each_stage(tmp_p
 
     monkeypatch.setattr(AutoAttack, "__call__", recording)
     result = run("--seed", "5", "attack", "--model", "mnist_fc_small", "--checkpoint", str(weights), "--eps", "0.03",
-                 "--attack", "pgd,autoattack", "--steps", "10", "--n-examples", "20", "--batch-size", "10",
+                 "--attack", "pgd,autoattack", "--steps", "10", "--n-examples", "12",
                  "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert len(returned) == 2 and all(isinstance(r, AutoAttackResult) for r in returned)
-    expected = [0] * len(STAGE_NAMES)
-    for library in returned:
-        assert [stage for stage, _ in library.stage_robust_accuracy] == STAGE_NAMES
-        for position, (_, accuracy) in enumerate(library.stage_robust_accuracy):
-            expected[position] += round(accuracy * 10)
+    assert len(returned) == 1 and isinstance(returned[0], AutoAttackResult)
+    library = returned[0]
+    assert [stage for stage, _ in library.stage_robust_accuracy] == STAGE_NAMES
+    expected = [round(accuracy * 12) for _, accuracy in library.stage_robust_accuracy]
     assert expected == sorted(expected, reverse=True) and expected[0] > expected[-1] > 0  # some stage matters
 
     columns, rows = read_csv(out / "stages.csv")
     assert columns == list(STAGE_COLUMNS)
     assert [r["stage"] for r in rows] == STAGE_NAMES and [r["stage_index"] for r in rows] == ["0", "1", "2", "3", "4"]
-    assert all(r["method"] == "autoattack" and r["n"] == "20" and r["eps"] == "0.03" for r in rows)
+    assert all(r["method"] == "autoattack" and r["n"] == "12" and r["eps"] == "0.03" for r in rows)
     assert [int(r["n_robust"]) for r in rows] == expected
-    assert [float(r["robust_acc"]) for r in rows] == pytest.approx([e / 20 for e in expected])
+    assert [float(r["robust_acc"]) for r in rows] == pytest.approx([a for _, a in library.stage_robust_accuracy])
     header, summary_rows = read_csv(out / "summary.csv")
     assert header == SUMMARY_FIELDS  # columns unchanged
     summary = {r["method"]: r for r in summary_rows}
-    assert float(summary["autoattack"]["robust_acc"]) == pytest.approx(expected[-1] / 20)
+    assert float(summary["autoattack"]["robust_acc"]) == pytest.approx(library.robust_accuracy)
     printed = result.stdout.split("Robust accuracy after each stage")[1]
     for stage, count in zip(STAGE_NAMES, expected, strict=True):
-        assert re.search(rf"autoattack\s+0\.03\s+{stage}\s+{100 * count / 20:.1f}%\s+{count}\n", printed), stage
+        assert re.search(rf"autoattack\s+0\.03\s+{stage}\s+{100 * count / 12:.1f}%\s+{count}\n", printed), stage
     assert str(out / "stages.csv") in result.stdout
 
 
