@@ -170,7 +170,13 @@ def run_preflight(model: nn.Module, data: EvalData, seed: int) -> PreflightRun:
 @dataclass(frozen=True, eq=False)
 class AttackRun:
     """One attack at one eps on all N samples (the batches' results joined, on the CPU); ``gradient_free`` is the
-    attack class's flag (:attr:`robustkit.attacks.Attack.gradient_free`)."""
+    attack class's flag (:attr:`robustkit.attacks.Attack.gradient_free`).
+
+    For an attack made of stages (AutoAttack, whose results are
+    :class:`~robustkit.attacks.AutoAttackResult`), ``stages`` names them (``clean`` first) and ``broken_at``
+    holds per sample the position of the stage from which it counts as broken (``len(stages)``: never); both
+    are empty for other attacks.
+    """
 
     label: str
     config: str
@@ -180,11 +186,19 @@ class AttackRun:
     prediction: Tensor
     time_s: float
     gradient_free: bool = False
+    stages: tuple[str, ...] = ()
+    broken_at: Tensor | None = None
 
     @property
     def n_broken(self) -> int:
         """Samples broken (clean-misclassified ones included)."""
         return int(self.success.sum())
+
+    def stage_robust_counts(self) -> list[tuple[str, int]]:
+        """``(stage, samples still robust after it)`` for every stage, in order (empty without stages)."""
+        if self.broken_at is None:
+            return []
+        return [(stage, int((self.broken_at > position).sum())) for position, stage in enumerate(self.stages)]
 
 
 def run_attack(
@@ -196,7 +210,7 @@ def run_attack(
     Every eps gets its own generator seeded with ``seed``, so an attack's result depends neither on the other
     radii nor on the other attacks evaluated.
     """
-    from robustkit.attacks import AttackResult
+    from robustkit.attacks import AttackResult, AutoAttackResult
     from robustkit.progress import format_seconds, log, progress
     from robustkit.runtime import make_generator
 
@@ -209,16 +223,23 @@ def run_attack(
         parts[eps].append(attack(model, x, y, eps=eps, generator=generators[eps]))
     log(f"  stage attack {label} at eps {', '.join(f'{e:g}' for e in eps_list)} on {data.n} samples: "
         f"{format_seconds(time.perf_counter() - started)}")
-    return [
-        AttackRun(
+    runs = []
+    for eps, results in parts.items():
+        staged = [r for r in results if isinstance(r, AutoAttackResult) and r.broken_at is not None]
+        stages: tuple[str, ...] = ()
+        broken_at = None
+        if staged and len(staged) == len(results):
+            stages = tuple(stage for stage, _ in staged[0].stage_robust_accuracy)
+            broken_at = torch.cat([r.broken_at.detach().cpu() for r in staged if r.broken_at is not None])
+        runs.append(AttackRun(
             label=label, config=repr(attack), eps=eps,
             x_adv=torch.cat([r.x_adv.detach().cpu() for r in results]),
             success=torch.cat([r.success.detach().cpu() for r in results]),
             prediction=torch.cat([r.prediction.detach().cpu() for r in results]),
             time_s=sum(r.time_s for r in results), gradient_free=type(attack).gradient_free,
-        )
-        for eps, results in parts.items()
-    ]
+            stages=stages, broken_at=broken_at,
+        ))
+    return runs
 
 
 def recheck(model: nn.Module, data: EvalData, runs: Sequence[AttackRun]) -> list[str]:

@@ -76,6 +76,27 @@ def test_attack_runs_match_the_attack_and_pass_the_recheck(data: EvalData, model
     assert torch.equal(worst_case(runs, 0.2), runs[1].success)
 
 
+def test_a_staged_attack_keeps_its_stages_across_batches(data: EvalData, model: torch.nn.Module) -> None:
+    """AutoAttack's per-sample broken_at joins over the batches (12, 12 and 6 samples), so the robust counts
+    after each stage are those of the library's results added up."""
+    from robustkit.attacks import AutoAttack
+    from robustkit.runtime import make_generator
+
+    attack = AutoAttack(version="fast")
+    (run,) = run_attack(model, data, "autoattack", attack, [0.03], seed=2)
+    generator = make_generator(2)
+    expected = [0, 0, 0]
+    for _, x, y in data.batches():
+        result = attack(model, x, y, eps=0.03, generator=generator)
+        for position, (_, accuracy) in enumerate(result.stage_robust_accuracy):
+            expected[position] += round(accuracy * len(y))
+    assert run.stages == ("clean", "apgd-ce", "apgd-t")
+    assert run.stage_robust_counts() == list(zip(run.stages, expected, strict=True))
+    assert expected[0] > expected[-1] == data.n - run.n_broken
+    (plain,) = run_attack(model, data, "pgd", PGD(steps=2), [0.03], seed=2)
+    assert plain.stages == () and plain.broken_at is None and plain.stage_robust_counts() == []
+
+
 def test_recheck_reports_examples_outside_the_ball_and_false_successes(data: EvalData, model: torch.nn.Module) -> None:
     clean = predict(model, data)
     x_adv = data.split.x.clone()

@@ -157,10 +157,11 @@ class APGD(Attack):
         return _targeted_ce if self.targeted else _ce
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+        if not self.targeted:  # one sample tells the number of classes
+            loss = self.loss_function(model(x[:1]).shape[1])
+            return self.ascend(model, x, y, y, eps, generator, loss)[0]
         logits = model(x)
         loss = self.loss_function(logits.shape[1])
-        if not self.targeted:
-            return self.ascend(model, x, y, y, eps, generator, loss)[0]
         # the targets: the classes other than y, in decreasing order of their clean logits
         others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
         targets = others.argsort(1, descending=True)[:, : min(self.n_target_classes, logits.shape[1] - 1)]
@@ -219,7 +220,7 @@ class APGD(Attack):
             if iteration in marks:
                 self.check_step_size(run, iteration - last_mark)
                 last_mark = iteration
-            logits = self.take_step(model, run, eps, loss)
+            logits = self.take_step(model, run, eps, loss, gradient=iteration + 1 < self.steps)
         robust = ~broken[run.index]
         out[run.index[robust]] = run.best[robust]
         return out, broken
@@ -235,8 +236,12 @@ class APGD(Attack):
         run.increases = torch.zeros_like(run.increases)
         run.best_at_check, run.halved_at_check = run.best_value, halve
 
-    def take_step(self, model: nn.Module, run: _Run, eps: float, loss: Loss) -> Tensor:
-        """One step with momentum (none on the first); updates the run and returns the logits at the new point."""
+    def take_step(self, model: nn.Module, run: _Run, eps: float, loss: Loss, gradient: bool = True) -> Tensor:
+        """One step with momentum (none on the first); updates the run and returns the logits at the new point.
+
+        Without ``gradient`` (the last step, whose gradient no step would follow) only the loss is computed there:
+        a forward pass instead of a forward and a backward one, and ``run.grad`` keeps the previous gradient,
+        which nothing reads after the last step."""
         if self.norm == "linf":
             direction = run.grad.sign()
         else:
@@ -246,6 +251,10 @@ class APGD(Attack):
             moved = self.clip(torch.lerp((run.point - run.previous).add_(run.point), moved, self.momentum), run, eps)
         run.previous, run.point = run.point, moved
         run.steps_taken += 1
+        if not gradient:
+            logits: Tensor = model(moved)
+            run.value = loss(logits, run.y, run.target)
+            return logits
         logits, run.value, run.grad = _loss_and_gradient(model, moved, run.y, run.target, loss)
         return logits
 

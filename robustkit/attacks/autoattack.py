@@ -61,9 +61,15 @@ CLEAN = "clean"
 @dataclass(frozen=True, eq=False)
 class AutoAttackResult(AttackResult):
     """An :class:`AttackResult` with the robust accuracy after each stage: ``(("clean", a0), ("apgd-ce", a1),
-    ...)``, over all samples of the batch; the last value equals :attr:`robust_accuracy`."""
+    ...)``, over all samples of the batch; the last value equals :attr:`robust_accuracy`.
+
+    ``broken_at`` holds, per sample, the position in that tuple of the stage from which the sample counts as
+    broken (0: misclassified clean; ``len(stage_robust_accuracy)`` for a sample no stage broke), so the stage
+    accuracies of several batches combine exactly: after stage k, the share of samples with ``broken_at > k``.
+    """
 
     stage_robust_accuracy: tuple[tuple[str, float], ...] = ()
+    broken_at: Tensor | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,12 +140,12 @@ class AutoAttack(Attack):
         prediction = final_logits.argmax(1)
         success = prediction != y
         labels = [CLEAN, *(label for label, _ in self.stages)]
-        # a sample counts as broken from the stage that broke it on, if the final forward pass confirms it
-        accuracies = tuple(
-            (label, float((~(success & (stage_of <= number))).float().mean())) for number, label in enumerate(labels)
-        )
+        # a sample counts as broken from the stage that broke it on, if the final forward pass confirms it (one
+        # that it misclassifies without a stage's report, which float rounding could cause, from the last stage)
+        broken_at = torch.where(success, stage_of.clamp(max=len(self.stages)), len(labels))
+        accuracies = tuple((label, int((broken_at > number).sum()) / len(y)) for number, label in enumerate(labels))
         return AutoAttackResult(
             attack=repr(self), eps=eps, norm=self.threat, x_adv=best, success=success,
             margin=margins(final_logits, y), prediction=prediction, time_s=time.perf_counter() - start,
-            stage_robust_accuracy=accuracies,
+            stage_robust_accuracy=accuracies, broken_at=broken_at,
         )

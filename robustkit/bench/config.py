@@ -27,6 +27,8 @@ TRAIN_KEYS = tuple(
     f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("eps", "seed", "device", "val_size")
 )
 EXACT_CHOICES = ("auto", "true", "false")
+# evaluation.autoattack: AutoAttack's standard version, robustkit's fast one, or no AutoAttack
+AUTOATTACK_CHOICES = ("standard", "fast", "off")
 # evaluation keys with a lower bound: (key, bound, whether the bound itself is excluded)
 EVALUATION_RANGES = (("pgd_steps", 1, False), ("pgd_restarts", 1, False), ("cw_steps", 1, False),
                      ("exact_max_relus", 0, False), ("exact_time_limit", 0, True), ("sweep_n", 0, False),
@@ -63,6 +65,7 @@ class EvaluationSettings:
     pgd_restarts: int = 5
     cw_steps: int = 40
     interval_attack: dict[str, Any] = field(default_factory=lambda: {"iterations": 2, "restarts": 1})
+    autoattack: str = "off"
     verifiers: tuple[str, ...] = ("interval", "symbolic", "crown")
     exact: str = "auto"
     exact_max_relus: int = 200
@@ -302,6 +305,9 @@ def parse_config(raw: Mapping[str, Any], source: str, base: Path | None = None) 
         if settings["exact"] not in EXACT_CHOICES:
             raise _fail("evaluation.exact", f"{settings['exact']!r} is not a choice", EXACT_CHOICES,
                         near=settings["exact"])
+    if "autoattack" in settings and settings["autoattack"] not in AUTOATTACK_CHOICES:
+        raise _fail("evaluation.autoattack", f"{settings['autoattack']!r} is not a choice (the AutoAttack version, or "
+                    "off)", AUTOATTACK_CHOICES, near=settings["autoattack"])
     if "interval_attack" in settings:
         from robustkit.attacks import IntervalAttack
 

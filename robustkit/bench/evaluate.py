@@ -1,11 +1,13 @@
 """Evaluation of one trained model as the bench's measurements: clean accuracy, attacks, verifiers, an eps
 sweep, and consistency checks, all through :mod:`robustkit.evaluation` (the path the commands take).
 
-Every accuracy counts all n test samples: a clean-misclassified sample counts as broken by every attack and as
-not verified. Per sample, a verified sample must not be broken by any attack nor falsified by another verifier,
-every adversarial example must pass its re-check, and verified <= worst-case attack <= clean accuracy; every
-violation is recorded (and fails the benchmark run). The exact verifier, where it runs, decides only the
-samples that no other verifier verified and no attack broke.
+The attacks are PGD, cw-linf, the interval attack and, unless ``evaluation.autoattack`` is ``off``, AutoAttack (its
+``standard`` ensemble or robustkit's ``fast`` version, the metric ``autoattack_acc``); ``worst_attack_acc`` is their
+per-sample worst case. Every accuracy counts all n test samples: a clean-misclassified sample counts as broken by
+every attack and as not verified. Per sample, a verified sample must not be broken by any attack nor falsified by
+another verifier, every adversarial example must pass its re-check, and verified <= worst-case attack <= clean
+accuracy; every violation is recorded (and fails the benchmark run). The exact verifier, where it runs, decides only
+the samples that no other verifier verified and no attack broke.
 
 Before the attacks, the pre-flight checks of :mod:`robustkit.attacks.preflight` run on up to 100 test samples
 (drawn with the seed): their warnings are kept (not violations: a masked gradient is a finding about the model,
@@ -13,13 +15,15 @@ not an inconsistency) and recorded as the metrics :data:`PREFLIGHT_METRICS`, eac
 checked: ``preflight_warnings`` (how many checks warned), ``preflight_randomised_outputs``,
 ``preflight_probability_outputs`` and ``preflight_train_mode`` (1 when that check warned, else 0) and
 ``preflight_zero_gradient`` (the share of the checked samples with a zero or non-finite input gradient; it warns
-above 10%). The bench runs no gradient-free attack, so the gradient-free check does not apply.
+above 10%). The bench runs no gradient-free attack of its own (AutoAttack's Square stage attacks only the samples
+its gradient stages left robust, inside the ensemble), so the gradient-free check does not apply.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -58,13 +62,20 @@ class Measurement:
 @dataclass(frozen=True)
 class Evaluation:
     """All measurements of a model, the consistency violations found, the cost of evaluating and the pre-flight
-    warnings."""
+    warnings.
+
+    ``broken`` maps each attack metric (``pgd_acc``, ..., ``autoattack_acc`` when it ran) and ``worst_attack_acc``
+    to its per-sample mask of broken test samples (clean-misclassified ones included), and ``verified`` is the
+    per-sample mask of ``verified_best``: the per-sample facts behind the accuracies (not written to files).
+    """
 
     measurements: tuple[Measurement, ...]
     violations: tuple[str, ...]
     eval_time_s: float
     peak_memory_mb: float
     warnings: tuple[str, ...] = ()
+    broken: Mapping[str, Tensor] = field(default_factory=dict)
+    verified: Tensor | None = None
 
 
 PREFLIGHT_METRICS = ("preflight_warnings", "preflight_randomised_outputs", "preflight_probability_outputs",
@@ -113,7 +124,7 @@ def evaluate_model(
 ) -> Evaluation:
     """Evaluate ``model`` (eval mode) on ``test`` (the first test samples of ``dataset``) at radius ``eps``; see
     the module docstring."""
-    from robustkit.attacks import PGD, CWLinf, IntervalAttack
+    from robustkit.attacks import PGD, Attack, AutoAttack, CWLinf, IntervalAttack
     from robustkit.verifiers import Status, get_verifier
 
     model.eval()
@@ -128,17 +139,21 @@ def evaluate_model(
         measurements += checks
         log(f"  stage clean accuracy and pre-flight checks on {n} samples: "
             f"{format_seconds(time.perf_counter() - started)}")
-        attacks = {
+        attacks: dict[str, Attack] = {
             "pgd_acc": PGD(steps=settings.pgd_steps, restarts=settings.pgd_restarts),
             "cw_acc": CWLinf(steps=settings.cw_steps),
             "interval_attack_acc": IntervalAttack(**settings.interval_attack),
         }
+        if settings.autoattack != "off":
+            attacks["autoattack_acc"] = AutoAttack(version=settings.autoattack)
         runs = [run for metric, attack in attacks.items()
                 for run in run_attack(model, data, metric.removesuffix("_acc"), attack, [eps], seed)]
         for metric, run in zip(attacks, runs, strict=True):
             measurements.append(Measurement(metric, eps, _fraction(~run.success), n, run.time_s, run.config))
         violations = [f"re-check failed: {problem}" for problem in recheck(model, data, runs)]
         broken_any = worst_case(runs, eps) | ~correct
+        broken = {metric: run.success for metric, run in zip(attacks, runs, strict=True)}
+        broken["worst_attack_acc"] = broken_any
         measurements.append(Measurement("worst_attack_acc", eps, _fraction(~broken_any), n, 0.0))
         verifiers = {name: get_verifier(name) for name in settings.verifiers}
         method_runs = run_verifiers(model, data, verifiers, [eps])
@@ -172,7 +187,7 @@ def evaluate_model(
             violations.append(violation)
         measurements += _sweep(model, data, settings, seed, eps)
     return Evaluation(tuple(measurements), tuple(violations), time.perf_counter() - started, memory.peak_mb,
-                      warnings)
+                      warnings, broken, verified_any)
 
 
 SWEEP_PGD_STEPS = 20

@@ -21,6 +21,15 @@ a gradient-free attack ran next to gradient attacks, the samples only it broke. 
 result (:mod:`robustkit.cli.preflight`), and attack.csv the per-sample ``zero_gradient`` (the cross-entropy or
 margin input gradient at the clean sample is zero or non-finite) and ``gradient_free_only`` (broken at that eps by
 a gradient-free attack and by no gradient attack; empty where no such pair of attacks ran).
+
+An attack made of stages (``autoattack``: clean, apgd-ce, apgd-t, fab-t, square) also gets its robust accuracy
+after each stage: printed as a table after the summary, and written to ``stages.csv`` (only when such an attack
+ran), one row per attack, eps and stage in the order they ran, with the columns :data:`STAGE_COLUMNS`:
+``dataset``, ``model``, ``checkpoint``, ``trainer`` (empty, as in summary.csv), ``method`` (the attack's label),
+``config`` (its repr), ``eps``, ``seed``, ``n`` (samples attacked), ``stage_index`` (0 for ``clean``), ``stage``,
+``robust_acc`` (the share of all n samples that the clean check and every stage up to this one left robust: the
+per-sample worst case so far, non-increasing; the last row equals the attack's robust_acc in summary.csv),
+``n_robust`` (those samples, counted) and ``robustkit_version``. summary.csv and attack.csv are unchanged.
 """
 
 from __future__ import annotations
@@ -65,6 +74,10 @@ RESTARTS_OPTIONS = {
     "pgd": "restarts", "cw-linf": "restarts", "interval": "restarts", "foolbox": "restarts", "apgd": "restarts",
     "fab": "restarts", "square": "restarts",
 }
+STAGE_COLUMNS = (
+    "dataset", "model", "checkpoint", "trainer", "method", "config", "eps", "seed", "n", "stage_index", "stage",
+    "robust_acc", "n_robust", "robustkit_version",
+)
 EXAMPLE_ROWS = 8
 MAX_REPORTED = 10
 
@@ -213,6 +226,29 @@ def write_results(
     ]
 
 
+def write_stages(out: Path, runs: Sequence[AttackRun], data: EvalData, model_args: ModelArgs, seed: int) -> Path:
+    """``stages.csv``: the robust accuracy after each stage of the runs with stages (see the module docstring)."""
+    from robustkit import __version__
+    from robustkit.io import write_csv
+
+    checkpoint = "" if model_args.checkpoint is None else str(model_args.checkpoint)
+    rows = [
+        [data.dataset.name, model_args.spec, checkpoint, "", run.label, run.config, run.eps, seed, data.n, position,
+         stage, format(robust / data.n, ".6g"), robust, __version__]
+        for run in runs for position, (stage, robust) in enumerate(run.stage_robust_counts())
+    ]
+    return write_csv(out / "stages.csv", STAGE_COLUMNS, rows)
+
+
+def format_stages(runs: Sequence[AttackRun], data: EvalData) -> str:
+    """The terminal table of the robust accuracy after each stage (one row per attack, eps and stage)."""
+    from robustkit.reports.tables import format_table
+
+    rows = [[run.label, f"{run.eps:g}", stage, f"{100 * robust / data.n:.1f}%", str(robust)]
+            for run in runs for stage, robust in run.stage_robust_counts()]
+    return format_table(["attack", "eps", "after stage", "robust acc", "robust"], rows)
+
+
 def write_adversarial(out: Path, runs: Sequence[AttackRun], data: EvalData) -> Path:
     """``adv.npz``: ``x_adv`` (attacks, eps, N, C, H, W) float32 with ``attacks``, ``eps``, ``labels``,
     ``indices``, ``success`` and ``prediction`` (attacks, eps, N) to index it."""
@@ -312,7 +348,8 @@ def attack(
     Prints clean and robust accuracy, broken samples and the time per sample for every attack and eps, and the
     per-sample worst case over the attacks (robust accuracy counts all samples: clean-misclassified ones count
     as broken). Pre-flight checks for gradient masking print warnings on stderr. Writes attack.csv (per sample),
-    summary.csv, preflight.csv, examples.png and, with --save-adv, adv.npz to --out. Every adversarial example is
+    summary.csv, preflight.csv, examples.png and, with --save-adv, adv.npz to --out; autoattack also prints and
+    writes (stages.csv) its robust accuracy after each stage. Every adversarial example is
     re-checked first; a failed re-check is a bug (exit code 1).
 
     Example: robustkit attack --model mnist_small --checkpoint w.pt --eps 0.1,0.3 --attack pgd,cw-linf,interval
@@ -349,12 +386,18 @@ def attack(
         gaps = gradient_free_gaps(runs)
         echo_warnings([line for e, gap in gaps.items() if (line := gap_warning(e, gap)) is not None])
         written = write_results(folder, runs, data, clean_prediction, model_args, options.seed, preflight, gaps)
+        staged = [run for run in runs if run.stages]
+        if staged:
+            written.append(write_stages(folder, staged, data, model_args, options.seed))
         written.append(write_preflight(folder, preflight, gaps, data, model_args, options.seed))
         written.append(write_examples(folder, runs, data, clean_prediction))
         if save_adv:
             written.append(write_adversarial(folder, runs, data))
 
         click.echo(format_summary(runs, data, clean_prediction))
+        if staged:
+            click.echo("\nRobust accuracy after each stage (the per-sample worst case of the stages so far):")
+            click.echo(format_stages(staged, data))
         click.echo(
             f"{data.n} test samples of {data.dataset.name} (indices {data.start} to {data.start + data.n - 1}). "
             "Robust accuracy counts all of them: clean-misclassified samples count as broken. The worst case is per "

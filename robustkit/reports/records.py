@@ -43,7 +43,8 @@ import pandas as pd
 from robustkit.errors import DataError
 
 __all__ = [
-    "ACCURACY_METRICS", "CELL_KEYS", "CELL_METRICS", "EPOCHS_COLUMNS", "EPOCHS_FILE", "EPOCHS_SCHEMA", "GROUP_KEYS",
+    "ACCURACY_METRICS", "APPENDED_ACCURACY_METRICS",
+    "CELL_KEYS", "CELL_METRICS", "EPOCHS_COLUMNS", "EPOCHS_FILE", "EPOCHS_SCHEMA", "GROUP_KEYS",
     "METRICS", "METRIC_LABELS", "MIXTRAIN", "PREFLIGHT_METRICS", "RESULTS_COLUMNS", "RESULTS_FILE", "RESULTS_SCHEMA",
     "RUN_KEYS", "SWEEP_METRICS", "Column", "RecordsError", "RunRecords", "cell_rows", "format_eps", "load_run",
     "ordered_unique", "read_epochs", "read_results", "sweep_rows",
@@ -62,8 +63,10 @@ MIXTRAIN = "mixtrain"
 
 ACCURACY_METRICS = (
     "clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "worst_attack_acc", "verified_interval",
-    "verified_symbolic", "verified_crown", "verified_exact", "verified_best",
+    "verified_symbolic", "verified_crown", "verified_exact", "verified_best", "autoattack_acc",
 )
+# accuracies measured since the bench gained them (absent in older runs): summary.csv appends their columns
+APPENDED_ACCURACY_METRICS = ("autoattack_acc",)
 CELL_METRICS = ("train_time_s", "eval_time_s", "peak_memory_mb", "epochs")
 # the pre-flight (gradient-masking) checks of each cell's model (robustkit.bench.evaluate); absent in older runs
 PREFLIGHT_METRICS = ("preflight_warnings", "preflight_randomised_outputs", "preflight_probability_outputs",
@@ -77,6 +80,7 @@ METRIC_LABELS: dict[str, str] = {
     "pgd_acc": "PGD",
     "cw_acc": "CW",
     "interval_attack_acc": "Interval attack",
+    "autoattack_acc": "AutoAttack",
     "worst_attack_acc": "Worst attack",
     "verified_interval": "Verified (interval)",
     "verified_symbolic": "Verified (symbolic)",

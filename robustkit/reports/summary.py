@@ -1,11 +1,12 @@
 """The paper-style summary table: one row per trained cell, grouped by dataset, model and training eps.
 
-The columns read like the MixTrain paper's table: Trainer | Clean | PGD | CW | Interval attack |
+The columns read like the MixTrain paper's table: Trainer | Clean | PGD | CW | Interval attack | AutoAttack |
 Verified (interval) | Verified (symbolic) | Verified (CROWN) | Verified (best) | Train time | Time vs MixTrain
-(``time_vs_mixtrain`` in ``summary.csv``, to 3 significant digits). Every value comes from the ``results.csv``
-rows measured at the cell's own radius (eval eps = train eps). "Time vs MixTrain" divides a cell's training time
-by that of the MixTrain cell of the same dataset, model and training eps (the cell labelled ``mixtrain``, else
-the first cell whose trainer is ``mixtrain``); it is ``n/a`` without one.
+(``time_vs_mixtrain`` in ``summary.csv``, to 3 significant digits; AutoAttack: the bench's
+``evaluation.autoattack``, ``n/a`` where it was off and in runs made before the bench measured it). Every value
+comes from the ``results.csv`` rows measured at the cell's own radius (eval eps = train eps). "Time vs MixTrain"
+divides a cell's training time by that of the MixTrain cell of the same dataset, model and training eps (the cell
+labelled ``mixtrain``, else the first cell whose trainer is ``mixtrain``); it is ``n/a`` without one.
 
 :func:`summary_frame` builds the table as a DataFrame (fractions and seconds), :func:`summary_markdown` renders
 it for people (percentages with one decimal, readable times), :func:`write_summary` writes ``summary.csv`` and
@@ -15,7 +16,9 @@ number of warnings, 0/1 flags and the share of checked samples with zero input g
 before the bench recorded them; the Markdown table leaves them out. Every accuracy carries its 95% interval
 (:mod:`robustkit.reports.stats`: Wilson over the test points for one seed, t over the seeds for several), shown
 in parentheses in ``summary.md`` and as ``<metric>_low`` / ``<metric>_high`` in ``summary.csv`` (after every
-earlier column); a cell run with several seeds is one row, their mean, with ± the standard deviation.
+earlier column); a cell run with several seeds is one row, their mean, with ± the standard deviation. Then
+comes ``autoattack_acc`` (:data:`APPENDED_ACCURACY_METRICS`, empty where not measured): later columns are
+appended, so the earlier ones keep their positions.
 
 >>> format_percent(0.9712), format_duration(4521.0), format_ratio(15.24), format_ratio(float("nan"))
 ('97.1%', '1.3 h', '15.2x', 'n/a')
@@ -33,6 +36,7 @@ import pandas as pd
 
 from robustkit.reports.records import (
     ACCURACY_METRICS,
+    APPENDED_ACCURACY_METRICS,
     CELL_KEYS,
     CELL_METRICS,
     GROUP_KEYS,
@@ -56,16 +60,16 @@ SUMMARY_MD = "summary.md"
 NOT_AVAILABLE = "n/a"
 
 TABLE_METRICS = (
-    "clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "verified_interval", "verified_symbolic",
-    "verified_crown", "verified_best",
+    "clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "autoattack_acc", "verified_interval",
+    "verified_symbolic", "verified_crown", "verified_best",
 )
 TABLE_HEADERS = ("Trainer", *(METRIC_LABELS[m] for m in TABLE_METRICS), "Train time", "Time vs MixTrain")
 # per accuracy: the standard deviation over seeds (empty for one seed) and the 95% interval's ends
 INTERVAL_COLUMNS = tuple(f"{metric}_{part}" for metric in ACCURACY_METRICS for part in ("std", "low", "high"))
 SUMMARY_COLUMNS = (
-    *GROUP_KEYS, "trainer", "trainer_name", "seed", "n", *ACCURACY_METRICS, *CELL_METRICS, "time_vs_mixtrain",
-    *PREFLIGHT_METRICS,
-    "n_seeds", "interval", *INTERVAL_COLUMNS,
+    *GROUP_KEYS, "trainer", "trainer_name", "seed", "n",
+    *(m for m in ACCURACY_METRICS if m not in APPENDED_ACCURACY_METRICS), *CELL_METRICS, "time_vs_mixtrain",
+    *PREFLIGHT_METRICS, "n_seeds", "interval", *INTERVAL_COLUMNS, *APPENDED_ACCURACY_METRICS,
 )
 # whole numbers in summary.csv: counts and the pre-flight flags
 INTEGER_COLUMNS = frozenset({"seed", "n", "n_seeds", *PREFLIGHT_METRICS} - {"preflight_zero_gradient"})
@@ -74,7 +78,9 @@ ROUNDED_COLUMNS = {"time_vs_mixtrain": 3}
 ACCURACY_NOTE = (
     "Accuracies count all n test samples of each cell, at the cell's training eps: clean-misclassified samples "
     "count as broken by the attacks and as not verified. Verified (best) is the per-sample best of the "
-    "verifiers run. Time vs MixTrain is the training time divided by that of the MixTrain cell in the same table."
+    "verifiers run. AutoAttack is the AutoAttack ensemble (the bench's evaluation.autoattack version; n/a when "
+    "off), one of the attacks of the per-sample worst case. Time vs MixTrain is the training time divided by that "
+    "of the MixTrain cell in the same table."
 )
 INTERVAL_NOTE = (
     "In parentheses: the 95% interval of each accuracy, over the n test samples (Wilson score interval) for one "

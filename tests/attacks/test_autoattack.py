@@ -52,6 +52,14 @@ def test_stage_accuracies_are_reported_and_non_increasing(standard, trained_fc):
     assert 0 < result.robust_accuracy < values[0]
 
 
+def test_broken_at_gives_the_stage_accuracies_per_sample(standard):
+    _, _, result = standard
+    assert result.broken_at is not None and result.broken_at.shape == result.success.shape
+    assert torch.equal(result.broken_at < len(STAGES), result.success)  # robust samples: past the last stage
+    for position, (_, accuracy) in enumerate(result.stage_robust_accuracy):
+        assert accuracy == int((result.broken_at > position).sum()) / len(result.success)
+
+
 def test_never_above_apgd_ce_alone_whose_run_is_the_first_stage(standard, trained_fc):
     x, y, result = standard
     alone = APGD()(trained_fc, x, y, eps=0.1, generator=torch.Generator().manual_seed(0))

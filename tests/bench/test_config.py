@@ -21,8 +21,10 @@ def test_presets_parse_and_plan_the_paper_grid():
     symbolic = next(t for t in paper.trainers if t.label == "verifiable-symbolic")
     assert symbolic.name == "verifiable" and symbolic.options == {"method": "symbolic"}
     assert symbolic.training["batch_size"] == 50 and "epochs" in symbolic.training
+    assert paper.evaluation.autoattack == "standard"
     quick = preset("quick")
     assert quick.n_train > 0 and quick.n_test <= 200
+    assert quick.evaluation.autoattack == "fast"
     assert set(PRESETS) == {"paper", "quick"}
 
 
@@ -30,6 +32,15 @@ def test_example_file_is_valid():
     config = load_config(str(ROOT / "examples" / "bench.toml"))
     assert len(plan(config)) == 12
     assert config.evaluation.eps_sweep == (0.02, 0.05, 0.1, 0.15, 0.2)
+
+
+def test_autoattack_is_off_unless_asked_for():
+    config = base()
+    del config["evaluation"]["autoattack"]
+    assert parse_config(config, "test").evaluation.autoattack == "off"
+    for version in ("standard", "fast", "off"):
+        config["evaluation"]["autoattack"] = version
+        assert parse_config(config, "test").evaluation.autoattack == version
 
 
 def test_unknown_preset():
@@ -57,6 +68,9 @@ def base() -> dict:
     (lambda c: c["grid"].update(datasets=["mnist"]), r"data.data_dir: dataset 'mnist' is read from files"),
     (lambda c: c["data"].update(n_test=-1), r"data.n_test: must be >= 0, got -1"),
     (lambda c: c["evaluation"].update(interval_attack={"radius": -1}), r"evaluation.interval_attack"),
+    (lambda c: c["evaluation"].update(autoattack="standart"),
+     r"evaluation.autoattack: 'standart' is not a choice.*Did you mean 'standard'.*Valid: standard, fast, off"),
+    (lambda c: c["evaluation"].update(autoattack=True), r"evaluation.autoattack: must be a string, got True"),
 ])
 def test_invalid_configs_name_the_key(change, match):
     config = base()

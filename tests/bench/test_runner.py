@@ -24,7 +24,7 @@ OUTPUTS = ["config.json", "results.csv", "epochs.csv", "summary.csv", "summary.m
 PLOTS = ["verified_vs_time", "accuracy_vs_eps", "training_curves", "train_time"]
 TRAINERS = ["standard", "pgd", "verifiable-symbolic", "verifiable-interval", "mixtrain"]
 ACCURACY_COLUMNS = ["clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "worst_attack_acc",
-                    "verified_interval", "verified_symbolic", "verified_best"]
+                    "verified_interval", "verified_symbolic", "verified_best", "autoattack_acc"]
 PREFLIGHT = ["preflight_warnings", "preflight_randomised_outputs", "preflight_probability_outputs",
              "preflight_zero_gradient", "preflight_train_mode"]
 
@@ -125,13 +125,16 @@ def test_results_are_long_format_with_every_metric(quick_run):
             mine.setdefault(r["metric"], r)  # the cell's own rows come first, then the sweep's at the same eps
         for metric in ["clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "worst_attack_acc",
                        "verified_interval", "verified_symbolic", "verified_crown", "verified_exact",
-                       "verified_best", "train_time_s", "eval_time_s", "peak_memory_mb", "epochs"]:
+                       "verified_best", "autoattack_acc", "train_time_s", "eval_time_s", "peak_memory_mb", "epochs"]:
             assert metric in mine, (trainer, metric)
+        assert mine["autoattack_acc"]["config"] == "AutoAttack(version='fast')"
         value = {m: float(r["value"]) for m, r in mine.items()}
         assert int(mine["clean_acc"]["n"]) == 60
         # the consistency the bench enforces, visible in the numbers
         assert value["verified_best"] <= value["worst_attack_acc"] <= value["clean_acc"]
-        assert value["worst_attack_acc"] <= min(value["pgd_acc"], value["cw_acc"], value["interval_attack_acc"])
+        assert value["worst_attack_acc"] <= min(value["pgd_acc"], value["cw_acc"], value["interval_attack_acc"],
+                                                value["autoattack_acc"])
+        assert value["verified_best"] <= value["autoattack_acc"] <= value["clean_acc"]
         assert value["verified_best"] >= max(value["verified_interval"], value["verified_symbolic"])
         assert value["verified_crown"] >= value["verified_symbolic"] - 1e-9  # crown takes the better bound
         sweep = {float(r["eval_eps"]) for r in results if r["trainer"] == trainer and r["eval_eps"] != r["train_eps"]}
@@ -168,19 +171,27 @@ def test_summary_table_matches_results(quick_run):
     assert float(mixtrain["time_vs_mixtrain"]) == pytest.approx(1.0)
     columns = list(summary[0])
     after = columns.index("time_vs_mixtrain")
-    # appended, earlier columns unchanged: the pre-flight metrics, then the seeds and the intervals
+    # appended, earlier columns unchanged: the pre-flight metrics, the seeds and the intervals, then AutoAttack
     assert columns[after:after + 8] == ["time_vs_mixtrain", *PREFLIGHT, "n_seeds", "interval"]
     assert columns[after + 8:after + 11] == ["clean_acc_std", "clean_acc_low", "clean_acc_high"]
+    assert columns[-1] == "autoattack_acc" and "autoattack_acc_low" in columns
     for row in summary:
         assert (row["seed"], row["n_seeds"], row["interval"], row["clean_acc_std"]) == ("0", "1", "wilson", "")
         assert float(row["clean_acc_low"]) <= float(row["clean_acc"]) <= float(row["clean_acc_high"])
     for row in summary:
+        autoattack = next(r for r in results if r["trainer"] == row["trainer"] and r["metric"] == "autoattack_acc")
+        assert float(row["autoattack_acc"]) == pytest.approx(float(autoattack["value"]))
         for metric in PREFLIGHT:
             measured = next(r for r in results if r["trainer"] == row["trainer"] and r["metric"] == metric)
             assert float(row[metric]) == pytest.approx(float(measured["value"]))
         assert row["preflight_warnings"] in ("0", "1") and row["preflight_train_mode"] == "0"
     markdown = (out / "summary.md").read_text()
     assert "mixtrain" in markdown and "Time vs MixTrain" in markdown
+    assert "| Trainer | Clean | PGD | CW | Interval attack | AutoAttack | Verified (interval) |" in markdown
+    percentages = {r["trainer"]: f"{100 * float(r['autoattack_acc']):.1f}%" for r in summary}
+    for line in markdown.splitlines():
+        if line.startswith("| mixtrain |"):
+            assert line.split(" | ")[5] == percentages["mixtrain"]
 
 
 def test_index_html_references_existing_images(quick_run):

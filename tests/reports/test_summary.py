@@ -22,7 +22,17 @@ from robustkit.reports.summary import (
     summary_markdown,
     write_summary,
 )
-from tests.reports.runs import ACCURACY_ORDER, CELLS, EXACT, GROUP, SMALL_CELLS, SMALL_GROUP, TRAINERS, make_run
+from tests.reports.runs import (
+    ACCURACY_ORDER,
+    AUTOATTACK,
+    CELLS,
+    EXACT,
+    GROUP,
+    SMALL_CELLS,
+    SMALL_GROUP,
+    TRAINERS,
+    make_run,
+)
 
 
 @pytest.fixture
@@ -44,6 +54,11 @@ def test_one_row_per_cell_with_the_recorded_numbers(summary):
             assert row["train_time_s"] == train_time
             exact = EXACT.get(label, math.nan) if group == GROUP else math.nan
             assert row["verified_exact"] == exact or (math.isnan(exact) and math.isnan(row["verified_exact"]))
+            if group == GROUP:
+                assert row["autoattack_acc"] == AUTOATTACK[label]
+            else:
+                assert math.isnan(row["autoattack_acc"])
+    assert list(SUMMARY_COLUMNS)[-1] == "autoattack_acc"  # appended: the earlier columns keep their positions
 
 
 def test_sweep_rows_do_not_leak_into_the_summary(summary):
@@ -94,17 +109,21 @@ def test_markdown_tables(summary):
     assert main_rows[0] == "| " + " | ".join(TABLE_HEADERS) + " |"
     assert "| Verified (symbolic) | Verified (CROWN) | Verified (best) |" in main_rows[0]  # crown has its column
     assert main_rows[1:] == [
-        "| standard | 98.9% (98.0-99.4) | 2.1% (1.4-3.2) | 1.3% (0.8-2.2) | 0.4% (0.2-1.0) | 0.0% (0.0-0.4) | "
-        "0.0% (0.0-0.4) | 0.1% (0.0-0.6) | 0.1% (0.0-0.6) | 30.0 s | 0.30x |",
-        "| pgd | 98.5% (97.5-99.1) | 93.1% (91.4-94.5) | 92.5% (90.7-94.0) | 91.2% (89.3-92.8) | 0.0% (0.0-0.4) | "
-        "12.4% (10.5-14.6) | 30.1% (27.3-33.0) | 30.1% (27.3-33.0) | 1.6 min | 0.95x |",
-        "| verifiable-symbolic | 97.5% (96.3-98.3) | 95.3% (93.8-96.4) | 95.1% (93.6-96.3) | 95.0% (93.5-96.2) | "
+        "| standard | 98.9% (98.0-99.4) | 2.1% (1.4-3.2) | 1.3% (0.8-2.2) | 0.4% (0.2-1.0) | 0.2% (0.1-0.7) | "
+        "0.0% (0.0-0.4) | 0.0% (0.0-0.4) | 0.1% (0.0-0.6) | 0.1% (0.0-0.6) | 30.0 s | 0.30x |",
+        "| pgd | 98.5% (97.5-99.1) | 93.1% (91.4-94.5) | 92.5% (90.7-94.0) | 91.2% (89.3-92.8) | 90.6% (88.6-92.3) | "
+        "0.0% (0.0-0.4) | 12.4% (10.5-14.6) | 30.1% (27.3-33.0) | 30.1% (27.3-33.0) | 1.6 min | 0.95x |",
+        "| verifiable-symbolic | 97.5% (96.3-98.3) | 95.3% (93.8-96.4) | 95.1% (93.6-96.3) | 95.0% (93.5-96.2) | 94.9% (93.4-96.1) | "
         "90.0% (88.0-91.7) | 95.2% (93.7-96.4) | 95.3% (93.8-96.4) | 95.3% (93.8-96.4) | 25.0 min | 15.0x |",
-        "| verifiable-interval | 98.0% (96.9-98.7) | 94.0% (92.4-95.3) | 93.9% (92.2-95.2) | 93.5% (91.8-94.9) | "
+        "| verifiable-interval | 98.0% (96.9-98.7) | 94.0% (92.4-95.3) | 93.9% (92.2-95.2) | 93.5% (91.8-94.9) | 93.1% (91.4-94.5) | "
         "92.2% (90.4-93.7) | 92.5% (90.7-94.0) | 92.6% (90.8-94.1) | 92.6% (90.8-94.1) | 2.0 min | 1.20x |",
-        "| mixtrain | 98.4% (97.4-99.0) | 95.5% (94.0-96.6) | 95.1% (93.6-96.3) | 95.2% (93.7-96.4) | "
+        "| mixtrain | 98.4% (97.4-99.0) | 95.5% (94.0-96.6) | 95.1% (93.6-96.3) | 95.2% (93.7-96.4) | 95.1% (93.6-96.3) | "
         "91.0% (89.1-92.6) | 95.1% (93.6-96.3) | 95.5% (94.0-96.6) | 95.5% (94.0-96.6) | 1.7 min | 1.00x |",
     ]
+    assert TABLE_HEADERS[5] == "AutoAttack"
+    # a run made before the bench measured AutoAttack: n/a in its column
+    small_rows = [line for line in sections[1].splitlines() if line.startswith("| ")]
+    assert all(line.split(" | ")[5] == "n/a" for line in small_rows[2:])
     assert "n = 1,000 test samples." in sections[0] and "n = 500 test samples." in sections[1]
     small_rows = [line for line in sections[1].splitlines() if line.startswith("| ")][1:]
     assert all(line.endswith("| n/a |") for line in small_rows)
