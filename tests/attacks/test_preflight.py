@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustkit.attacks import PGD
+from robustkit.attacks import PGD, Square
 from robustkit.attacks.preflight import (
     CHECKS,
     MAX_POINTS,
@@ -95,8 +95,8 @@ def test_a_rounding_step_is_flagged_and_pgd_breaks_almost_nothing_there(trained_
     assert int(masked.success.sum()) <= clean_wrong + 3  # zero gradients: only the random start moves
     assert int(plain.success.sum()) >= clean_wrong + 40  # the same net without the step is not robust at all
 
-    # a gradient-free attack breaks what PGD cannot (check e)
-    search = RandomSearch(iterations=200)(rounded, x, y, eps=eps, generator=torch.Generator().manual_seed(0))
+    # the gradient-free Square attack breaks what PGD cannot (check e)
+    search = Square(n_queries=300)(rounded, x, y, eps=eps, generator=torch.Generator().manual_seed(0))
     gap = gradient_free_gap(masked.success, search.success)
     assert gap.count == int((search.success & ~masked.success).sum()) >= 50
     assert gap.warning is not None and gap.warning.startswith(f"a gradient-free attack broke {gap.count} of 100 points")
@@ -220,4 +220,4 @@ def test_gradient_free_gap_on_hand_made_masks():
 
 
 def test_only_gradient_free_attacks_say_so():
-    assert not PGD.gradient_free and RandomSearch.gradient_free
+    assert not PGD.gradient_free and Square.gradient_free and RandomSearch.gradient_free
