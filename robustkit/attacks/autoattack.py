@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.attacks.apgd import APGD
-from robustkit.attacks.base import Attack, AttackResult, default_generator, preserved_model, validate_batch
+from robustkit.attacks.base import Attack, AttackResult, preserved_model
 from robustkit.attacks.fab import FAB
 from robustkit.attacks.square import Square
 from robustkit.errors import InputError
@@ -123,12 +123,7 @@ class AutoAttack(Attack):
         self, model: nn.Module, x: Tensor, y: Tensor, *, eps: float, generator: torch.Generator | None = None
     ) -> AutoAttackResult:
         start = time.perf_counter()
-        eps = self.validate_eps(eps)
-        x, y = validate_batch(model, x, y)
-        generator = generator if generator is not None else default_generator(x.device)
-        if model.training:
-            warnings.warn("the model is in training mode; attacks normally run on a model in eval mode",
-                          stacklevel=2)
+        eps, x, y, generator = self.prepare(model, x, y, eps, generator)
         with preserved_model(model), torch.no_grad():
             n_classes = model(x[:1]).shape[1]
             if int(y.min()) < 0 or int(y.max()) >= n_classes:

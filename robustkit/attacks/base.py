@@ -107,16 +107,24 @@ class Attack(ABC):
             raise InputError(f"L-inf eps must be in [0, 1] (inputs live in [0, 1]), got {eps}")
         return float(eps)
 
-    def __call__(
-        self, model: nn.Module, x: Tensor, y: Tensor, *, eps: float, generator: torch.Generator | None = None
-    ) -> AttackResult:
-        start = time.perf_counter()
+    def prepare(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator | None
+    ) -> tuple[float, Tensor, Tensor, torch.Generator]:
+        """The validated eps, batch (on the model's device) and generator of a call; warns (on behalf of the
+        caller of ``__call__``) when the model is in training mode."""
         eps = self.validate_eps(eps)
         x, y = validate_batch(model, x, y)
         generator = generator if generator is not None else default_generator(x.device)
         if model.training:
             warnings.warn("the model is in training mode; attacks normally run on a model in eval mode",
-                          stacklevel=2)
+                          stacklevel=3)
+        return eps, x, y, generator
+
+    def __call__(
+        self, model: nn.Module, x: Tensor, y: Tensor, *, eps: float, generator: torch.Generator | None = None
+    ) -> AttackResult:
+        start = time.perf_counter()
+        eps, x, y, generator = self.prepare(model, x, y, eps, generator)
         with preserved_model(model), torch.no_grad():
             logits = model(x)
             if int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
