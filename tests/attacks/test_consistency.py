@@ -21,8 +21,8 @@ ATTACK_OPTIONS = {
     "foolbox": {"attack": "LinfPGD", "options": {"steps": 20}},
     "worst-case": {"attacks": ["pgd", "interval"]},
     "apgd": {"steps": 30, "loss": "dlr", "targeted": True, "n_target_classes": 3},
-    "square": {"n_queries": 500},
-    "fab": {"steps": 30, "n_target_classes": 3},
+    "square": {"n_queries": 250},
+    "fab": {"steps": 20, "n_target_classes": 2},
     "autoattack": {"version": "fast"},
 }
 
