@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import os
 import platform
-import re
-from pathlib import Path
 
 
 def hardware(threads: int) -> str:
     """The CPU model, its logical and usable cores, torch's version and thread count, and Python's version."""
     import torch
 
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
-        if found:
-            model = found.group(1).strip()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from robustkit.threads import cpu_model, usable_cores
+
+    model, usable = cpu_model(), usable_cores()
     return (f"CPU: {model}; {os.cpu_count()} logical cores ({usable} usable); torch {torch.__version__} with "
             f"{threads} thread(s); Python {platform.python_version()}")
 

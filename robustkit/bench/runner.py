@@ -1,6 +1,8 @@
 """The benchmark runner: train and evaluate every cell of the grid, loss-free and resumable.
 
-A run folder holds ``config.json`` (the resolved configuration), one folder per cell under ``cells/`` (the
+A run folder holds ``config.json`` (the resolved configuration, and the machine of the run's start and of every
+resume: torch threads, CPU model, cores, versions, load average at the start and the end; see
+:func:`robustkit.threads.machine_record`), one folder per cell under ``cells/`` (the
 trainer's checkpoint after every epoch, ``model.pt`` once trained and ``result.json`` once evaluated, each
 written atomically), and the aggregated ``results.csv`` and ``epochs.csv`` (rewritten after every cell), from
 which :func:`robustkit.reports.build_report` makes the summary tables, plots and ``index.html``. Re-running
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +33,12 @@ from robustkit.io import atomic_write_text, json_value, torch_save_atomic, write
 from robustkit.progress import WorkLog, format_seconds, log, progress
 from robustkit.runlock import LOCK_FILE, run_lock
 from robustkit.runtime import PeakMemory
+from robustkit.threads import cpu_model, end_session, load_average, retune, session_entries
 
 RESULT_COLUMNS = ("dataset", "model", "trainer", "trainer_name", "train_eps", "eval_eps", "metric", "value", "n",
-                  "time_s", "seed", "robustkit_version", "torch_version", "config")
+                  "time_s", "seed", "robustkit_version", "torch_version", "config",
+                  # the machine while the cell ran (torch threads, CPU model, 1-minute load average before and after)
+                  "threads", "cpu", "load_start", "load_end")
 EPOCH_COLUMNS = ("dataset", "model", "trainer", "trainer_name", "train_eps", "seed", "epoch", "train_time_s",
                  "epoch_time_s", "loss", "loss_natural", "loss_robust", "weight", "eps", "lr", "train_acc",
                  "clean_acc", "pgd_acc", "verified_acc", "n_val", "eval_time_s")
@@ -190,6 +196,7 @@ def run_cell(cell: Cell, config: BenchConfig, data: GridData, folder: Path, devi
     """Train (or resume) and evaluate one cell; its ``result.json`` is written atomically at the end."""
     version, torch_version = _versions()
     folder.mkdir(parents=True, exist_ok=True)
+    load_start = load_average()
     train, test = data.train, data.test
     model, result, train_memory = _train(cell, config, train, data.monitor, folder, device, resume)
     log(f"  trained ({format_seconds(result.train_time_s)} of training time); evaluating on {len(test)} test samples "
@@ -197,7 +204,8 @@ def run_cell(cell: Cell, config: BenchConfig, data: GridData, folder: Path, devi
     evaluation = evaluate_model(model, data.dataset, test, cell.eps, config.evaluation, cell.seed)
     base = {"dataset": cell.dataset, "model": cell.model, "trainer": cell.trainer.label,
             "trainer_name": cell.trainer.name, "train_eps": cell.eps, "seed": cell.seed}
-    tail = {"robustkit_version": version, "torch_version": torch_version}
+    tail = {"robustkit_version": version, "torch_version": torch_version, "threads": torch.get_num_threads(),
+            "cpu": cpu_model(), "load_start": _or_nan(load_start), "load_end": _or_nan(load_average())}
     results = [
         {**base, "eval_eps": cell.eps, "metric": metric, "value": value, "n": n, "time_s": seconds, **tail,
          "config": text}
@@ -225,6 +233,37 @@ def run_cell(cell: Cell, config: BenchConfig, data: GridData, folder: Path, devi
         {"results": strict(results), "epochs": strict(epochs), "violations": outcome.violations,
          "warnings": outcome.warnings}, indent=1, allow_nan=False))
     return outcome
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _record_machine(folder: Path, config: BenchConfig, device: str, on_note: Callable[[str], None] | None) -> None:
+    """Write ``config.json`` at a run's start with the machine it starts on; a resume adds this session's machine
+    to its ``resumed`` list, with a note when the thread count changed (see
+    :func:`robustkit.threads.session_entries`)."""
+    version, torch_version = _versions()
+    file = folder / "config.json"
+    if file.is_file():  # a resume: _check_folder read it, so it is valid JSON
+        document = json.loads(file.read_text())
+        document.update(session_entries(document, on_note or _warn, "timings of the cells run"))
+    else:
+        document = {"config": config.to_dict(), "robustkit_version": version, "torch_version": torch_version,
+                    "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    **session_entries(None, _warn, "")}
+    atomic_write_text(file, json.dumps(document, indent=1))
+
+
+def _warn(note: str) -> None:
+    warnings.warn(note, RuntimeWarning, stacklevel=3)
+
+
+def _record_end(folder: Path) -> None:
+    file = folder / "config.json"
+    document = json.loads(file.read_text())
+    end_session(document)
+    atomic_write_text(file, json.dumps(document, indent=1))
 
 
 def _read_json(file: Path, key: str, advice: str) -> Any:
@@ -274,8 +313,9 @@ def run_bench(
 
     The run holds the folder's lock (:func:`robustkit.runlock.run_lock`) from the first check to the report,
     so a second run on the same folder fails at once instead of redoing or overwriting cells; ``on_note``
-    receives the note when a stale lock of a killed run is taken over. ``on_start`` is called once the data
-    and the folder passed their checks, before the first cell.
+    receives the note when a stale lock of a killed run is taken over, and when a resume runs with another torch
+    thread count than the session before (without ``on_note``, a :class:`RuntimeWarning`). ``on_start`` is called
+    once the data and the folder passed their checks, before the first cell.
     """
     folder = Path(folder)
     datasets = {name: GridData.load(name, config) for name in config.datasets}  # bad counts fail before any file
@@ -284,11 +324,7 @@ def run_bench(
         _check_folder(folder, config, resume)
         if on_start is not None:
             on_start()
-        version, torch_version = _versions()
-        if not (folder / "config.json").is_file():
-            atomic_write_text(folder / "config.json", json.dumps(
-                {"config": config.to_dict(), "robustkit_version": version, "torch_version": torch_version,
-                 "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+        _record_machine(folder, config, device, on_note)
         cells = plan(config)
         outcomes: list[CellOutcome] = []
         cells_log = WorkLog("cell", len(cells), "cell")
@@ -302,6 +338,9 @@ def run_bench(
                 outcome = _load_outcome(cell, result_file)
                 cells_log.finished(cell.key, None)
             else:
+                changed = retune()
+                if changed is not None:
+                    log(f"torch threads {changed[0]} -> {changed[1]}: the cores other processes leave free now")
                 log(f"cell {cell.key} ({position + 1}/{len(cells)}): training {cell.trainer.label}")
                 clock = time.perf_counter()
                 outcome = run_cell(cell, config, datasets[cell.dataset], cell_folder, device, resume)
@@ -315,4 +354,5 @@ def run_bench(
         clock = time.perf_counter()
         files = build_report(folder)
         log(f"report: {len(files)} files in {format_seconds(time.perf_counter() - clock)}")
+        _record_end(folder)
     return BenchRun(folder, tuple(outcomes), tuple(files))

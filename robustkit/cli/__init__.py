@@ -144,8 +144,8 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
               help=f"Where to compute: {DEVICE_CHOICES}.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars, and no progress log lines (bench, train).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
-              help="CPU threads for torch (default: torch's choice). 1 is much faster when other processes "
-                   "keep the cores busy.")
+              help="CPU threads for torch (default: the cores that other processes leave free, from the load "
+                   "average: 1 on a busy machine).")
 @click.pass_context
 def main(ctx: click.Context, seed: int, device: str, quiet: bool, threads: int | None) -> None:
     """robustkit: train, attack and formally verify neural networks against L-inf adversaries."""
@@ -153,8 +153,7 @@ def main(ctx: click.Context, seed: int, device: str, quiet: bool, threads: int |
 
     set_progress(not quiet)
     set_log(False)  # the long-running commands (bench, train) turn their log lines on
-    if threads is not None:
-        import torch
+    from robustkit.threads import configure
 
-        torch.set_num_threads(threads)
+    configure(threads)  # before any command loads torch, so that OpenMP sees the wait policy
     ctx.obj = GlobalOptions(seed=seed, device=device, quiet=quiet)

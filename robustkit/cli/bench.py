@@ -54,6 +54,17 @@ def _report_cell(outcome: CellOutcome, position: int, total: int) -> None:
         click.echo(f"Warning: {outcome.cell.key}: {warning}", err=True)
 
 
+def _threads_text() -> str:
+    """", 2 torch threads (free cores, passive wait)" for the header line."""
+    import torch
+
+    from robustkit.threads import current
+
+    setting = current()
+    how = f" ({setting.source}, {setting.wait_policy} wait)" if setting else ""
+    return f", {torch.get_num_threads()} torch thread(s){how}"
+
+
 @click.command("bench", cls=Command)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE.toml",
               help="A benchmark configuration (see examples/bench.toml); default: the preset.")
@@ -109,7 +120,7 @@ def bench(ctx: click.Context, config_file: str | None, preset_name: str | None, 
     folder = out if out is not None else output_dir(None, "bench")
     header = (f"robustkit bench: {config.source}, {len(config.trainers)} trainer(s) x {len(config.models)} "
               f"model(s) x {len(config.datasets)} dataset(s) x {len(config.eps)} eps x {len(config.seeds)} seed(s) "
-              f"({', '.join(map(str, config.seeds))}), device {chosen_device}, "
+              f"({', '.join(map(str, config.seeds))}), device {chosen_device}{_threads_text()}, "
               f"into {folder}")
     run = run_bench(config, folder, resume=resume, device=chosen_device, on_cell=_report_cell,
                     on_note=lambda note: click.echo(f"Note: {note}.", err=True),

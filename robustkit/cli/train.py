@@ -37,7 +37,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,6 +216,35 @@ def resume_history(folder: Path, run: Run) -> list[EpochRecord]:
     return [EpochRecord(**row) for row in saved_checkpoint["history"]]
 
 
+def write_config(folder: Path, run: Run, resume: bool, warn: Callable[[str], None]) -> None:
+    """Write ``config.json``: the run's identity and the machine it runs on (``machine``: torch threads, CPU,
+    cores, versions, load average; a resume keeps the first session's and adds its own to ``resumed``, and
+    warns when the thread count changed; see :func:`robustkit.threads.session_entries`)."""
+    from robustkit.io import atomic_write_text
+    from robustkit.threads import session_entries
+
+    file = folder / "config.json"
+    saved = None
+    if resume and file.is_file():
+        try:
+            saved = json.loads(file.read_text())
+        except (OSError, ValueError):
+            saved = None  # resume_history accepted the checkpoint; a damaged record is written anew
+    document = {**run.to_json(), **session_entries(saved, warn, "epoch times")}
+    atomic_write_text(file, json.dumps(document, indent=2) + "\n")
+
+
+def record_end(folder: Path) -> None:
+    """The load average at the end of this session, in its machine record of ``config.json``."""
+    from robustkit.io import atomic_write_text
+    from robustkit.threads import end_session
+
+    file = folder / "config.json"
+    document = json.loads(file.read_text())
+    end_session(document)
+    atomic_write_text(file, json.dumps(document, indent=2) + "\n")
+
+
 def _percent(value: float) -> str:
     return "-" if math.isnan(value) else f"{100 * value:.1f}%"
 
@@ -354,7 +383,7 @@ def train(
     """
     import torch
 
-    from robustkit.io import atomic_write_text, save_safetensors, torch_save_atomic
+    from robustkit.io import save_safetensors, torch_save_atomic
     from robustkit.progress import set_log, set_progress
     from robustkit.runlock import run_lock
 
@@ -401,7 +430,7 @@ def train(
             "another --out"
         )
     if main_process:
-        atomic_write_text(folder / "config.json", json.dumps(run.to_json(), indent=2) + "\n")
+        write_config(folder, run, resume, lambda note: click.echo(f"Warning: {note}.", err=True))
         click.echo(
             f"Training {model_name} with {_describe(trainer)} on {run.n_train} {dataset.name} training samples: "
             f"eps {eps:g}, {epochs} epochs, batch {batch_size}" + (f", {world} processes (DDP)" if world > 1 else "")
@@ -439,6 +468,7 @@ def train(
             f"{_percent(last.clean_acc)}, PGD {_percent(last.pgd_acc)}, verified ({config.val_method}) "
             f"{_percent(last.verified_acc)}."
         )
+        record_end(folder)
         click.echo(f"Wrote {', '.join(FILES)} to {folder}.")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -112,6 +112,14 @@ def test_every_output_file_is_written(quick_run):
         saved = json.loads((cell / "result.json").read_text(), parse_constant=lambda token: pytest.fail(token))
         assert saved["results"] and saved["violations"] == []
     assert "| Trainer | Clean | PGD | CW | Interval attack |" in output
+    machine = json.loads((out / "config.json").read_text())["machine"]
+    assert machine["threads"] == torch.get_num_threads() and machine["threads_source"] == "as loaded"
+    assert machine["cpu"] and machine["usable_cores"] >= 1 and machine["torch_version"] == torch.__version__
+    assert machine["load_start"] is None or machine["load_start"] >= 0
+    assert machine["load_end"] is None or machine["load_end"] >= 0
+    for row in rows(out / "results.csv"):  # every row says what the cell ran on
+        assert int(row["threads"]) == torch.get_num_threads() and row["cpu"] == machine["cpu"]
+        assert row["load_start"] == "nan" or float(row["load_start"]) >= 0
 
 
 def test_results_are_long_format_with_every_metric(quick_run):
@@ -231,7 +239,10 @@ def checkpoint_epoch(path: Path) -> int:
 def test_interrupted_run_resumes_to_the_same_summary(quick_run, tmp_path):
     reference, _ = quick_run
     out = tmp_path / "interrupted"
-    command = [sys.executable, "-m", "robustkit", "--quiet", "bench", "--preset", "quick", "--out", str(out)]
+    # the reference ran in this process: the same thread count, so the same floating-point summation order
+    threads = str(torch.get_num_threads())
+    command = [sys.executable, "-m", "robustkit", "--quiet", "--threads", threads, "bench", "--preset", "quick",
+               "--out", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     killed_in_cell = None
@@ -261,6 +272,11 @@ def test_interrupted_run_resumes_to_the_same_summary(quick_run, tmp_path):
     for trainer in TRAINERS:
         for column in ACCURACY_COLUMNS:
             assert ours[trainer][column] == theirs[trainer][column], (trainer, column)
+    # both sessions are on record: the start's machine and the resume's
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["machine"]["threads"] == int(threads) and saved["machine"]["threads_source"] == "--threads"
+    assert [session["threads"] for session in saved["resumed"]] == [torch.get_num_threads()]
+    assert "load_end" in saved["resumed"][0] and "load_end" not in saved["machine"]  # the first was killed
 
 
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_used_folders(quick_run):

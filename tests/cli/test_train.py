@@ -136,6 +136,15 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch
         assert {k: v for k, v in a.items() if k not in TIMES} == {k: v for k, v in b.items() if k not in TIMES}
     assert len(read_jsonl(tmp_path / "parts" / "history.jsonl")) == 2
 
+    # another thread count is accepted, with a warning, and every session's machine is on record
+    other = run("--threads", "2", *args, "--out", str(tmp_path / "parts"), "--resume")
+    assert other.exit_code == 0, other.output
+    assert "started with 1 torch thread(s) and is resumed with 2" in other.stderr
+    saved = json.loads((tmp_path / "parts" / "config.json").read_text())
+    assert saved["machine"]["threads"] == 1 and [m["threads"] for m in saved["resumed"]] == [1, 2]
+    assert saved["resumed"][-1]["threads_source"] == "--threads" and "load_end" in saved["resumed"][-1]
+    torch.set_num_threads(1)
+
     refused = run(*[a if a != "3" else "4" for a in args], "--out", str(tmp_path / "parts"), "--resume")
     one_line_error(refused, "cannot resume", "different settings (steps")
     refused = run(*args, "--lr", "0.01", "--out", str(tmp_path / "parts"), "--resume")

@@ -1,0 +1,112 @@
+"""The thread policy of :mod:`robustkit.threads`: the count from the free cores, the passive OpenMP wait, what
+overrides them, and the machine record that runs keep."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from robustkit.threads import busy_cores, configure, free_cores, machine_record, session_entries, usable_cores
+
+
+@pytest.mark.parametrize(("cores", "busy", "expected"), [
+    (2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 2.0, 1), (2, 7.5, 1), (2, None, 2),
+    (8, 3.2, 5), (8, 0.0, 8), (1, 0.0, 1), (1, 3.0, 1),
+])
+def test_free_cores_rounds_what_the_others_leave_and_keeps_one(cores, busy, expected):
+    assert free_cores(cores, busy) == expected
+
+
+def test_busy_cores_sees_a_busy_process():
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # the interpreter has started and spins
+        seen = busy_cores(0.5)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert seen is not None and 0.0 <= seen <= os.cpu_count() + 1e-9
+    # a process that spins takes a whole core when it gets one; the scheduler's share of it on a machine whose
+    # every core is busy is at least 1 / (busy processes per core), so 0.5 is a floor on any machine of <= 2x load
+    assert seen >= 0.5
+
+
+def _configure_in_fresh_process(args: str, **env: str) -> dict:
+    """What :func:`configure` chose in a new interpreter (torch not loaded yet), and the wait policy OpenMP saw."""
+    code = (
+        "import json, os; from robustkit.threads import configure; "
+        f"s = configure({args}); import torch; "
+        "print(json.dumps({'threads': s.threads, 'source': s.source, 'wait': s.wait_policy, "
+        "'torch': torch.get_num_threads(), 'env': os.environ.get('OMP_WAIT_POLICY')}))"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          timeout=120, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_new_process_gets_passive_waiting_and_the_free_cores():
+    chosen = _configure_in_fresh_process("None")
+    assert chosen["wait"] == "passive" and chosen["env"] == "PASSIVE"
+    assert chosen["source"] == "free cores" and 1 <= chosen["threads"] <= usable_cores()
+    assert chosen["torch"] == chosen["threads"]
+
+
+def test_the_users_settings_win():
+    chosen = _configure_in_fresh_process("3", OMP_WAIT_POLICY="ACTIVE")
+    assert (chosen["threads"], chosen["source"], chosen["torch"]) == (3, "--threads", 3)
+    assert chosen["wait"] == "OMP_WAIT_POLICY=ACTIVE" and chosen["env"] == "ACTIVE"
+    chosen = _configure_in_fresh_process("None", OMP_NUM_THREADS="1", GOMP_SPINCOUNT="1000")
+    assert (chosen["threads"], chosen["source"], chosen["torch"]) == (1, "OMP_NUM_THREADS", 1)
+    assert chosen["wait"] == "GOMP_SPINCOUNT=1000" and chosen["env"] is None
+
+
+def test_an_in_process_caller_keeps_its_thread_count():
+    before = torch.get_num_threads()
+    chosen = configure(None)  # torch is loaded in this process: the count is the caller's
+    assert (chosen.threads, chosen.source) == (before, "as loaded") and torch.get_num_threads() == before
+
+
+def test_machine_record_and_resumed_sessions():
+    record = machine_record()
+    assert record["threads"] == torch.get_num_threads() and record["torch_version"] == torch.__version__
+    assert record["usable_cores"] <= record["logical_cores"] and record["cpu"]
+    first = session_entries(None, pytest.fail, "")
+    assert set(first) == {"machine"}
+    notes: list[str] = []
+    same = session_entries({"machine": first["machine"]}, notes.append, "epoch times")
+    assert notes == [] and same["machine"] == first["machine"] and len(same["resumed"]) == 1
+    other = {"machine": {**first["machine"], "threads": first["machine"]["threads"] + 1}, "resumed": []}
+    again = session_entries(other, notes.append, "epoch times")
+    assert len(notes) == 1 and "epoch times before and after are not comparable" in notes[0]
+    assert f"started with {first['machine']['threads'] + 1} torch thread(s)" in notes[0]
+    assert again["machine"] == other["machine"] and again["resumed"][-1]["threads"] == torch.get_num_threads()
+
+
+def test_retune_follows_the_free_cores_only_under_the_free_cores_rule(monkeypatch):
+    import robustkit.threads as threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    try:
+        monkeypatch.setattr(threads, "_CURRENT", threads.ThreadSetting(1, "free cores", "passive", 4))
+        torch.set_num_threads(1)
+        monkeypatch.setattr(threads, "busy_cores", lambda window=0.25: 0.2)
+        assert threads.retune() == (1, 4) and torch.get_num_threads() == 4 and threads.current().threads == 4
+        monkeypatch.setattr(threads, "busy_cores", lambda window=0.25: 3.6)
+        assert threads.retune() == (4, 1) and torch.get_num_threads() == 1
+        assert threads.retune() is None  # no change
+        monkeypatch.setattr(threads, "busy_cores", lambda window=0.25: 0.0)
+        monkeypatch.setattr(threads, "_CURRENT", threads.ThreadSetting(2, "free cores", "passive", 2))
+        assert threads.retune() == (1, 2)  # never above torch's own default
+        monkeypatch.setattr(threads, "_CURRENT", threads.ThreadSetting(1, "--threads", "passive", 4))
+        torch.set_num_threads(1)
+        assert threads.retune() is None and torch.get_num_threads() == 1  # the user's count stays
+    finally:
+        torch.set_num_threads(before)
