@@ -6,7 +6,8 @@ loads), under every setting and two machine states:
 * settings: ``--threads 1``, and ``--threads C`` (C = the usable cores) with GNU OpenMP's default wait
   (``GOMP_SPINCOUNT=300000``: an idle thread spins that many times before it sleeps) and with
   ``OMP_WAIT_POLICY=PASSIVE`` (it sleeps at once), and robustkit's default (no ``--threads``, no environment
-  variable: the policy of :mod:`robustkit.runtime`);
+  variable: the policy of :mod:`robustkit.threads`); and C copies of the command at once with one thread each
+  (what ``bench --jobs C`` does with cells), whose times are per copy (wall time / C);
 * states: idle, and with ``--busy`` (default 2) CPU-bound background processes (``while True: pass``)
   started before the measurement and stopped after it;
 * workloads: ``train-standard`` (``robustkit train --trainer standard --model mnist_small --epochs 1`` on 1,500
@@ -16,8 +17,8 @@ loads), under every setting and two machine states:
   (untimed, 2 standard epochs on mnist5k), since untrained networks have other unstable-neuron counts.
 
 Each (state, workload, setting) is run ``--repeats`` times, interleaved; the table shows the median wall time,
-the median CPU time (user + system of the child) and the wall time relative to the best setting in the same
-state and workload. Exits with status 1 if the default is more than 1.3x the best setting on any row (the
+the median CPU time (user + system of the child) and the wall time relative to the best single-command setting
+in the same state and workload. Exits with status 1 if the default is more than 1.3x the best setting on any row (the
 target of the reliability issue for a busy machine), or if a command fails.
 
     python benchmarks/threads.py [--repeats 3] [--busy-repeats N] [--busy 2] [--states idle,busy]
@@ -58,35 +59,40 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def settings(cores: int) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """label -> (global CLI options, extra environment)."""
-    found: dict[str, tuple[list[str], dict[str, str]]] = {"default": ([], {})}
+def settings(cores: int) -> dict[str, tuple[list[str], dict[str, str], int]]:
+    """label -> (global CLI options, extra environment, copies run at once)."""
+    found: dict[str, tuple[list[str], dict[str, str], int]] = {"default": ([], {}, 1)}
     # one thread has no OpenMP team to wait for: its wait policy does not matter
-    found["1 thread"] = (["--threads", "1"], {})
+    found["1 thread"] = (["--threads", "1"], {}, 1)
     if cores > 1:
         # GNU OpenMP's own default: spin 300,000 times before sleeping (robustkit leaves an explicit setting alone)
-        found[f"{cores} threads, spin"] = (["--threads", str(cores)], {"GOMP_SPINCOUNT": "300000"})
-        found[f"{cores} threads, passive"] = (["--threads", str(cores)], {"OMP_WAIT_POLICY": "PASSIVE"})
+        found[f"{cores} threads, spin"] = (["--threads", str(cores)], {"GOMP_SPINCOUNT": "300000"}, 1)
+        found[f"{cores} threads, passive"] = (["--threads", str(cores)], {"OMP_WAIT_POLICY": "PASSIVE"}, 1)
+        found[f"{cores} copies at once, 1 thread each"] = (["--threads", "1"], {}, cores)
     return found
 
 
 def run_once(workload: list[str], options: list[str], env_extra: dict[str, str], folder: Path,
-             out: Path | None = None) -> tuple[float, float]:
+             out: Path | None = None, copies: int = 1) -> tuple[float, float]:
     """Wall and CPU seconds of one command (its output folder, by default a new one in ``folder``, goes with
-    ``folder``)."""
+    ``folder``); with ``copies`` > 1, that many run at once and the times are per copy (wall / copies: the
+    throughput of running several cells at once, as ``bench --jobs`` does)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     env.update(env_extra)
-    out = out or folder / f"run-{time.monotonic_ns()}"
-    command = [sys.executable, "-m", "robustkit", "--quiet", *options, *workload, "--out", str(out)]
+    commands = [[sys.executable, "-m", "robustkit", "--quiet", *options, *workload, "--out",
+                 str(out or folder / f"run-{time.monotonic_ns()}-{copy}")] for copy in range(copies)]
     before = os.times()
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    running = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for command in commands]
+    errors = [process.communicate()[1] for process in running]
     wall = time.perf_counter() - started
     after = os.times()
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-500:]}")
+    for command, process, error in zip(commands, running, errors, strict=True):
+        if process.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} exited {process.returncode}: {error.strip()[-500:]}")
     cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-    return wall, cpu
+    return wall / copies, cpu / copies
 
 
 def main() -> int:
@@ -118,7 +124,7 @@ def main() -> int:
         if any("{checkpoint}" in WORKLOADS[w] for w in chosen):
             print("  training the mnist_small that verify-crown and attack-pgd use (untimed)", file=sys.stderr,
                   flush=True)
-            run_once(PREPARE, ["--threads", str(cores)], {}, folder, out=folder / "model")
+            run_once(PREPARE, ["--threads", str(cores)], {}, folder, out=folder / "model")  # one copy
         checkpoint = str(folder / "model" / "model.pt")
         for state in states:
             hogs = []
@@ -129,10 +135,10 @@ def main() -> int:
                 for workload in chosen:
                     repeats = args.busy_repeats or args.repeats if state == "busy" else args.repeats
                     for repeat in range(repeats):
-                        for label, (flags, env_extra) in options.items():
+                        for label, (flags, env_extra, copies) in options.items():
                             try:
                                 command = [part.replace("{checkpoint}", checkpoint) for part in WORKLOADS[workload]]
-                                timing = run_once(command, flags, env_extra, folder)
+                                timing = run_once(command, flags, env_extra, folder, copies=copies)
                             except RuntimeError as exc:
                                 failures.append(str(exc))
                                 continue
@@ -159,7 +165,8 @@ def main() -> int:
                        for (s, w, label), runs in results.items() if s == state and w == workload}
             if not medians:
                 continue
-            best = min(wall for wall, _ in medians.values())
+            # the copies row is a throughput (several commands at once), not a setting of one command
+            best = min(wall for label, (wall, _) in medians.items() if "copies" not in label)
             for label, (wall, cpu) in medians.items():
                 rows.append([state, workload, label, f"{wall:.1f}", f"{cpu:.1f}", f"{wall / best:.2f}x"])
             if "default" in medians and medians["default"][0] > LIMIT * best:

@@ -39,12 +39,19 @@ def progress_enabled() -> bool:
     return _enabled and sys.stderr.isatty()
 
 
-def set_log(enabled: bool) -> None:
+def set_log(enabled: bool, since: float | None = None) -> None:
     """Turn log lines on (``bench`` and ``train`` do) or off; they show only while stderr is no terminal and
-    progress is not silenced. Elapsed times in the lines count from the call that turns them on."""
+    progress is not silenced. Elapsed times in the lines count from the call that turns them on, or from the
+    wall-clock time ``since`` (:func:`log_started_at` of another process: the bench's cell workers)."""
     global _log, _log_started, _last_line
     _log = enabled
-    _log_started = _last_line = time.perf_counter()
+    _last_line = time.perf_counter()
+    _log_started = _last_line if since is None else _last_line - max(0.0, time.time() - since)
+
+
+def log_started_at() -> float:
+    """The wall-clock time (:func:`time.time`) from which this process's log lines count their elapsed time."""
+    return time.time() - (time.perf_counter() - _log_started)
 
 
 def log_enabled() -> bool:

@@ -165,6 +165,15 @@ def retune() -> tuple[int, int] | None:
     return before, after
 
 
+MAX_AUTO_JOBS = 4
+
+
+def auto_jobs() -> int:
+    """How many bench cells to run at once by default: the cores other processes leave free (at most
+    :data:`MAX_AUTO_JOBS`, so that the memory of many concurrent cells stays moderate); 1 on a busy machine."""
+    return max(1, min(MAX_AUTO_JOBS, free_cores(usable_cores(), busy_cores())))
+
+
 def machine_record() -> dict[str, Any]:
     """What a run records about its machine at its start: threads (torch's count, how it was chosen, the wait
     policy), CPU model, logical and usable cores, torch and Python versions, and the 1-minute load average."""
@@ -192,12 +201,13 @@ def current() -> ThreadSetting | None:
     return _CURRENT
 
 
-def session_entries(saved: Any, warn: Callable[[str], None], what: str) -> dict[str, Any]:
+def session_entries(saved: Any, warn: Callable[[str], None], what: str, **extra: Any) -> dict[str, Any]:
     """The machine entries of a run's ``config.json`` for this session: ``{"machine": ...}`` for a new run;
     for a resume of ``saved`` (the document written before), the first session's ``machine`` and the list
     ``resumed`` with this session's record added, calling ``warn`` when the thread count differs from the
-    session before (``what``, e.g. "epoch times", names the timings that are then not comparable)."""
-    machine = machine_record()
+    session before (``what``, e.g. "epoch times", names the timings that are then not comparable). ``extra``
+    entries go into this session's record."""
+    machine = {**machine_record(), **extra}
     first = saved.get("machine") if isinstance(saved, dict) else None
     if not isinstance(first, dict):
         return {"machine": machine}

@@ -14,6 +14,7 @@ they existed reads as none).
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import warnings
@@ -33,7 +34,7 @@ from robustkit.io import atomic_write_text, json_value, torch_save_atomic, write
 from robustkit.progress import WorkLog, format_seconds, log, progress
 from robustkit.runlock import LOCK_FILE, run_lock
 from robustkit.runtime import PeakMemory
-from robustkit.threads import cpu_model, end_session, load_average, retune, session_entries
+from robustkit.threads import auto_jobs, cpu_model, end_session, load_average, retune, session_entries
 
 RESULT_COLUMNS = ("dataset", "model", "trainer", "trainer_name", "train_eps", "eval_eps", "metric", "value", "n",
                   "time_s", "seed", "robustkit_version", "torch_version", "config",
@@ -239,7 +240,8 @@ def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
-def _record_machine(folder: Path, config: BenchConfig, device: str, on_note: Callable[[str], None] | None) -> None:
+def _record_machine(folder: Path, config: BenchConfig, device: str, on_note: Callable[[str], None] | None,
+                    jobs: int) -> None:
     """Write ``config.json`` at a run's start with the machine it starts on; a resume adds this session's machine
     to its ``resumed`` list, with a note when the thread count changed (see
     :func:`robustkit.threads.session_entries`)."""
@@ -247,11 +249,11 @@ def _record_machine(folder: Path, config: BenchConfig, device: str, on_note: Cal
     file = folder / "config.json"
     if file.is_file():  # a resume: _check_folder read it, so it is valid JSON
         document = json.loads(file.read_text())
-        document.update(session_entries(document, on_note or _warn, "timings of the cells run"))
+        document.update(session_entries(document, on_note or _warn, "timings of the cells run", jobs=jobs))
     else:
         document = {"config": config.to_dict(), "robustkit_version": version, "torch_version": torch_version,
                     "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    **session_entries(None, _warn, "")}
+                    **session_entries(None, _warn, "", jobs=jobs)}
     atomic_write_text(file, json.dumps(document, indent=1))
 
 
@@ -264,6 +266,78 @@ def _record_end(folder: Path) -> None:
     document = json.loads(file.read_text())
     end_session(document)
     atomic_write_text(file, json.dumps(document, indent=1))
+
+
+def _workers(jobs: int | None, cells: int, device: str) -> int:
+    """How many worker processes run cells: 1 (this process) for a single cell or a GPU."""
+    if cells <= 1 or not device.startswith("cpu"):
+        return 1
+    wanted = auto_jobs() if jobs is None else jobs
+    if wanted < 1:
+        raise InputError(f"bench jobs must be >= 1, got {wanted}")
+    return min(wanted, cells)
+
+
+_WORKER_DATA: dict[str, GridData] = {}
+
+
+def _worker_start(threads: int, log_on: bool, log_since: float) -> None:
+    """A cell worker's setup: its thread count, no bars, the parent's log state (elapsed times counted from the
+    parent's start), and Ctrl-C left to the parent, which stops the workers."""
+    import signal
+
+    from robustkit.progress import set_log, set_progress
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    set_progress(log_on)  # bars of several processes would garble a terminal: only log lines, when the parent logs
+    set_log(log_on, since=log_since)
+
+
+def _worker_cell(cell: Cell, config: BenchConfig, folder: Path, device: str, resume: bool,
+                 position: int, total: int) -> tuple[int, CellOutcome, float]:
+    if cell.dataset not in _WORKER_DATA:
+        _WORKER_DATA[cell.dataset] = GridData.load(cell.dataset, config)
+    log(f"cell {cell.key} ({position + 1}/{total}): training {cell.trainer.label} (worker {os.getpid()}, "
+        f"{torch.get_num_threads()} thread(s))")
+    clock = time.perf_counter()
+    outcome = run_cell(cell, config, _WORKER_DATA[cell.dataset], folder, device, resume)
+    return position, outcome, time.perf_counter() - clock
+
+
+def _run_parallel(todo: list[tuple[int, Cell, Path]], config: BenchConfig, device: str, resume: bool, workers: int,
+                  cells_log: WorkLog, finished: Callable[[int, CellOutcome], None]) -> None:
+    """Run the cells ``todo`` in ``workers`` processes (spawned: nothing of this process's state leaks in), taken
+    in grid order; ``finished`` is called in this process as each cell ends. A worker's error stops the others
+    and is raised here, and so does Ctrl-C (every checkpoint is atomic: ``--resume`` continues)."""
+    import multiprocessing
+
+    from robustkit.progress import log_enabled, log_started_at
+
+    threads = max(1, torch.get_num_threads() // workers)
+    log(f"running {len(todo)} cells in {workers} worker processes of {threads} torch thread(s) each")
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(workers, initializer=_worker_start, initargs=(threads, log_enabled(), log_started_at()))
+    try:
+        waiting = [pool.apply_async(_worker_cell, (cell, config, cell_folder, device, resume, position,
+                                                   cells_log.total))
+                   for position, cell, cell_folder in todo]
+        while waiting:
+            ready = [job for job in waiting if job.ready()]
+            if not ready:
+                time.sleep(0.2)
+                continue
+            for job in ready:
+                waiting.remove(job)
+                position, outcome, seconds = job.get()  # a worker's exception is raised here
+                cells_log.finished(outcome.cell.key, seconds)
+                finished(position, outcome)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def _read_json(file: Path, key: str, advice: str) -> Any:
@@ -308,8 +382,15 @@ def run_bench(
     on_cell: Callable[[CellOutcome, int, int], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     on_start: Callable[[], None] | None = None,
+    jobs: int | None = 1,
 ) -> BenchRun:
     """Run (or resume) the whole grid into ``folder``; see the module docstring.
+
+    ``jobs`` cells run at once, each in its own worker process with ``threads // jobs`` torch threads (at least
+    one; ``threads`` being this process's count), on the CPU only; ``None`` picks
+    :func:`robustkit.threads.auto_jobs` (the cores other processes leave free, at most 4). The results are the
+    same files in the same order as one at a time; a cell's numbers may differ in the last float bits with its
+    thread count, which its results rows record.
 
     The run holds the folder's lock (:func:`robustkit.runlock.run_lock`) from the first check to the report,
     so a second run on the same folder fails at once instead of redoing or overwriting cells; ``on_note``
@@ -324,31 +405,44 @@ def run_bench(
         _check_folder(folder, config, resume)
         if on_start is not None:
             on_start()
-        _record_machine(folder, config, device, on_note)
         cells = plan(config)
-        outcomes: list[CellOutcome] = []
+        slots: list[CellOutcome | None] = [None] * len(cells)
         cells_log = WorkLog("cell", len(cells), "cell")
-        for position, cell in enumerate(progress(cells, desc="bench cells", unit="cell")):
+        todo: list[tuple[int, Cell, Path]] = []
+        for position, cell in enumerate(cells):
             cell_folder = folder / "cells" / cell.key
             legacy = folder / "cells" / cell.legacy_key
             if resume and len(config.seeds) == 1 and not cell_folder.exists() and legacy.is_dir():
                 cell_folder = legacy  # a run made before seeds were part of the cells' folder names
-            result_file = cell_folder / "result.json"
-            if resume and result_file.is_file():
-                outcome = _load_outcome(cell, result_file)
+            if resume and (cell_folder / "result.json").is_file():
+                slots[position] = _load_outcome(cell, cell_folder / "result.json")
                 cells_log.finished(cell.key, None)
             else:
-                changed = retune()
-                if changed is not None:
-                    log(f"torch threads {changed[0]} -> {changed[1]}: the cores other processes leave free now")
-                log(f"cell {cell.key} ({position + 1}/{len(cells)}): training {cell.trainer.label}")
-                clock = time.perf_counter()
-                outcome = run_cell(cell, config, datasets[cell.dataset], cell_folder, device, resume)
-                cells_log.finished(cell.key, time.perf_counter() - clock)
-            outcomes.append(outcome)
-            _write_tables(folder, outcomes)
+                todo.append((position, cell, cell_folder))
+        workers = _workers(jobs, len(todo), device)
+        _record_machine(folder, config, device, on_note, workers)
+
+        def finished(position: int, outcome: CellOutcome) -> None:
+            slots[position] = outcome
+            _write_tables(folder, [o for o in slots if o is not None])
             if on_cell is not None:
                 on_cell(outcome, position + 1, len(cells))
+
+        for position, outcome in enumerate(slots):  # cells finished before, in grid order
+            if outcome is not None:
+                finished(position, outcome)
+        if workers > 1:
+            _run_parallel(todo, config, device, resume, workers, cells_log, finished)
+        for position, cell, cell_folder in progress(todo if workers <= 1 else [], desc="bench cells", unit="cell"):
+            changed = retune()
+            if changed is not None:
+                log(f"torch threads {changed[0]} -> {changed[1]}: the cores other processes leave free now")
+            log(f"cell {cell.key} ({position + 1}/{len(cells)}): training {cell.trainer.label}")
+            clock = time.perf_counter()
+            outcome = run_cell(cell, config, datasets[cell.dataset], cell_folder, device, resume)
+            cells_log.finished(cell.key, time.perf_counter() - clock)
+            finished(position, outcome)
+        outcomes = [o for o in slots if o is not None]
         from robustkit.reports.build import build_report
 
         clock = time.perf_counter()

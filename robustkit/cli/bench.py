@@ -54,6 +54,15 @@ def _report_cell(outcome: CellOutcome, position: int, total: int) -> None:
         click.echo(f"Warning: {outcome.cell.key}: {warning}", err=True)
 
 
+def _check_jobs(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    text = value.strip().lower()
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise click.BadParameter(f"{value!r} is neither a whole number >= 1 nor 'auto'")
+    return int(text)
+
+
 def _threads_text() -> str:
     """", 2 torch threads (free cores, passive wait)" for the header line."""
     import torch
@@ -80,9 +89,13 @@ def _threads_text() -> str:
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (overrides the root --device).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder with the files of datasets read from disk (overrides data.data_dir).")
+@click.option("--jobs", default="1", show_default=True, metavar="N|auto", callback=_check_jobs,
+              help="Cells trained and evaluated at once, each in its own process with an equal share of the torch "
+                   "threads (CPU only); auto: the cores other processes leave free, at most 4.")
 @click.pass_context
 def bench(ctx: click.Context, config_file: str | None, preset_name: str | None, out: Path | None, resume: bool,
-          seed: int | None, seed_list: str | None, device: str | None, data_dir: str | None) -> None:
+          seed: int | None, seed_list: str | None, device: str | None, data_dir: str | None,
+          jobs: int | None) -> None:
     """Train every trainer of the grid, evaluate each model with attacks and verifiers, and report.
 
     Writes results.csv (one row per cell and measurement), epochs.csv (training curves), summary.csv,
@@ -122,7 +135,7 @@ def bench(ctx: click.Context, config_file: str | None, preset_name: str | None, 
               f"model(s) x {len(config.datasets)} dataset(s) x {len(config.eps)} eps x {len(config.seeds)} seed(s) "
               f"({', '.join(map(str, config.seeds))}), device {chosen_device}{_threads_text()}, "
               f"into {folder}")
-    run = run_bench(config, folder, resume=resume, device=chosen_device, on_cell=_report_cell,
+    run = run_bench(config, folder, resume=resume, device=chosen_device, on_cell=_report_cell, jobs=jobs,
                     on_note=lambda note: click.echo(f"Note: {note}.", err=True),
                     on_start=lambda: click.echo(header))
     summary = folder / "summary.md"

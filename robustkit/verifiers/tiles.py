@@ -42,13 +42,15 @@ class Tile:
 
 @dataclass
 class TiledRows:
-    """The input block as tiles over a (C, H, W) grid; ``flat`` once a Flatten has been passed."""
+    """The input block as tiles over a (C, H, W) grid; ``flat`` once a Flatten has been passed; ``identity``
+    while the rows are still the unit rows of :func:`make_tiles` (only a Flatten passed)."""
 
     tiles: list[Tile]
     scale: Tensor
     shared: bool
     grid: tuple[int, int, int]
     flat: bool = False
+    identity: bool = False
 
     @property
     def inputs(self) -> int:
@@ -65,7 +67,7 @@ def make_tiles(scale: Tensor, shape: tuple[int, ...], per_side: int, always: boo
         return None
     channels, height, width = shape
     tiles = _identity_tiles(channels, height, width, size, scale.device, scale.dtype)
-    return TiledRows(list(tiles), scale, shared=True, grid=(channels, height, width))
+    return TiledRows(list(tiles), scale, shared=True, grid=(channels, height, width), identity=True)
 
 
 @functools.lru_cache(maxsize=32)
@@ -139,7 +141,7 @@ def tiled_affine(op: AffineOp, tiled: TiledRows, out_shape: tuple[int, ...]) -> 
     channel_factor = op.channel_factor(tiled.grid[0])
     if channel_factor is not None:
         factor = channel_factor.view(-1, 1, 1)
-        return replace(tiled, tiles=[replace(t, rows=t.rows * factor) for t in tiled.tiles])
+        return replace(tiled, tiles=[replace(t, rows=t.rows * factor) for t in tiled.tiles], identity=False)
     if op.window() is None or len(out_shape) != 3:
         return None
     tiles = []
@@ -156,6 +158,9 @@ def tiled_affine(op: AffineOp, tiled: TiledRows, out_shape: tuple[int, ...]) -> 
 def tiled_linear(matrix: Tensor, tiled: TiledRows) -> Tensor:
     """Flatten + Linear (weight ``matrix``, out x in) on tiles: each tile times its slice of the weight; rows
     in input order, unscaled: (n_in, out) while shared, (B, n_in, out) afterwards."""
+    if tiled.identity and tiled.shared:
+        # unit rows times the weight are its columns: the same numbers without a product per tile
+        return matrix.t().contiguous()
     channels, height, width = tiled.grid
     weight = matrix.view(-1, channels, height, width)
     lead = () if tiled.shared else (int(tiled.scale.shape[0]),)
@@ -203,7 +208,7 @@ def tiled_relu(tiled: TiledRows, slope: Tensor) -> TiledRows:
         window = slope[:, :, tile.top : tile.top + h, tile.left : tile.left + w].unsqueeze(1)
         rows = tile.rows.unsqueeze(0) * window if tiled.shared else tile.rows * window
         tiles.append(replace(tile, rows=rows))
-    return replace(tiled, tiles=tiles, shared=False)
+    return replace(tiled, tiles=tiles, shared=False, identity=False)
 
 
 def tiled_add(first: TiledRows, second: TiledRows) -> TiledRows | None:

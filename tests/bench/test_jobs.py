@@ -1,0 +1,98 @@
+"""``bench --jobs N``: cells in worker processes give the files and numbers of a run one cell at a time."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from robustkit.cli import main
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY = """
+[grid]
+models = ["mnist_fc_small"]
+trainers = ["standard", "pgd", "mixtrain"]
+eps = [0.1]
+[data]
+n_train = 100
+n_test = 30
+val_size = 0
+[training]
+epochs = 1
+[trainers.pgd]
+trainer = "pgd"
+steps = 2
+[trainers.mixtrain]
+trainer = "mixtrain"
+k = 2
+[evaluation]
+pgd_steps = 3
+pgd_restarts = 1
+cw_steps = 3
+interval_attack = { inner_steps = 2, iterations = 1, restarts = 1 }
+autoattack = "off"
+eps_sweep = []
+verifiers = ["interval", "crown"]
+exact = false
+"""
+# measured, not computed: they differ between runs
+TIMES = {"train_time_s", "eval_time_s", "peak_memory_mb"}
+MACHINE = {"time_s", "load_start", "load_end"}
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def comparable(path: Path) -> list[dict[str, str]]:
+    found = []
+    for row in rows(path):
+        if row.get("metric") in TIMES:
+            row["value"] = ""
+        found.append({k: v for k, v in row.items() if k not in MACHINE and "time" not in k})
+    return found
+
+
+def test_cells_in_worker_processes_give_the_numbers_of_one_process(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    assert torch.get_num_threads() == 1  # both runs' cells then train with one thread: the same float sums
+    one = CliRunner().invoke(main, ["--quiet", "bench", "--config", str(config), "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    # as a user runs it, with its log in a file: the workers write their log lines to the same stderr
+    two = subprocess.run([sys.executable, "-m", "robustkit", "--threads", "2", "bench", "--config", str(config),
+                          "--out", str(tmp_path / "two"), "--jobs", "2"], capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "running 3 cells in 2 worker processes of 1 torch thread(s) each" in two.stderr
+    worker_lines = [line for line in two.stderr.splitlines() if "(worker " in line]
+    assert len(worker_lines) == 3 and len({line.split("(worker ")[1].split(",")[0] for line in worker_lines}) == 2
+    # every result and epoch row, in grid order, with the same numbers (times excepted)
+    assert comparable(tmp_path / "two" / "results.csv") == comparable(tmp_path / "one" / "results.csv")
+    assert comparable(tmp_path / "two" / "epochs.csv") == comparable(tmp_path / "one" / "epochs.csv")
+    for cell in (tmp_path / "one" / "cells").iterdir():
+        mine = torch.load(tmp_path / "two" / "cells" / cell.name / "model.pt", weights_only=True)
+        theirs = torch.load(cell / "model.pt", weights_only=True)
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), cell.name
+    # the per-cell report lines came in this process, one per cell
+    assert sum(line.startswith("[") and "/3]" in line for line in two.stdout.splitlines()) == 3
+    machine = json.loads((tmp_path / "two" / "config.json").read_text())["machine"]
+    assert (machine["threads"], machine["jobs"]) == (2, 2)
+    assert {row["threads"] for row in rows(tmp_path / "two" / "results.csv")} == {"1"}  # what each cell ran with
+
+
+def test_jobs_must_be_a_count_or_auto(tmp_path):
+    for bad in ("0", "two", "-1"):
+        result = CliRunner().invoke(main, ["bench", "--preset", "quick", "--out", str(tmp_path / bad),
+                                           "--jobs", bad])
+        assert result.exit_code == 2 and "--jobs" in result.output and "auto" in result.output
+        assert not (tmp_path / bad).exists()
