@@ -106,7 +106,7 @@ class ThreadSetting:
 def configure(requested: int | None = None) -> ThreadSetting:
     """Choose torch's thread count and OpenMP wait policy for this process; return what was chosen.
 
-    The policy, chosen by ``benchmarks/threads.py`` (see the README's "Threads" paragraph for the numbers):
+    The policy (``benchmarks/threads.py`` measures it against the alternatives on an idle and a busy machine):
 
     * wait policy ``PASSIVE`` (a thread with nothing to do sleeps at once instead of spinning), unless
       ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set. OpenMP reads it once, when torch loads, so it only
