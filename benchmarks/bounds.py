@@ -24,7 +24,9 @@ call the engine with): samples/s at each size and its share of the batch-50 spee
 With ``--baseline DIR`` (a checkout of another revision, e.g. ``git worktree add /tmp/base HEAD~3``), every
 measurement of a method that revision has is repeated with that revision's package, alternating with this
 one's, and the table gains the time ratio (this / baseline): how a change moved each method's speed, measured
-under the same load.
+under the same load. In the forward mode the pair is measured in ``--baseline-rounds`` alternating rounds (default
+3) and the ratio is the median of the rounds' ratios: on a virtual machine, one pair of measurements taken a
+minute apart differed by up to 30% between two idle runs of identical code.
 
 Peak memory is honest per measurement: every measurement runs in a fresh Python process. After the imports,
 the model and the data are loaded, the process resets the kernel's high-water mark of its resident set
@@ -42,6 +44,7 @@ The machine's load average is printed (at the start and its range during the run
 distort the times (see ``--threads``).
 
     python benchmarks/bounds.py [--repeats 5] [--warmup 1] [--threads N] [--retrain] [--baseline DIR]
+        [--baseline-rounds 3]
 """
 
 from __future__ import annotations
@@ -217,6 +220,13 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _time_ratio(mine: dict[str, Any], theirs: dict[str, Any]) -> float:
+    """This revision's median time over the baseline's (> 1: slower); NaN when either was not measured."""
+    if not (mine["measured"] and theirs["measured"]):
+        return float("nan")
+    return statistics.median(mine["times"]) / statistics.median(theirs["times"])
+
+
 def measure(job: dict[str, Any], package: str | None = None) -> dict[str, Any]:
     """Run ``job`` in a fresh interpreter (importing robustkit from the checkout ``package`` if given)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
@@ -249,13 +259,16 @@ def main(argv: list[str] | None = None) -> int:
                              "machine shared with other busy processes, fewer threads than cores avoids the "
                              "large, erratic slow-downs of oversubscribed OpenMP barriers")
     parser.add_argument("--baseline", help="a checkout of another revision to measure every method against")
+    parser.add_argument("--baseline-rounds", type=int, default=3,
+                        help="alternating rounds of this revision and the baseline per forward measurement "
+                             "(default 3); the ratio is the median of the rounds' ratios")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    if args.repeats < 1 or args.warmup < 0 or args.threads < 0:
-        parser.error("--repeats must be >= 1, --warmup >= 0 and --threads >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 0 or args.baseline_rounds < 1:
+        parser.error("--repeats and --baseline-rounds must be >= 1, --warmup >= 0 and --threads >= 0")
 
     from robustkit.reports.tables import format_table
     from robustkit.verifiers import VERIFIERS
@@ -275,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, float, str, str], dict[str, Any]] = {}
     small: dict[tuple[str, float, str, int], dict[str, Any]] = {}
     baseline: dict[tuple[str, float, str, str], dict[str, Any]] = {}
+    ratios: dict[tuple[str, float, str, str], list[float]] = {}
     for model in MODELS:
         for eps in EPS_VALUES:
             for method in methods:
@@ -285,7 +299,13 @@ def main(argv: list[str] | None = None) -> int:
                            "warmup": args.warmup, "threads": args.threads}
                     results[model, eps, method, mode] = measure(job)
                     if method in baseline_methods:
-                        baseline[model, eps, method, mode] = measure(job, args.baseline)
+                        key = (model, eps, method, mode)
+                        baseline[key] = measure(job, args.baseline)
+                        # the target's ratio: alternating rounds (this, baseline, this, baseline, ...), each
+                        # round's ratio of medians, and the median of those (one pair minutes apart can be 30% off)
+                        ratios[key] = [_time_ratio(results[key], baseline[key])]
+                        for _ in range(1, args.baseline_rounds if mode == "forward" else 1):
+                            ratios[key].append(_time_ratio(measure(job), measure(job, args.baseline)))
                     loads.append(os.getloadavg()[0])
                     print(f"  measured {model} eps {eps:g} {method} {mode} ({time.perf_counter() - started:.0f} s "
                           f"into the run, load {loads[-1]:.1f})", file=sys.stderr, flush=True)
@@ -324,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.baseline:
                     for mode in ("forward", "backward"):
                         key = (model, eps, method, mode)
-                        old = speed(key, baseline) if key in baseline else None
-                        cells.append(f"{old / speed(key):.2f}" if old and speed(key) else "n/a")
+                        found = [r for r in ratios.get(key, []) if math.isfinite(r)]
+                        cells.append(f"{statistics.median(found):.2f}" if found else "n/a")
                 rows.append(cells)
     threads = next(iter(results.values()))["threads"]
     how = next(iter(results.values()))["peak_method"]
@@ -374,9 +394,10 @@ def main(argv: list[str] | None = None) -> int:
                 if share < BATCH5_SHARE:
                     failures.append(f"crown at batch 5 on {model} eps {eps:g}: {share:.0%} of its batch-50 samples/s "
                                     f"< {BATCH5_SHARE:.0%}")
-    for key in baseline:
-        if key[3] == "forward" and speed(key, baseline) and speed(key):
-            ratio = (speed(key, baseline) or 0) / (speed(key) or 1)
+    for key, found in ratios.items():
+        found = [r for r in found if math.isfinite(r)]
+        if key[3] == "forward" and found:
+            ratio = statistics.median(found)
             if ratio > SLOWER_LIMIT:
                 failures.append(f"{key[2]} on {key[0]} eps {key[1]:g} is {ratio:.2f}x the baseline's time "
                                 f"(> {SLOWER_LIMIT:g})")
