@@ -92,6 +92,10 @@ class LazyGroup(click.Group):
             close = difflib.get_close_matches(args[0], list(COMMANDS), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise UserError(f"no such command {args[0]!r}.{hint} Commands: {', '.join(sorted(COMMANDS))}.")
+        if args and args[0] in COMMANDS:
+            # click imports the command's module here, before the group's callback runs, and most commands load
+            # torch with it: the thread policy must be set first, for OpenMP to see its wait policy
+            _configure_threads(ctx)
         return super().resolve_command(ctx, args)
 
     def main(
@@ -129,6 +133,17 @@ class LazyGroup(click.Group):
             raise UserError(str(exc)) from exc
 
 
+def _configure_threads(ctx: click.Context) -> None:
+    """Apply :func:`robustkit.threads.configure` with the root ``--threads`` once per invocation."""
+    root = ctx.find_root()
+    if root.meta.get("robustkit.threads"):
+        return
+    from robustkit.threads import configure
+
+    configure(root.params.get("threads"))
+    root.meta["robustkit.threads"] = True
+
+
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     import re
 
@@ -153,7 +168,5 @@ def main(ctx: click.Context, seed: int, device: str, quiet: bool, threads: int |
 
     set_progress(not quiet)
     set_log(False)  # the long-running commands (bench, train) turn their log lines on
-    from robustkit.threads import configure
-
-    configure(threads)  # before any command loads torch, so that OpenMP sees the wait policy
+    _configure_threads(ctx)  # once per invocation; resolve_command has done it before loading a command
     ctx.obj = GlobalOptions(seed=seed, device=device, quiet=quiet)
