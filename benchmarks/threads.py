@@ -38,6 +38,8 @@ from pathlib import Path
 
 from machine import finish, hardware
 
+from robustkit.threads import usable_cores
+
 LIMIT = 1.3  # the default may take at most this multiple of the best setting's wall time
 BUSY_LOOP = "while True: pass"
 
@@ -53,10 +55,6 @@ WORKLOADS = {
 }
 PREPARE = ["train", "--trainer", "standard", "--model", "mnist_small", "--eps", "0.1", "--epochs", "2",
            "--val-size", "0"]
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def settings(cores: int) -> dict[str, tuple[list[str], dict[str, str], int]]:

@@ -227,3 +227,15 @@ def end_session(document: dict[str, Any]) -> None:
     if isinstance(session, dict):
         session["load_end"] = load_average()
         session["ended"] = time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def end_session_file(file: Path, indent: int) -> None:
+    """:func:`end_session` on the JSON document ``file`` (a run's ``config.json``), rewritten atomically."""
+    import json
+
+    from robustkit.io import atomic_write_text
+
+    document = json.loads(file.read_text())
+    end_session(document)
+    text = json.dumps(document, indent=indent)
+    atomic_write_text(file, text + "\n" if indent > 1 else text)

@@ -34,7 +34,7 @@ from robustkit.io import atomic_write_text, json_value, torch_save_atomic, write
 from robustkit.progress import WorkLog, format_seconds, log, progress
 from robustkit.runlock import LOCK_FILE, run_lock
 from robustkit.runtime import PeakMemory
-from robustkit.threads import auto_jobs, cpu_model, end_session, load_average, retune, session_entries
+from robustkit.threads import auto_jobs, cpu_model, end_session_file, load_average, retune, session_entries
 
 RESULT_COLUMNS = ("dataset", "model", "trainer", "trainer_name", "train_eps", "eval_eps", "metric", "value", "n",
                   "time_s", "seed", "robustkit_version", "torch_version", "config",
@@ -261,13 +261,6 @@ def _warn(note: str) -> None:
     warnings.warn(note, RuntimeWarning, stacklevel=3)
 
 
-def _record_end(folder: Path) -> None:
-    file = folder / "config.json"
-    document = json.loads(file.read_text())
-    end_session(document)
-    atomic_write_text(file, json.dumps(document, indent=1))
-
-
 def _workers(jobs: int | None, cells: int, device: str) -> int:
     """How many worker processes run cells: 1 (this process) for a single cell or a GPU."""
     if cells <= 1 or not device.startswith("cpu"):
@@ -448,5 +441,5 @@ def run_bench(
         clock = time.perf_counter()
         files = build_report(folder)
         log(f"report: {len(files)} files in {format_seconds(time.perf_counter() - clock)}")
-        _record_end(folder)
+        end_session_file(folder / "config.json", indent=1)
     return BenchRun(folder, tuple(outcomes), tuple(files))

@@ -159,8 +159,8 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
               help=f"Where to compute: {DEVICE_CHOICES}.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars, and no progress log lines (bench, train).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
-              help="CPU threads for torch (default: the cores that other processes leave free, from the load "
-                   "average: 1 on a busy machine).")
+              help="CPU threads for torch (default: the cores that other processes leave free, measured over "
+                   "0.25 s: 1 on a busy machine).")
 @click.pass_context
 def main(ctx: click.Context, seed: int, device: str, quiet: bool, threads: int | None) -> None:
     """robustkit: train, attack and formally verify neural networks against L-inf adversaries."""

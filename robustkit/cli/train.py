@@ -234,17 +234,6 @@ def write_config(folder: Path, run: Run, resume: bool, warn: Callable[[str], Non
     atomic_write_text(file, json.dumps(document, indent=2) + "\n")
 
 
-def record_end(folder: Path) -> None:
-    """The load average at the end of this session, in its machine record of ``config.json``."""
-    from robustkit.io import atomic_write_text
-    from robustkit.threads import end_session
-
-    file = folder / "config.json"
-    document = json.loads(file.read_text())
-    end_session(document)
-    atomic_write_text(file, json.dumps(document, indent=2) + "\n")
-
-
 def _percent(value: float) -> str:
     return "-" if math.isnan(value) else f"{100 * value:.1f}%"
 
@@ -386,6 +375,7 @@ def train(
     from robustkit.io import save_safetensors, torch_save_atomic
     from robustkit.progress import set_log, set_progress
     from robustkit.runlock import run_lock
+    from robustkit.threads import end_session_file
 
     options = global_options(ctx)
     set_log(True)  # one line per epoch, stage and cell when stderr is no terminal (not under --quiet)
@@ -468,7 +458,7 @@ def train(
             f"{_percent(last.clean_acc)}, PGD {_percent(last.pgd_acc)}, verified ({config.val_method}) "
             f"{_percent(last.verified_acc)}."
         )
-        record_end(folder)
+        end_session_file(folder / "config.json", indent=2)
         click.echo(f"Wrote {', '.join(FILES)} to {folder}.")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
