@@ -112,10 +112,11 @@ def validate_inputs(model: nn.Module, x: Tensor, y: Tensor | None = None) -> tup
         raise InputError(f"x must have a batch dimension, got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise InputError("x is an empty batch")
-    if not bool(torch.isfinite(x).all()):
+    smallest, largest = (float(value) for value in torch.aminmax(x.detach()))  # NaN when x holds one
+    if not (math.isfinite(smallest) and math.isfinite(largest)):
         raise InputError("x contains NaN or infinite values")
-    if float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6:
-        raise InputError(f"x must lie in [0, 1], got values in [{float(x.min()):.4g}, {float(x.max()):.4g}]")
+    if smallest < -1e-6 or largest > 1 + 1e-6:
+        raise InputError(f"x must lie in [0, 1], got values in [{smallest:.4g}, {largest:.4g}]")
     device, dtype = model_device_dtype(model)
     x = x.to(device=device, dtype=dtype).clamp(0, 1)
     if y is not None:

@@ -13,6 +13,7 @@ sound bounds of that node's input over the box.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -129,7 +130,7 @@ def _check_tensor(name: str, value: object) -> Tensor:
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where and in which precision the model computes (its first floating-point tensor), else CPU float32."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.float32
