@@ -2,8 +2,8 @@
 
 Methods (registry :data:`VERIFIERS`): ``interval`` (IBP), ``symbolic`` (MixTrain's symbolic intervals with
 Neurify's symbolic linear relaxation), ``symbolic-naive`` (ReluVal's concretisation, a baseline), ``crown``
-(backward linear relaxation), ``alpha-crown`` (CROWN with optimised slopes) and ``exact`` (mixed-integer
-programming). One API for all:
+(backward linear relaxation), ``alpha-crown`` (CROWN with optimised slopes), ``exact`` (mixed-integer
+programming) and ``bab`` (branch and bound on optimised bounds, complete). One API for all:
 
 >>> import torch
 >>> from robustkit.models import build_model
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from robustkit.registry import Registry
 from robustkit.verifiers.alpha_crown import AlphaCrownVerifier
+from robustkit.verifiers.bab import BabVerifier
 from robustkit.verifiers.base import (
     LogitBounds,
     SpecResult,
@@ -61,6 +62,7 @@ VERIFIERS.add("symbolic-naive", SymbolicNaiveVerifier)
 VERIFIERS.add("crown", CrownVerifier)
 VERIFIERS.add("alpha-crown", AlphaCrownVerifier)
 VERIFIERS.add("exact", ExactVerifier)
+VERIFIERS.add("bab", BabVerifier)
 
 
 def get_verifier(method: str | Verifier, **options: Any) -> Verifier:

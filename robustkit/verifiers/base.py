@@ -50,6 +50,8 @@ class Status(StrEnum):
     FALSIFIED = "falsified"
     UNKNOWN = "unknown"
     TIMEOUT = "timeout"
+    #: a complete method stopped because its open sub-problems would exceed its memory budget
+    MEMORY = "memory"
 
 
 @dataclass(frozen=True, eq=False)

@@ -61,12 +61,18 @@ def backward_bound(
     pre_activation: dict[int, tuple[Tensor, Tensor]],
     slopes: dict[int, Tensor] | None = None,
     output: int | None = None,
+    input_terms: dict[int, Tensor] | None = None,
+    record: dict[int, Tensor] | None = None,
 ) -> Tensor:
     """Lower bounds (B, K) of ``spec @ v`` by backward linear relaxation with the given bounds of every
     non-linear node's input, where v is the output of node ``output`` (default: the network's).
 
     ``slopes`` (node -> (B, K, *shape)) replaces the lower-relaxation slopes of those nodes' unstable neurons
-    (alpha-CROWN; each operator clamps them to its sound range)."""
+    (alpha-CROWN; each operator clamps them to its sound range). ``input_terms`` (node -> (B, K, *in_shape))
+    adds linear terms in a non-linear node's input to the bounded function: branch and bound's Lagrangian
+    terms -beta * s * v of split constraints s * v >= 0 (beta-CROWN), which keep the bound sound on the
+    sub-problem for any beta >= 0. ``record``, when given, receives the coefficients (B, K, *shape) on the
+    output of every non-linear node and (key -1) on the input, as the pass computed them."""
     shapes = node_shapes(graph, tuple(lower.shape[1:]))
     last = len(graph.nodes) - 1 if output is None else output
     lam: dict[int, Tensor] = {last: spec.reshape(*spec.shape[:2], *shapes[last])}
@@ -76,13 +82,19 @@ def backward_bound(
             continue
         coeff = lam.pop(index)
         node = graph.nodes[index]
+        if record is not None and index in pre_activation:
+            record[index] = coeff
         incoming, extra = node.op.backward(coeff, [shapes[source] for source in node.inputs], shapes[index],
                                            pre_activation.get(index), None if slopes is None else slopes.get(index))
         if extra is not None:
             constant = constant + extra
+        if input_terms is not None and index in input_terms:
+            incoming = [incoming[0] + input_terms[index], *incoming[1:]]
         for source, value in zip(node.inputs, incoming, strict=True):
             lam[source] = lam[source] + value if source in lam else value
     coeff = lam[INPUT]
+    if record is not None:
+        record[INPUT] = coeff
     dims = tuple(range(2, coeff.dim()))
     center, radius = ((upper + lower) / 2).unsqueeze(1), ((upper - lower) / 2).unsqueeze(1)
     return constant + (coeff * center).sum(dims) - (coeff.abs() * radius).sum(dims)

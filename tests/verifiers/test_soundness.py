@@ -30,10 +30,11 @@ METHOD_OPTIONS: dict[str, dict] = {
     "crown-crown": {"intermediate": "crown"},
     "alpha-crown": {"iterations": 5},
     "exact": {"time_limit": 5.0},
+    "bab": {"time_limit": 5.0, "root_iterations": 3, "iterations": 3, "attack_steps": 10, "attack_restarts": 2},
 }
 # cases that run a registered method with other options: case id -> method name
 VARIANTS = {"crown-interval": "crown", "crown-crown": "crown"}
-EXAMPLES = {"exact": 6}
+EXAMPLES = {"exact": 6, "bab": 8}
 # the layers each method can take (``exact`` needs mixed-integer encodings: no smooth activations)
 ACTIVATIONS_OF = {"exact": PIECEWISE_LINEAR}
 

@@ -289,6 +289,10 @@ class NonlinearOp(BoundOp):
 
     needs_bounds: ClassVar[bool] = True
     milp_encodable: ClassVar[bool] = False
+    #: the input value at which the layer is split in two linear pieces by branch and bound (``bab``): an
+    #: unstable neuron with bounds [l, u] becomes the sub-problems v >= branch_point and v <= branch_point,
+    #: on each of which the layer is linear. None: the layer is not piecewise linear and is never split.
+    branch_point: ClassVar[float | None] = None
 
     def interval_bounds(self, lower: Tensor, upper: Tensor) -> Bounds:
         """Sound bounds of the output for inputs in [lower, upper]."""

@@ -27,6 +27,7 @@ class LeakyReLUOp(NonlinearOp):
     """f(v) = v for v >= 0, ``negative_slope`` * v otherwise (0 <= negative_slope <= 1)."""
 
     milp_encodable: ClassVar[bool] = True
+    branch_point: ClassVar[float | None] = 0.0
 
     def __init__(self, negative_slope: float = 0.0) -> None:
         self.negative_slope = float(negative_slope)
