@@ -116,10 +116,10 @@ def format_summary(runs: Sequence[MethodRun], labels: Tensor) -> str:
             f"{100 * float((run.prediction == labels).float().mean()):.1f}%",
             f"{100 * _verified_count(run, labels) / n:.1f}%",
             str(run.count(Status.FALSIFIED)),
-            f"{run.count(Status.UNKNOWN)}/{run.count(Status.TIMEOUT)}",
+            f"{run.count(Status.UNKNOWN)}/{run.count(Status.TIMEOUT)}/{run.count(Status.MEMORY)}",
             f"{float(run.time_s.sum()) / n:.3g}s",
         ])
-    headers = ["method", "eps", "clean acc", "verified acc", "falsified", "unknown/timeout", "time/sample"]
+    headers = ["method", "eps", "clean acc", "verified acc", "falsified", "unknown/timeout/memory", "time/sample"]
     return format_table(headers, rows)
 
 
@@ -129,7 +129,7 @@ def format_summary(runs: Sequence[MethodRun], labels: Tensor) -> str:
 @eps_option()
 @method_option(VERIFIERS, "verifier")
 @click.option("--timeout", type=PositiveFloat(), metavar="S",
-              help="Time limit in seconds per sample for methods that take one (the exact verifier).")
+              help="Time limit in seconds per sample for methods that take one (the complete verifiers exact and bab).")
 @out_option("verify")
 @click.pass_context
 def verify(
