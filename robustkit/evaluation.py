@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from robustkit.attacks import Attack
     from robustkit.attacks.preflight import GradientFreeGap, PreflightReport
     from robustkit.data import Dataset, Split
+    from robustkit.parallel import TaskStore
     from robustkit.verifiers import Status, Verifier
 
 __all__ = [
@@ -314,41 +315,66 @@ class MethodRun:
 
 
 def run_verifiers(
-    model: nn.Module, data: EvalData, verifiers: Mapping[str, Verifier], eps_list: Sequence[float]
+    model: nn.Module, data: EvalData, verifiers: Mapping[str, Verifier], eps_list: Sequence[float], *,
+    workers: int = 1, scheduler: str | None = None, store: TaskStore | None = None, threads: int = 1,
 ) -> list[MethodRun]:
     """Verify every sample with every verifier at every eps, batch by batch, with one progress bar.
 
     The verifiers of a batch run together (:func:`robustkit.verifiers.verify_many`, which shares the symbolic
-    pass between ``symbolic`` and ``crown``). Runs are ordered by verifier, then eps. At the end one log line per
-    verifier (:func:`robustkit.progress.log`) gives its time, measured inside the shared run.
+    pass between ``symbolic`` and ``crown``). When a complete verifier is among them, every sample is a task
+    of its own. Tasks run in ``workers`` processes or on the Dask cluster at ``scheduler``
+    (:func:`robustkit.parallel.iter_tasks`, ``threads`` torch threads each) and, with a ``store``, every
+    finished task is kept on disk and a re-run skips it. Runs are ordered by verifier, then eps, samples in
+    index order. At the end one log line per verifier (:func:`robustkit.progress.log`) gives its time,
+    measured inside the shared run.
     """
+    from robustkit.parallel import iter_tasks
     from robustkit.progress import format_seconds, log, progress
-    from robustkit.verifiers import VerificationResult, verify_many
+    from robustkit.verifiers import Status
 
-    steps = [(eps, batch) for eps in eps_list for batch in data.batches()]
-    parts: dict[tuple[str, float], list[VerificationResult]] = {
-        (name, eps): [] for name in verifiers for eps in eps_list
-    }
-    instances = list(verifiers.values())
-    for eps, (_, x, y) in progress(steps, desc=f"verify {','.join(verifiers)}", unit="batch"):
-        results = verify_many(model, x, y, eps, instances)
-        for name, verifier in verifiers.items():
-            parts[name, eps].append(results[verifier.name])
+    size = 1 if any(v.complete for v in verifiers.values()) else data.batch_size
+    tasks = [(eps, offset, min(offset + size, data.n)) for eps in eps_list for offset in range(0, data.n, size)]
+    keys = [f"eps{eps:g}-{start}-{stop}" for eps, start, stop in tasks]
+    context = (model, dict(verifiers), data.split.x, data.split.y)
+    found: dict[int, dict[str, dict[str, Any]]] = {}
+    for index, result in progress(iter_tasks(_verify_task, context, tasks, keys, workers=workers,
+                                             scheduler=scheduler, store=store, threads=threads),
+                                  total=len(tasks), desc=f"verify {','.join(verifiers)}",
+                                  unit="sample" if size == 1 else "batch"):
+        found[index] = result
+    runs = []
     for name in verifiers:
-        seconds = sum(float(r.time_s.sum()) for eps in eps_list for r in parts[name, eps])
+        for eps in eps_list:
+            parts = [found[i][name] for i, task in enumerate(tasks) if task[0] == eps]
+            runs.append(MethodRun(
+                method=name, eps=eps,
+                status=tuple(Status(s) for part in parts for s in part["status"]),
+                margin_lower=torch.cat([part["margin_lower"] for part in parts]),
+                prediction=torch.cat([part["prediction"] for part in parts]),
+                time_s=torch.cat([part["time_s"] for part in parts]),
+            ))
+    for name in verifiers:
+        seconds = sum(float(run.time_s.sum()) for run in runs if run.method == name)
         log(f"  stage verify {name} at eps {', '.join(f'{e:g}' for e in eps_list)} on {data.n} samples: "
             f"{format_seconds(seconds)}" + (" (run batch by batch with the other verifiers)" if len(verifiers) > 1
                                             else ""))
-    return [
-        MethodRun(
-            method=name, eps=eps,
-            status=tuple(s for r in results for s in r.status),
-            margin_lower=torch.cat([r.margin_lower.detach().cpu() for r in results]),
-            prediction=torch.cat([r.prediction.detach().cpu() for r in results]),
-            time_s=torch.cat([r.time_s.detach().cpu() for r in results]),
-        )
-        for (name, eps), results in parts.items()
-    ]
+    return runs
+
+
+def _verify_task(context: tuple[nn.Module, dict[str, Verifier], Tensor, Tensor],
+                 task: tuple[float, int, int]) -> dict[str, dict[str, Any]]:
+    """One task of :func:`run_verifiers`: every verifier on samples start..stop-1 at eps, as plain tensors and
+    strings (what a task store keeps)."""
+    from robustkit.verifiers import verify_many
+
+    model, verifiers, x, y = context
+    eps, start, stop = task
+    results = verify_many(model, x[start:stop], y[start:stop], eps, list(verifiers.values()))
+    return {name: {"status": [s.value for s in results[v.name].status],
+                   "margin_lower": results[v.name].margin_lower.detach().cpu(),
+                   "prediction": results[v.name].prediction.detach().cpu(),
+                   "time_s": results[v.name].time_s.detach().cpu()}
+            for name, v in verifiers.items()}
 
 
 # ------------------------------------------------------------------------------------------- consistency

@@ -130,6 +130,13 @@ def format_summary(runs: Sequence[MethodRun], labels: Tensor) -> str:
 @method_option(VERIFIERS, "verifier")
 @click.option("--timeout", type=PositiveFloat(), metavar="S",
               help="Time limit in seconds per sample for methods that take one (the complete verifiers exact and bab).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Worker processes for the per-sample work (each gets an equal share of the torch threads).")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Run the per-sample work on an existing Dask cluster (e.g. tcp://host:8786) instead of local "
+                   "workers; needs the cluster extra (dask[distributed]).")
+@click.option("--resume", is_flag=True,
+              help="Continue a killed run into the same --out: samples already finished are not run again.")
 @out_option("verify")
 @click.pass_context
 def verify(
@@ -139,6 +146,9 @@ def verify(
     eps: list[float],
     methods: list[str],
     timeout: float | None,
+    workers: int,
+    scheduler: str | None,
+    resume: bool,
     out: Path | None,
 ) -> None:
     """Verify a model's robustness on test samples with one or more bound methods.
@@ -148,9 +158,25 @@ def verify(
     counts over all samples: misclassified ones are never verified. A sample verified by one method and
     falsified by another is a soundness bug: it is reported and the exit code is 1.
 
+    Every finished sample (or batch, for relaxation methods alone) is kept in --out's verify.parts folder as
+    it finishes, so a killed run continues with --resume; the folder is removed once the results are written.
+    --workers N runs the samples in N processes, --scheduler on a Dask cluster; results are the same, in
+    sample order.
+
     Example: robustkit verify --model mnist_small --checkpoint w.pt --eps 0.1,0.3 --method interval,crown
     """
+    import shutil
+
+    import torch
+
     from robustkit.evaluation import find_conflicts, predict, run_verifiers
+    from robustkit.parallel import TaskStore
+    from robustkit.runlock import run_lock
+
+    if resume and out is None:
+        raise click.UsageError("--resume needs --out: the folder of the run to continue")
+    if scheduler is not None and workers != 1:
+        raise click.UsageError("--workers and --scheduler exclude each other: the cluster has its own workers")
 
     options = global_options(ctx)
     data = load_eval_data(data_args)
@@ -162,9 +188,19 @@ def verify(
 
     # before the long part, so that a bad --out fails at once
     with output_folder(out, "verify") as folder:
-        runs = run_verifiers(model, data, verifiers, eps)
+        ctx.with_resource(run_lock(folder, "robustkit verify" + (" --resume" if resume else "")))
+        settings = {"model": model_args.spec, "checkpoint": str(model_args.checkpoint), "dataset": data.dataset.name,
+                    "start": data.start, "n": data.n, "batch_size": data.batch_size, "methods": list(methods),
+                    "eps": [float(e) for e in eps], "timeout": timeout, "seed": options.seed,
+                    "mean": model_args.mean, "std": model_args.std}
+        parts = folder / "verify.parts"
+        store = TaskStore(parts, settings, resume)
+        threads = max(1, torch.get_num_threads() // workers) if scheduler is None else 1
+        runs = run_verifiers(model, data, verifiers, eps, workers=workers, scheduler=scheduler, store=store,
+                             threads=threads)
         conflicts = find_conflicts(runs, data)
         write_results(folder, runs, data, model_args, options.seed)
+        shutil.rmtree(parts, ignore_errors=True)
 
         click.echo(format_summary(runs, data.split.y))
         click.echo(

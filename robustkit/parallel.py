@@ -1,0 +1,179 @@
+"""Per-sample work in worker processes or on a Dask cluster, with every finished task kept on disk.
+
+Complete verification is embarrassingly parallel over samples: :func:`run_tasks` applies one function to a
+list of independent tasks, in ``workers`` local processes (spawned, one torch thread each unless told
+otherwise) or on an existing Dask cluster (``scheduler``: the scheduler's address, e.g.
+``tcp://10.0.0.5:8786``; ``dask[distributed]`` must be installed, the ``cluster`` extra), or in this process
+when ``workers`` is 1. The shared ``context`` (the model, the verifiers) is sent to each worker once.
+
+With a :class:`TaskStore`, every finished task's result is written atomically to its own file as soon as it
+arrives, and tasks whose file exists are not run again: a killed run loses at most the tasks in flight, and
+``--resume`` continues it. Results are returned in task order whatever the order of completion. Stored
+results are plain tensors, strings and numbers, read back with ``torch.load(weights_only=True)``, which
+refuses anything else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robustkit.errors import InputError
+
+__all__ = ["TaskStore", "iter_tasks", "run_tasks"]
+
+Task = Any
+Result = Any
+Work = Callable[[Any, Task], Result]
+
+_CONTEXT: Any = None
+#: seconds to wait for a Dask scheduler to answer before giving up with a clear error
+CONNECT_TIMEOUT_S = 30.0
+
+
+class TaskStore:
+    """A folder of finished tasks: ``<key>.pt`` per task and ``config.json``, the settings they were run
+    with. A folder with results from other settings is refused (resuming must not mix runs)."""
+
+    def __init__(self, folder: Path, config: dict[str, Any], resume: bool) -> None:
+        self.folder = folder
+        marker = folder / "config.json"
+        if folder.exists() and any(folder.iterdir()):
+            if not resume:
+                raise InputError(f"{folder} holds results of an earlier run: pass --resume to continue it, or "
+                                 "delete the folder to start over")
+            try:
+                stored = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                raise InputError(f"{marker} is missing or damaged: cannot tell which run {folder} belongs to; "
+                                 "delete the folder to start over") from None
+            if stored != json.loads(json.dumps(config)):
+                changed = sorted(key for key in set(stored) | set(config) if stored.get(key) != config.get(key))
+                raise InputError(f"--resume: {folder} was run with other settings ({', '.join(changed)} differ); "
+                                 "use the same settings or another output folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(marker, json.dumps(config, indent=2, sort_keys=True).encode())
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.pt"
+
+    def load(self, key: str) -> Result | None:
+        """The stored result of ``key``, or None when it is not stored (a damaged file counts as not stored)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - a file cut short by a kill: run the task again
+            return None
+
+    def save(self, key: str, result: Result) -> None:
+        handle, name = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        os.close(handle)
+        torch.save(result, name)
+        os.replace(name, self.path(key))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    handle, name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(handle, "wb") as file:
+        file.write(data)
+    os.replace(name, path)
+
+
+def _initialise(context: Any, threads: int) -> None:
+    global _CONTEXT
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+    torch.set_num_threads(threads)
+    _CONTEXT = context
+
+
+def _run_in_worker(work: Work, task: Task) -> Result:
+    return work(_CONTEXT, task)
+
+
+def _run_on_dask(work: Work, context: Any, task: Task, threads: int) -> Result:
+    torch.set_num_threads(threads)
+    return work(context, task)
+
+
+def iter_tasks(work: Work, context: Any, tasks: Sequence[Task], keys: Sequence[str], *, workers: int = 1,
+               scheduler: str | None = None, store: TaskStore | None = None, threads: int = 1
+               ) -> Iterator[tuple[int, Result]]:
+    """``(index, work(context, tasks[index]))`` for every task, computed in parallel (module docstring), stored
+    ones first, then in order of completion. ``keys`` name the tasks in ``store``. ``work`` must be a
+    module-level function (it is sent to the workers by reference)."""
+    if workers < 1:
+        raise InputError(f"workers must be >= 1, got {workers}")
+    if len(keys) != len(tasks):
+        raise ValueError("one key per task")
+    todo = []
+    for index, key in enumerate(keys):
+        found = store.load(key) if store is not None else None
+        if found is None:
+            todo.append(index)
+        else:
+            yield index, found
+
+    def finished(index: int, result: Result) -> tuple[int, Result]:
+        if store is not None:
+            store.save(keys[index], result)
+        return index, result
+
+    if scheduler is not None:
+        yield from (finished(i, r) for i, r in _run_dask(work, context, tasks, todo, scheduler, threads))
+    elif workers == 1 or len(todo) <= 1:
+        for index in todo:
+            yield finished(index, work(context, tasks[index]))
+    else:
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn"),
+                                   initializer=_initialise, initargs=(context, threads))
+        try:
+            running: dict[Future[Result], int] = {pool.submit(_run_in_worker, work, tasks[i]): i for i in todo}
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield finished(running.pop(future), future.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_tasks(work: Work, context: Any, tasks: Sequence[Task], keys: Sequence[str], **options: Any) -> list[Result]:
+    """The results of :func:`iter_tasks` in task order."""
+    results: list[Result] = [None] * len(tasks)
+    for index, result in iter_tasks(work, context, tasks, keys, **options):
+        results[index] = result
+    return results
+
+
+def _run_dask(work: Work, context: Any, tasks: Sequence[Task], todo: list[int], scheduler: str,
+              threads: int) -> Iterator[tuple[int, Result]]:
+    try:
+        distributed: Any = importlib.import_module("distributed")
+    except ImportError:
+        raise InputError("--scheduler needs Dask's distributed scheduler: pip install 'robustkit[cluster]' "
+                         "(dask[distributed])") from None
+    try:
+        client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise InputError(f"cannot connect to the Dask scheduler at {scheduler}: {exc}") from None
+    try:
+        if not todo:
+            return
+        shared = client.scatter(context, broadcast=True)
+        futures = {client.submit(_run_on_dask, work, shared, tasks[i], threads, pure=False): i for i in todo}
+        for future in distributed.as_completed(futures):
+            yield futures[future], future.result()
+    finally:
+        client.close()
