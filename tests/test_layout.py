@@ -49,7 +49,7 @@ def test_readme_quick_start_has_exactly_two_commands():
     commands = quick_start_commands()
     assert len(commands) == 2 and all("\n" not in c for c in commands)
     assert commands[0].startswith("pip install -e . ") and "robustkit " in commands[0]
-    assert '".[test,onnx]"' in commands[1] and commands[1].endswith("python -m pytest")
+    assert '".[test,onnx,cluster]"' in commands[1] and commands[1].endswith("python -m pytest")
 
 
 def test_ci_runs_the_readme_test_command():

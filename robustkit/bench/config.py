@@ -27,12 +27,16 @@ TRAIN_KEYS = tuple(
     f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("eps", "seed", "device", "val_size")
 )
 EXACT_CHOICES = ("auto", "true", "false")
+# the complete verifiers evaluation.complete = "auto" considers, strongest first (then any other complete one)
+COMPLETE_PREFERENCE = ("bab", "exact")
+# evaluation.complete: the strongest applicable complete verifier, a named one, or no complete stage
+COMPLETE_CHOICES = ("auto", *COMPLETE_PREFERENCE, "off")
 # evaluation.autoattack: AutoAttack's standard version, robustkit's fast one, or no AutoAttack
 AUTOATTACK_CHOICES = ("standard", "fast", "off")
 # evaluation keys with a lower bound: (key, bound, whether the bound itself is excluded)
 EVALUATION_RANGES = (("pgd_steps", 1, False), ("pgd_restarts", 1, False), ("cw_steps", 1, False),
-                     ("exact_max_relus", 0, False), ("exact_time_limit", 0, True), ("sweep_n", 0, False),
-                     ("batch_size", 1, False))
+                     ("exact_max_relus", 0, False), ("exact_time_limit", 0, True), ("complete_time_limit", 0, True),
+                     ("sweep_n", 0, False), ("batch_size", 1, False))
 
 
 def _fail(key: str, message: str, choices: list[str] | tuple[str, ...] = (), near: str | None = None) -> InputError:
@@ -59,7 +63,14 @@ class TrainerSpec:
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    """How every trained model is evaluated on the first ``n_test`` test samples at its training eps."""
+    """How every trained model is evaluated on the first ``n_test`` test samples at its training eps.
+
+    ``complete`` names the complete stage's verifier (:data:`COMPLETE_CHOICES`; ``auto``: the strongest one the
+    registry has that applies to the model, see :func:`robustkit.bench.complete.choose_complete`), run on the
+    samples that no relaxation verified and no attack broke, with at most ``complete_time_limit`` seconds per
+    sample. ``exact`` is the older MILP stage (``verified_exact``, off by default; ``complete = "exact"`` does
+    its work inside the complete stage), kept so that existing configuration files keep their meaning.
+    """
 
     pgd_steps: int = 40
     pgd_restarts: int = 5
@@ -67,9 +78,11 @@ class EvaluationSettings:
     interval_attack: dict[str, Any] = field(default_factory=lambda: {"iterations": 2, "restarts": 1})
     autoattack: str = "off"
     verifiers: tuple[str, ...] = ("interval", "symbolic", "crown")
-    exact: str = "auto"
+    exact: str = "false"
     exact_max_relus: int = 200
     exact_time_limit: float = 10.0
+    complete: str = "auto"
+    complete_time_limit: float = 10.0
     eps_sweep: tuple[float, ...] = (0.02, 0.05, 0.1, 0.15, 0.2)
     sweep_n: int = 200
     batch_size: int = 100
@@ -226,6 +239,23 @@ def _seeds(raw: Mapping[str, Any]) -> tuple[int, ...]:
     return check_seeds(raw["seeds"], "seeds")
 
 
+def _complete(name: str) -> None:
+    """``evaluation.complete``: one of :data:`COMPLETE_CHOICES`, and a named verifier must be registered as complete
+    (``bab`` is only there once robustkit has it)."""
+    from robustkit.verifiers import VERIFIERS
+
+    key = "evaluation.complete"
+    if name not in COMPLETE_CHOICES:
+        raise _fail(key, f"{name!r} is not a choice (a complete verifier, auto for the strongest that applies, or "
+                    "off)", COMPLETE_CHOICES, near=name)
+    if name in ("auto", "off"):
+        return
+    if name not in VERIFIERS or not VERIFIERS[name].complete:
+        registered = [n for n in VERIFIERS if VERIFIERS[n].complete]
+        raise _fail(key, f"{name!r} is not a complete verifier of this robustkit (complete verifiers: "
+                    f"{', '.join(registered) or 'none'}); use auto or one of them")
+
+
 def check_seeds(value: Any, key: str) -> tuple[int, ...]:
     """A non-empty list of distinct integers, as a tuple; an error naming ``key`` otherwise."""
     if (not isinstance(value, list | tuple) or not value
@@ -305,6 +335,8 @@ def parse_config(raw: Mapping[str, Any], source: str, base: Path | None = None) 
         if settings["exact"] not in EXACT_CHOICES:
             raise _fail("evaluation.exact", f"{settings['exact']!r} is not a choice", EXACT_CHOICES,
                         near=settings["exact"])
+    if "complete" in settings:
+        _complete(settings["complete"])
     if "autoattack" in settings and settings["autoattack"] not in AUTOATTACK_CHOICES:
         raise _fail("evaluation.autoattack", f"{settings['autoattack']!r} is not a choice (the AutoAttack version, or "
                     "off)", AUTOATTACK_CHOICES, near=settings["autoattack"])

@@ -6,8 +6,17 @@ The attacks are PGD, cw-linf, the interval attack and, unless ``evaluation.autoa
 per-sample worst case. Every accuracy counts all n test samples: a clean-misclassified sample counts as broken by
 every attack and as not verified. Per sample, a verified sample must not be broken by any attack nor falsified by
 another verifier, every adversarial example must pass its re-check, and verified <= worst-case attack <= clean
-accuracy; every violation is recorded (and fails the benchmark run). The exact verifier, where it runs, decides only
-the samples that no other verifier verified and no attack broke.
+accuracy; every violation is recorded (and fails the benchmark run). The older exact stage (``evaluation.exact``,
+off by default), where it runs, decides only the samples that no other verifier verified and no attack broke, and
+counts in ``verified_best``.
+
+Then the complete stage (:mod:`robustkit.bench.complete`, ``evaluation.complete``) runs a complete verifier on
+the undecided band, the samples neither in ``verified_best`` nor broken, and the cell records the band's three
+fractions :data:`~robustkit.bench.complete.BAND_METRICS`: ``verified_complete`` (``verified_best`` or verified
+by the complete stage), ``falsified`` (broken by an attack, clean-misclassified samples included, or falsified
+by the complete stage with a re-checked counterexample) and ``undecided`` (the rest). Their ``config`` says
+which complete verifier ran with what budget per sample (JSON). They are recorded with the complete stage off
+too (the band then is what the relaxations and attacks leave).
 
 Before the attacks, the pre-flight checks of :mod:`robustkit.attacks.preflight` run on up to 100 test samples
 (drawn with the seed): their warnings are kept (not violations: a masked gradient is a finding about the model,
@@ -28,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from robustkit.bench.complete import Band, CompleteRun, choose_complete, combine_band, run_complete
 from robustkit.bench.config import EvaluationSettings
 from robustkit.data import Dataset, Split
 from robustkit.evaluation import (
@@ -66,7 +76,8 @@ class Evaluation:
 
     ``broken`` maps each attack metric (``pgd_acc``, ..., ``autoattack_acc`` when it ran) and ``worst_attack_acc``
     to its per-sample mask of broken test samples (clean-misclassified ones included), and ``verified`` is the
-    per-sample mask of ``verified_best``: the per-sample facts behind the accuracies (not written to files).
+    per-sample mask of ``verified_best``; ``band`` holds the masks of the band's metrics and ``complete`` the
+    complete stage's run: the per-sample facts behind the accuracies (not written to files).
     """
 
     measurements: tuple[Measurement, ...]
@@ -76,6 +87,8 @@ class Evaluation:
     warnings: tuple[str, ...] = ()
     broken: Mapping[str, Tensor] = field(default_factory=dict)
     verified: Tensor | None = None
+    band: Band | None = None
+    complete: CompleteRun | None = None
 
 
 PREFLIGHT_METRICS = ("preflight_warnings", "preflight_randomised_outputs", "preflight_probability_outputs",
@@ -185,9 +198,15 @@ def evaluate_model(
         violation = order_violation(best, _fraction(~broken_any), _fraction(correct), eps)
         if violation is not None:
             violations.append(violation)
+        complete = run_complete(model, data, eps, choose_complete(settings.complete, model),
+                                settings.complete_time_limit, ~verified_any & ~broken_any)
+        band = combine_band(verified_any, broken_any, complete.verified, complete.falsified, data.indices)
+        for position, (metric, value) in enumerate(band.fractions().items()):
+            measurements.append(Measurement(metric, eps, value, n, complete.time_s if position == 0 else 0.0,
+                                            complete.config()))
         measurements += _sweep(model, data, settings, seed, eps)
     return Evaluation(tuple(measurements), tuple(violations), time.perf_counter() - started, memory.peak_mb,
-                      warnings, broken, verified_any)
+                      warnings, broken, verified_any, band, complete)
 
 
 SWEEP_PGD_STEPS = 20

@@ -8,12 +8,17 @@ written atomically), and the aggregated ``results.csv`` and ``epochs.csv`` (rewr
 which :func:`robustkit.reports.build_report` makes the summary tables, plots and ``index.html``. Re-running
 with ``resume`` skips finished cells, resumes a half-trained one from its last epoch and re-evaluates a
 trained but unevaluated one. ``result.json`` also keeps the cell's pre-flight ``warnings`` (a file written before
-they existed reads as none).
+they existed reads as none). A cell evaluated before the bench had its complete stage (a ``result.json`` with the
+cell's clean accuracy but not the band's metrics, :data:`~robustkit.bench.complete.BAND_METRICS`) is evaluated
+again on resume (its training is kept), and a run folder whose ``config.json`` predates the stage (no
+``evaluation.complete``) resumes with this run's evaluation settings, which replace the saved ones: every cell
+evaluated before is evaluated again with them, so all cells are measured alike.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -137,7 +142,9 @@ class GridData:
 
 def check_models(config: BenchConfig, datasets: dict[str, GridData]) -> None:
     """Every model of the grid is built once and must fit every dataset (input shape, classes) and be readable by
-    the bound engine (every cell is verified), so a bad model fails before any training, naming ``grid.models``."""
+    the bound engine (every cell is verified), so a bad model fails before any training, naming ``grid.models``;
+    a complete verifier named in ``evaluation.complete`` must apply to every model (an error naming the key)."""
+    from robustkit.bench.complete import complete_problem
     from robustkit.models import build_network, fit_problem
     from robustkit.models.loading import resolve_spec
     from robustkit.trainers.base import engine_problem
@@ -151,6 +158,10 @@ def check_models(config: BenchConfig, datasets: dict[str, GridData]) -> None:
                 problem = None if unreadable is None else f"the bench verifies every model, but {unreadable}"
             if problem is not None:
                 raise InputError(f"bench config: grid.models: {problem}")
+        problem = complete_problem(config.evaluation.complete, model)
+        if problem is not None:
+            raise InputError(f"bench config: evaluation.complete: {problem} {spec!r} (use auto, another complete "
+                             "verifier, or off)")
 
 
 def _versions() -> tuple[str, str]:
@@ -159,21 +170,37 @@ def _versions() -> tuple[str, str]:
     return __version__, torch.__version__
 
 
-def _check_folder(folder: Path, config: BenchConfig, resume: bool) -> None:
+def _check_folder(folder: Path, config: BenchConfig, resume: bool) -> bool:
+    """Whether ``folder`` may be used (a clear error otherwise): a new run needs an empty folder, a resume the
+    same settings as the saved ones. True for a resume of a run from before the complete stage, whose evaluation
+    settings are not compared (every cell it evaluated is evaluated again, see the module docstring)."""
     saved_file = folder / "config.json"
     if not resume:
         if any(entry.name != LOCK_FILE for entry in folder.iterdir()):
             raise InputError(f"output folder {folder} is not empty: use --resume to continue that run or a new --out")
-        return
+        return False
     if not saved_file.is_file():
         raise InputError(f"cannot resume: {folder} holds no bench run (no config.json)")
     saved = _read_json(saved_file, "config", "this folder cannot be resumed; start the run in a new --out")
     if isinstance(saved, dict) and "seeds" not in saved and "seed" in saved:  # written before seeds
         saved["seeds"] = [saved.pop("seed")]
     mine = json.loads(json.dumps(config.to_dict()))
-    differing = sorted(k for k in set(saved) | set(mine) if k != "source" and saved.get(k) != mine.get(k))
+    evaluation = saved.get("evaluation") if isinstance(saved, dict) else None
+    before_complete = isinstance(evaluation, dict) and "complete" not in evaluation
+    ignored = {"source", "evaluation"} if before_complete else {"source"}
+    differing = sorted(k for k in set(saved) | set(mine) if k not in ignored and saved.get(k) != mine.get(k))
     if differing:
         raise InputError(f"cannot resume {folder}: it was run with different settings ({', '.join(differing)})")
+    return before_complete
+
+
+def evaluated_before_complete_stage(outcome: CellOutcome) -> bool:
+    """Whether a finished cell's records predate the complete stage: its clean accuracy at its eps is there, the
+    band's metrics are not (so the cell must be evaluated again)."""
+    from robustkit.bench.complete import BAND_METRICS
+
+    own = {row.get("metric") for row in outcome.results if float(row.get("eval_eps", math.nan)) == outcome.cell.eps}
+    return "clean_acc" in own and not set(BAND_METRICS) <= own
 
 
 def _train(cell: Cell, config: BenchConfig, train: Any, monitor: Any, folder: Path, device: str,
@@ -241,15 +268,18 @@ def _or_nan(value: float | None) -> float:
 
 
 def _record_machine(folder: Path, config: BenchConfig, device: str, on_note: Callable[[str], None] | None,
-                    jobs: int) -> None:
+                    jobs: int, replace_config: bool = False) -> None:
     """Write ``config.json`` at a run's start with the machine it starts on; a resume adds this session's machine
     to its ``resumed`` list, with a note when the thread count changed (see
-    :func:`robustkit.threads.session_entries`)."""
+    :func:`robustkit.threads.session_entries`), and with ``replace_config`` (a run from before the complete
+    stage) writes this run's configuration in place of the saved one."""
     version, torch_version = _versions()
     file = folder / "config.json"
     if file.is_file():  # a resume: _check_folder read it, so it is valid JSON
         document = json.loads(file.read_text())
         document.update(session_entries(document, on_note or _warn, "timings of the cells run", jobs=jobs))
+        if replace_config:
+            document["config"] = config.to_dict()
     else:
         document = {"config": config.to_dict(), "robustkit_version": version, "torch_version": torch_version,
                     "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -395,7 +425,7 @@ def run_bench(
     datasets = {name: GridData.load(name, config) for name in config.datasets}  # bad counts fail before any file
     check_models(config, datasets)
     with run_lock(folder, "robustkit bench" + (" --resume" if resume else ""), on_note):
-        _check_folder(folder, config, resume)
+        before_complete = _check_folder(folder, config, resume)
         if on_start is not None:
             on_start()
         cells = plan(config)
@@ -407,13 +437,22 @@ def run_bench(
             legacy = folder / "cells" / cell.legacy_key
             if resume and len(config.seeds) == 1 and not cell_folder.exists() and legacy.is_dir():
                 cell_folder = legacy  # a run made before seeds were part of the cells' folder names
+            outcome = None
             if resume and (cell_folder / "result.json").is_file():
-                slots[position] = _load_outcome(cell, cell_folder / "result.json")
+                outcome = _load_outcome(cell, cell_folder / "result.json")
+                if evaluated_before_complete_stage(outcome):
+                    log(f"cell {cell.key}: evaluated before the bench had its complete stage; evaluating it again")
+                    outcome = None
+            if outcome is not None:
+                slots[position] = outcome
                 cells_log.finished(cell.key, None)
             else:
                 todo.append((position, cell, cell_folder))
         workers = _workers(jobs, len(todo), device)
-        _record_machine(folder, config, device, on_note, workers)
+        if before_complete:
+            (on_note or _warn)(f"{folder / 'config.json'} predates the complete stage: this run's evaluation settings "
+                               "replace the saved ones, and the cells evaluated before are evaluated again")
+        _record_machine(folder, config, device, on_note, workers, replace_config=before_complete)
 
         def finished(position: int, outcome: CellOutcome) -> None:
             slots[position] = outcome

@@ -25,6 +25,7 @@ from robustkit.reports.summary import (
     ACCURACY_NOTE,
     INTERVAL_NOTE,
     TABLE_HEADERS,
+    complete_note,
     group_title,
     iter_groups,
     sample_count,
@@ -157,6 +158,7 @@ def render_index(
         if group in tables:
             lines.append(f"<p>{escape_text(sample_count(tables[group]))}.</p>")
             lines += _table(tables[group])
+            lines.append(f'<p class="note">{escape_text(complete_note(tables[group]))}</p>')
         else:
             lines.append("<p>Not evaluated yet.</p>")
         for spec in plots:

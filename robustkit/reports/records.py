@@ -43,7 +43,7 @@ import pandas as pd
 from robustkit.errors import DataError
 
 __all__ = [
-    "ACCURACY_METRICS", "APPENDED_ACCURACY_METRICS",
+    "ACCURACY_METRICS", "APPENDED_ACCURACY_METRICS", "BAND_METRICS",
     "CELL_KEYS", "CELL_METRICS", "EPOCHS_COLUMNS", "EPOCHS_FILE", "EPOCHS_SCHEMA", "GROUP_KEYS",
     "METRICS", "METRIC_LABELS", "MIXTRAIN", "PREFLIGHT_METRICS", "RESULTS_COLUMNS", "RESULTS_FILE", "RESULTS_SCHEMA",
     "RUN_KEYS", "SWEEP_METRICS", "Column", "RecordsError", "RunRecords", "cell_rows", "format_eps", "load_run",
@@ -61,12 +61,15 @@ RUN_KEYS = (*CELL_KEYS, "seed")
 GROUP_KEYS = ("dataset", "model", "train_eps")
 MIXTRAIN = "mixtrain"
 
+# the undecided band's fractions (robustkit.bench.complete), measured since the bench's complete stage: verified by
+# the best relaxation or the complete verifier, falsified by an attack or the complete verifier, and the rest
+BAND_METRICS = ("verified_complete", "falsified", "undecided")
 ACCURACY_METRICS = (
     "clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "worst_attack_acc", "verified_interval",
-    "verified_symbolic", "verified_crown", "verified_exact", "verified_best", "autoattack_acc",
+    "verified_symbolic", "verified_crown", "verified_exact", "verified_best", "autoattack_acc", *BAND_METRICS,
 )
 # accuracies measured since the bench gained them (absent in older runs): summary.csv appends their columns
-APPENDED_ACCURACY_METRICS = ("autoattack_acc",)
+APPENDED_ACCURACY_METRICS = ("autoattack_acc", *BAND_METRICS)
 CELL_METRICS = ("train_time_s", "eval_time_s", "peak_memory_mb", "epochs")
 # the pre-flight (gradient-masking) checks of each cell's model (robustkit.bench.evaluate); absent in older runs
 PREFLIGHT_METRICS = ("preflight_warnings", "preflight_randomised_outputs", "preflight_probability_outputs",
@@ -86,7 +89,10 @@ METRIC_LABELS: dict[str, str] = {
     "verified_symbolic": "Verified (symbolic)",
     "verified_crown": "Verified (CROWN)",
     "verified_exact": "Verified (exact)",
-    "verified_best": "Verified (best)",
+    "verified_best": "Verified (best relaxation)",
+    "verified_complete": "Verified (best)",
+    "falsified": "Falsified",
+    "undecided": "Undecided",
     "train_time_s": "Train time",
     "eval_time_s": "Evaluation time",
     "peak_memory_mb": "Peak memory (MB)",

@@ -1,9 +1,14 @@
 """The paper-style summary table: one row per trained cell, grouped by dataset, model and training eps.
 
 The columns read like the MixTrain paper's table: Trainer | Clean | PGD | CW | Interval attack | AutoAttack |
-Verified (interval) | Verified (symbolic) | Verified (CROWN) | Verified (best) | Train time | Time vs MixTrain
-(``time_vs_mixtrain`` in ``summary.csv``, to 3 significant digits; AutoAttack: the bench's
-``evaluation.autoattack``, ``n/a`` where it was off and in runs made before the bench measured it). Every value
+Verified (interval) | Verified (symbolic) | Verified (CROWN) | Verified (best) | Falsified | Undecided | Train time |
+Time vs MixTrain (``time_vs_mixtrain`` in ``summary.csv``, to 3 significant digits; AutoAttack: the bench's
+``evaluation.autoattack``, ``n/a`` where it was off and in runs made before the bench measured it). Verified (best),
+Falsified and Undecided are the undecided band's metrics (:data:`BAND_METRICS`, see
+:mod:`robustkit.bench.complete`): Verified (best) is ``verified_complete``, the best relaxation's verifications and
+the complete stage's (in runs made before the complete stage: ``verified_best``, the best relaxation's, and the
+other two ``n/a``); under each table a line names the complete verifier that ran and its budget per sample
+(``complete_method`` and ``complete_time_limit`` in ``summary.csv``, from the band rows' ``config``). Every value
 comes from the ``results.csv`` rows measured at the cell's own radius (eval eps = train eps). "Time vs MixTrain"
 divides a cell's training time by that of the MixTrain cell of the same dataset, model and training eps (the cell
 labelled ``mixtrain``, else the first cell whose trainer is ``mixtrain``); it is ``n/a`` without one.
@@ -17,8 +22,9 @@ before the bench recorded them; the Markdown table leaves them out. Every accura
 (:mod:`robustkit.reports.stats`: Wilson over the test points for one seed, t over the seeds for several), shown
 in parentheses in ``summary.md`` and as ``<metric>_low`` / ``<metric>_high`` in ``summary.csv`` (after every
 earlier column); a cell run with several seeds is one row, their mean, with ± the standard deviation. Then
-comes ``autoattack_acc`` (:data:`APPENDED_ACCURACY_METRICS`, empty where not measured): later columns are
-appended, so the earlier ones keep their positions.
+comes ``autoattack_acc``, then the band's metrics, their ``_std`` / ``_low`` / ``_high`` columns,
+``complete_method`` and ``complete_time_limit`` (:data:`APPENDED_ACCURACY_METRICS`, empty where not measured):
+later columns are appended, so the earlier ones keep their positions.
 
 >>> format_percent(0.9712), format_duration(4521.0), format_ratio(15.24), format_ratio(float("nan"))
 ('97.1%', '1.3 h', '15.2x', 'n/a')
@@ -26,9 +32,10 @@ appended, so the earlier ones keep their positions.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +44,7 @@ import pandas as pd
 from robustkit.reports.records import (
     ACCURACY_METRICS,
     APPENDED_ACCURACY_METRICS,
+    BAND_METRICS,
     CELL_KEYS,
     CELL_METRICS,
     GROUP_KEYS,
@@ -50,9 +58,9 @@ from robustkit.reports.records import (
 
 __all__ = [
     "ACCURACY_NOTE", "INTERVAL_COLUMNS", "INTERVAL_NOTE", "NOT_AVAILABLE", "SUMMARY_COLUMNS", "SUMMARY_CSV",
-    "SUMMARY_MD", "TABLE_HEADERS", "TABLE_METRICS", "format_accuracy", "format_duration", "format_percent",
-    "format_ratio", "group_title", "iter_groups", "mixtrain_reference", "sample_count", "summary_frame",
-    "summary_markdown", "table_cells", "write_summary",
+    "SUMMARY_MD", "TABLE_HEADERS", "TABLE_METRICS", "complete_note", "format_accuracy", "format_duration",
+    "format_percent", "format_ratio", "group_title", "iter_groups", "mixtrain_reference", "sample_count",
+    "summary_frame", "summary_markdown", "table_cells", "write_summary",
 ]
 
 SUMMARY_CSV = "summary.csv"
@@ -61,15 +69,27 @@ NOT_AVAILABLE = "n/a"
 
 TABLE_METRICS = (
     "clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "autoattack_acc", "verified_interval",
-    "verified_symbolic", "verified_crown", "verified_best",
+    "verified_symbolic", "verified_crown", *BAND_METRICS,
 )
 TABLE_HEADERS = ("Trainer", *(METRIC_LABELS[m] for m in TABLE_METRICS), "Train time", "Time vs MixTrain")
+# what the Verified (best) column shows for cells evaluated before the complete stage (it was the best relaxation)
+_BEFORE_COMPLETE = {"verified_complete": "verified_best"}
+
+
+def _intervals(metrics: Sequence[str]) -> tuple[str, ...]:
+    return tuple(f"{metric}_{part}" for metric in metrics for part in ("std", "low", "high"))
+
+
 # per accuracy: the standard deviation over seeds (empty for one seed) and the 95% interval's ends
-INTERVAL_COLUMNS = tuple(f"{metric}_{part}" for metric in ACCURACY_METRICS for part in ("std", "low", "high"))
+INTERVAL_COLUMNS = _intervals(ACCURACY_METRICS)
+# the complete stage of each cell: its verifier (none: none ran; empty before the stage) and seconds per sample
+COMPLETE_COLUMNS = ("complete_method", "complete_time_limit")
 SUMMARY_COLUMNS = (
     *GROUP_KEYS, "trainer", "trainer_name", "seed", "n",
     *(m for m in ACCURACY_METRICS if m not in APPENDED_ACCURACY_METRICS), *CELL_METRICS, "time_vs_mixtrain",
-    *PREFLIGHT_METRICS, "n_seeds", "interval", *INTERVAL_COLUMNS, *APPENDED_ACCURACY_METRICS,
+    *PREFLIGHT_METRICS, "n_seeds", "interval", *_intervals([m for m in ACCURACY_METRICS if m not in BAND_METRICS]),
+    *(m for m in APPENDED_ACCURACY_METRICS if m not in BAND_METRICS),
+    *BAND_METRICS, *_intervals(BAND_METRICS), *COMPLETE_COLUMNS,
 )
 # whole numbers in summary.csv: counts and the pre-flight flags
 INTEGER_COLUMNS = frozenset({"seed", "n", "n_seeds", *PREFLIGHT_METRICS} - {"preflight_zero_gradient"})
@@ -77,10 +97,15 @@ INTEGER_COLUMNS = frozenset({"seed", "n", "n_seeds", *PREFLIGHT_METRICS} - {"pre
 ROUNDED_COLUMNS = {"time_vs_mixtrain": 3}
 ACCURACY_NOTE = (
     "Accuracies count all n test samples of each cell, at the cell's training eps: clean-misclassified samples "
-    "count as broken by the attacks and as not verified. Verified (best) is the per-sample best of the "
-    "verifiers run. AutoAttack is the AutoAttack ensemble (the bench's evaluation.autoattack version; n/a when "
-    "off), one of the attacks of the per-sample worst case. Time vs MixTrain is the training time divided by that "
-    "of the MixTrain cell in the same table."
+    "count as broken by the attacks and as not verified. The samples that the best relaxation (the per-sample best "
+    "of the relaxation verifiers run) does not verify and no attack breaks form the undecided band; a complete "
+    "verifier, named under each table with its time budget per sample, then decides what it can of the band. "
+    "Verified (best) counts the samples verified by the best relaxation or by the complete verifier; Falsified "
+    "those broken by an attack (clean-misclassified ones included) or falsified by the complete verifier with a "
+    "counterexample that passed a re-check; Undecided the rest of the band (timeouts included): the three add up "
+    "to 100%. AutoAttack is the AutoAttack ensemble (the bench's evaluation.autoattack version; n/a when off), one "
+    "of the attacks of the per-sample worst case. Time vs MixTrain is the training time divided by that of the "
+    "MixTrain cell in the same table."
 )
 INTERVAL_NOTE = (
     "In parentheses: the 95% interval of each accuracy, over the n test samples (Wilson score interval) for one "
@@ -221,6 +246,8 @@ def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
                 measurements, float(metric_n.max()) if not metric_n.empty else math.nan)
         for metric in CELL_METRICS:
             row[metric] = _mean([float(v.get(metric, math.nan)) for v in values])
+        row["complete_method"], row["complete_time_limit"] = _complete_stage(
+            cell.loc[cell["metric"] == BAND_METRICS[0], "config"])
         for metric in PREFLIGHT_METRICS:
             found = [float(v.get(metric, math.nan)) for v in values]
             row[metric] = max((v for v in found if not math.isnan(v)), default=math.nan)
@@ -236,6 +263,46 @@ def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def _complete_stage(configs: Iterable[str]) -> tuple[str, float]:
+    """``(complete_method, complete_time_limit)`` from the ``config`` texts of a cell's band rows (JSON written
+    by the bench): the verifier (``none`` where none ran; seeds that differ are joined with ``;``) and its
+    seconds per sample; ``("", NaN)`` without band rows (a run from before the complete stage)."""
+    methods, limits = [], []
+    for text in configs:
+        try:
+            stage = json.loads(text)
+        except ValueError:
+            continue
+        if not isinstance(stage, dict):
+            continue
+        method = stage.get("method")
+        methods.append("none" if method is None else str(method))
+        limit = stage.get("time_limit")
+        if method is not None and isinstance(limit, int | float) and not isinstance(limit, bool):
+            limits.append(float(limit))
+    return ";".join(ordered_unique(methods)), max(limits, default=math.nan)
+
+
+def complete_note(group: pd.DataFrame) -> str:
+    """The line under a table: the complete verifier that decided its cells' undecided band and its budget per
+    sample (per trainer where the cells differ)."""
+    stages: dict[str, list[str]] = {}
+    for _, row in group.iterrows():
+        method, limit = str(row["complete_method"]), float(row["complete_time_limit"])
+        if not method:
+            text = ("none (evaluated before the bench had a complete stage: Verified (best) is the best relaxation's, "
+                    "Falsified and Undecided are n/a)")
+        elif method == "none":
+            text = "none (evaluation.complete off, or no complete verifier applies: the band stays undecided)"
+        else:
+            text = f"{method}, at most {format_duration(limit)} per sample"
+        stages.setdefault(text, []).append(str(row["trainer"]))
+    if len(stages) <= 1:
+        return f"Complete verifier on the undecided band: {next(iter(stages), 'none')}."
+    return "Complete verifier on the undecided band: " + "; ".join(
+        f"{text} for {', '.join(trainers)}" for text, trainers in stages.items()) + "."
+
+
 def iter_groups(summary: pd.DataFrame) -> Iterator[tuple[tuple[str, str, float], pd.DataFrame]]:
     """``((dataset, model, train_eps), rows)`` per table, in the summary's order."""
     for key, group in summary.groupby(list(GROUP_KEYS), sort=False):
@@ -244,11 +311,13 @@ def iter_groups(summary: pd.DataFrame) -> Iterator[tuple[tuple[str, str, float],
 
 
 def table_cells(row: pd.Series) -> list[str]:
-    """One summary row as the table shows it (:data:`TABLE_HEADERS`)."""
+    """One summary row as the table shows it (:data:`TABLE_HEADERS`); Verified (best) shows ``verified_best`` for
+    a cell evaluated before the complete stage (no ``verified_complete``), which it then was."""
+    shown = [_BEFORE_COMPLETE.get(m, m) if _missing(float(row[m])) else m for m in TABLE_METRICS]
     return [
         str(row["trainer"]),
         *(format_accuracy(float(row[m]), float(row[f"{m}_std"]), float(row[f"{m}_low"]), float(row[f"{m}_high"]))
-          for m in TABLE_METRICS),
+          for m in shown),
         format_duration(float(row["train_time_s"])),
         format_ratio(float(row["time_vs_mixtrain"])),
     ]
@@ -289,7 +358,7 @@ def summary_markdown(summary: pd.DataFrame, title: str = "Benchmark summary") ->
         lines.append("|" + "|".join([":---", *("---:" for _ in TABLE_HEADERS[1:])]) + "|")
         for _, row in group.iterrows():
             lines.append("| " + " | ".join(_markdown_cell(c) for c in table_cells(row)) + " |")
-        lines.append("")
+        lines += ["", _markdown_cell(complete_note(group)), ""]
     return "\n".join(lines)
 
 

@@ -17,12 +17,13 @@ EPS = 0.015
 ATTACK_METRICS = ("pgd_acc", "cw_acc", "interval_attack_acc")
 
 
-def settings(autoattack: str) -> EvaluationSettings:
-    """Few steps, two verifiers, no exact verifier and no sweep: a small model's evaluation in seconds."""
+def settings(autoattack: str, complete: str = "off") -> EvaluationSettings:
+    """Few steps, two verifiers, no exact verifier, no sweep, the complete stage as asked (``complete``):
+    a small model's evaluation in seconds."""
     return EvaluationSettings(pgd_steps=5, pgd_restarts=1, cw_steps=5,
                               interval_attack={"inner_steps": 3, "iterations": 1, "restarts": 1},
                               autoattack=autoattack, verifiers=("interval", "symbolic"), exact="false",
-                              eps_sweep=(), sweep_n=0)
+                              complete=complete, complete_time_limit=0.5, eps_sweep=(), sweep_n=0)
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from robustkit.bench.complete import choose_complete
 from robustkit.bench.config import TrainerSpec
 from robustkit.bench.runner import Cell, CellOutcome, _load_outcome
 from robustkit.cli import main
 from robustkit.cli.bench import _report_cell
+from robustkit.models import build_network
 
 OUTPUTS = ["config.json", "results.csv", "epochs.csv", "summary.csv", "summary.md", "index.html"]
 PLOTS = ["verified_vs_time", "accuracy_vs_eps", "training_curves", "train_time"]
 TRAINERS = ["standard", "pgd", "verifiable-symbolic", "verifiable-interval", "mixtrain"]
 ACCURACY_COLUMNS = ["clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "worst_attack_acc",
-                    "verified_interval", "verified_symbolic", "verified_best", "autoattack_acc"]
+                    "verified_interval", "verified_symbolic", "verified_best", "autoattack_acc", "verified_complete",
+                    "falsified", "undecided"]
+BAND = ["verified_complete", "falsified", "undecided"]
 PREFLIGHT = ["preflight_warnings", "preflight_randomised_outputs", "preflight_probability_outputs",
              "preflight_zero_gradient", "preflight_train_mode"]
 
@@ -65,6 +69,7 @@ def test_a_log_without_terminal_shows_every_epoch_stage_and_cell(quick_run_and_l
     messages = [message for _, message in lines]
     keys = [f"mnist5k__mnist_fc_small__{trainer}__eps0.1__seed0" for trainer in TRAINERS]
     assert sorted(p.name for p in (out / "cells").iterdir()) == sorted(keys)
+    complete = choose_complete("auto", build_network("mnist_fc_small", seed=0)).method  # bab once robustkit has it
     for position, (trainer, key) in enumerate(zip(TRAINERS, keys, strict=True), start=1):
         start = messages.index(f"cell {key} ({position}/5): training {trainer}")
         end = next(i for i, m in enumerate(messages) if m.startswith(f"cell {key} done in "))
@@ -79,7 +84,7 @@ def test_a_log_without_terminal_shows_every_epoch_stage_and_cell(quick_run_and_l
         assert [s.split(" at eps")[0].split(" on ")[0].split(":")[0] for s in stages] == [
             "stage clean accuracy and pre-flight checks", "stage attack pgd", "stage attack cw",
             "stage attack interval_attack", "stage attack autoattack", "stage verify interval",
-            "stage verify symbolic", "stage verify crown", "stage verify exact",
+            "stage verify symbolic", "stage verify crown", f"stage complete {complete}",
             "stage eps sweep 1/3 (eps 0.05, 30 samples)",
             "stage eps sweep 2/3 (eps 0.1, 30 samples)", "stage eps sweep 3/3 (eps 0.2, 30 samples)"]
         assert all(re.search(r": \d+(\.\d)?s( \(.*\))?$", s) for s in stages)
@@ -133,9 +138,10 @@ def test_results_are_long_format_with_every_metric(quick_run):
         for r in at_train_eps:
             mine.setdefault(r["metric"], r)  # the cell's own rows come first, then the sweep's at the same eps
         for metric in ["clean_acc", "pgd_acc", "cw_acc", "interval_attack_acc", "worst_attack_acc",
-                       "verified_interval", "verified_symbolic", "verified_crown", "verified_exact",
-                       "verified_best", "autoattack_acc", "train_time_s", "eval_time_s", "peak_memory_mb", "epochs"]:
+                       "verified_interval", "verified_symbolic", "verified_crown", "verified_best", "autoattack_acc",
+                       *BAND, "train_time_s", "eval_time_s", "peak_memory_mb", "epochs"]:
             assert metric in mine, (trainer, metric)
+        assert "verified_exact" not in mine  # the older exact stage is off: the complete stage took its place
         assert mine["autoattack_acc"]["config"] == "AutoAttack(version='fast')"
         value = {m: float(r["value"]) for m, r in mine.items()}
         assert int(mine["clean_acc"]["n"]) == 60
@@ -146,6 +152,13 @@ def test_results_are_long_format_with_every_metric(quick_run):
         assert value["verified_best"] <= value["autoattack_acc"] <= value["clean_acc"]
         assert value["verified_best"] >= max(value["verified_interval"], value["verified_symbolic"])
         assert value["verified_crown"] >= value["verified_symbolic"] - 1e-9  # crown takes the better bound
+        # the band: verified (best relaxation or complete), falsified (attacks or complete), undecided, all counted
+        assert sum(round(value[m] * 60) for m in BAND) == 60
+        assert value["verified_best"] <= value["verified_complete"] <= value["worst_attack_acc"]
+        assert value["falsified"] >= 1 - value["worst_attack_acc"] - 1e-9
+        stage = json.loads(mine["verified_complete"]["config"])
+        assert stage["method"] in ("bab", "exact") and stage["time_limit"] == 0.5
+        assert stage["band"] == round((value["worst_attack_acc"] - value["verified_best"]) * 60)
         sweep = {float(r["eval_eps"]) for r in results if r["trainer"] == trainer and r["eval_eps"] != r["train_eps"]}
         assert sweep == {0.05, 0.2}
         # the sweep measures the training eps too, on its own 30 samples with its own PGD, like its other points
@@ -183,7 +196,10 @@ def test_summary_table_matches_results(quick_run):
     # appended, earlier columns unchanged: the pre-flight metrics, the seeds and the intervals, then AutoAttack
     assert columns[after:after + 8] == ["time_vs_mixtrain", *PREFLIGHT, "n_seeds", "interval"]
     assert columns[after + 8:after + 11] == ["clean_acc_std", "clean_acc_low", "clean_acc_high"]
-    assert columns[-1] == "autoattack_acc" and "autoattack_acc_low" in columns
+    assert columns[columns.index("autoattack_acc"):] == [
+        "autoattack_acc", *BAND, *(f"{m}_{part}" for m in BAND for part in ("std", "low", "high")),
+        "complete_method", "complete_time_limit"]
+    assert "autoattack_acc_low" in columns
     for row in summary:
         assert (row["seed"], row["n_seeds"], row["interval"], row["clean_acc_std"]) == ("0", "1", "wilson", "")
         assert float(row["clean_acc_low"]) <= float(row["clean_acc"]) <= float(row["clean_acc_high"])
@@ -197,10 +213,17 @@ def test_summary_table_matches_results(quick_run):
     markdown = (out / "summary.md").read_text()
     assert "mixtrain" in markdown and "Time vs MixTrain" in markdown
     assert "| Trainer | Clean | PGD | CW | Interval attack | AutoAttack | Verified (interval) |" in markdown
+    assert "| Verified (best) | Falsified | Undecided | Train time |" in markdown
+    method = summary[0]["complete_method"]
+    assert method in ("bab", "exact") and {r["complete_method"] for r in summary} == {method}
+    assert f"Complete verifier on the undecided band: {method}, at most 0.5 s per sample." in markdown
     percentages = {r["trainer"]: f"{100 * float(r['autoattack_acc']):.1f}%" for r in summary}
+    band = {m: f"{100 * float(mixtrain[m]):.1f}%" for m in BAND}
     for line in markdown.splitlines():
         if line.startswith("| mixtrain |"):
-            assert line.split(" | ")[5].split(" (")[0] == percentages["mixtrain"]  # then its 95% interval
+            cells = [cell.split(" (")[0] for cell in line.split(" | ")]  # each value, then its 95% interval
+            assert cells[5] == percentages["mixtrain"]
+            assert cells[9:12] == [band["verified_complete"], band["falsified"], band["undecided"]]
 
 
 def test_index_html_references_existing_images(quick_run):
