@@ -16,7 +16,9 @@ fractions :data:`~robustkit.bench.complete.BAND_METRICS`: ``verified_complete`` 
 by the complete stage), ``falsified`` (broken by an attack, clean-misclassified samples included, or falsified
 by the complete stage with a re-checked counterexample) and ``undecided`` (the rest). Their ``config`` says
 which complete verifier ran with what budget per sample (JSON). They are recorded with the complete stage off
-too (the band then is what the relaxations and attacks leave).
+too (the band then is what the relaxations and attacks leave). A sample both verified and falsified there (by any
+stage) is a soundness bug: the evaluation stops with :class:`~robustkit.bench.complete.BandInvariantError`, naming
+the sample and the stages, instead of recording a band that does not add up.
 
 Before the attacks, the pre-flight checks of :mod:`robustkit.attacks.preflight` run on up to 100 test samples
 (drawn with the seed): their warnings are kept (not violations: a masked gradient is a finding about the model,

@@ -4,9 +4,10 @@
   eps 0.1, trainers standard, pgd (Madry, 40 steps), verifiable (symbolic), verifiable (interval) and
   mixtrain; evaluated with 40-step PGD with 10 restarts, cw-linf, the interval attack with its defaults,
   AutoAttack (the ``AutoAttack`` column, part of the per-sample worst case), the interval, symbolic and
-  crown verifiers, and the complete stage (``complete = "auto"``: bab where robustkit has it, else exact) with
-  2 s per sample of each cell's undecided band; about 25 minutes on 2 idle CPU cores, within 45, before the
-  complete stage, which adds at most 2 s per undecided sample. AutoAttack runs in robustkit's ``fast``
+  crown verifiers, then the complete stage (``complete = "auto"``: bab where robustkit has it, else exact) with
+  at most 2 s per sample of each cell's undecided band; about 25 minutes on 2 idle CPU cores, within 45, plus
+  the complete stage's at most 2 s per undecided sample (a cell's band is the gap between its worst-case attack
+  accuracy and its best relaxation's verified accuracy). AutoAttack runs in robustkit's ``fast``
   version (APGD-CE and APGD-T, 25 iterations each) by default: the standard ensemble took 41 minutes of one
   thread on the PGD-trained model's 1,000 test images (shared 2-core machine), per robust cell; set
   ``autoattack = "standard"`` in a config file for the leaderboard protocol. Adam with
@@ -16,8 +17,8 @@
   most (used by the test suite); AutoAttack in robustkit's ``fast`` version (APGD-CE and APGD-T, 25 iterations
   each): measured 0.4 to 0.5 s of CPU time per cell on its 60 test samples, 2.2 s per run (AMD EPYC, one thread),
   so the test suite, which runs the preset about twice, pays about 5 s for the AutoAttack column. Its complete
-  stage has 0.5 s per sample: bab decided the 0 to 9 undecided samples of a cell in 0 to 4 s (20 undecided
-  samples over the 5 cells, 6 left undecided; AMD EPYC, one thread).
+  stage, at most 0.5 s per sample, took bab 0 to 4 s per cell on bands of 0 to 9 samples (20 over the 5 cells,
+  6 of them left undecided; AMD EPYC); the split of a band depends on the machine's speed.
 """
 
 from __future__ import annotations

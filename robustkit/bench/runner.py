@@ -160,8 +160,8 @@ def check_models(config: BenchConfig, datasets: dict[str, GridData]) -> None:
                 raise InputError(f"bench config: grid.models: {problem}")
         problem = complete_problem(config.evaluation.complete, model)
         if problem is not None:
-            raise InputError(f"bench config: evaluation.complete: {problem} {spec!r} (use auto, another complete "
-                             "verifier, or off)")
+            raise InputError(f"bench config: evaluation.complete: model {spec!r}: {problem} (use auto, another "
+                             "complete verifier, or off)")
 
 
 def _versions() -> tuple[str, str]:

@@ -263,10 +263,10 @@ def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def _complete_stage(configs: Iterable[str]) -> tuple[str, float]:
+def _complete_stage(configs: Iterable[str]) -> tuple[str | float, float]:
     """``(complete_method, complete_time_limit)`` from the ``config`` texts of a cell's band rows (JSON written
     by the bench): the verifier (``none`` where none ran; seeds that differ are joined with ``;``) and its
-    seconds per sample; ``("", NaN)`` without band rows (a run from before the complete stage)."""
+    seconds per sample; NaN for both without band rows (a run from before the complete stage)."""
     methods, limits = [], []
     for text in configs:
         try:
@@ -280,7 +280,7 @@ def _complete_stage(configs: Iterable[str]) -> tuple[str, float]:
         limit = stage.get("time_limit")
         if method is not None and isinstance(limit, int | float) and not isinstance(limit, bool):
             limits.append(float(limit))
-    return ";".join(ordered_unique(methods)), max(limits, default=math.nan)
+    return ";".join(ordered_unique(methods)) or math.nan, max(limits, default=math.nan)
 
 
 def complete_note(group: pd.DataFrame) -> str:
@@ -288,8 +288,8 @@ def complete_note(group: pd.DataFrame) -> str:
     sample (per trainer where the cells differ)."""
     stages: dict[str, list[str]] = {}
     for _, row in group.iterrows():
-        method, limit = str(row["complete_method"]), float(row["complete_time_limit"])
-        if not method:
+        method, limit = row["complete_method"], float(row["complete_time_limit"])
+        if not isinstance(method, str) or not method:
             text = ("none (evaluated before the bench had a complete stage: Verified (best) is the best relaxation's, "
                     "Falsified and Undecided are n/a)")
         elif method == "none":

@@ -32,6 +32,8 @@ def test_example_file_is_valid():
     config = load_config(str(ROOT / "examples" / "bench.toml"))
     assert len(plan(config)) == 12
     assert config.evaluation.eps_sweep == (0.02, 0.05, 0.1, 0.15, 0.2)
+    assert (config.evaluation.complete, config.evaluation.complete_time_limit) == ("auto", 2.0)  # as the paper's
+    assert config.evaluation.exact == "false"
 
 
 def test_autoattack_is_off_unless_asked_for():
@@ -71,6 +73,15 @@ def base() -> dict:
     (lambda c: c["evaluation"].update(autoattack="standart"),
      r"evaluation.autoattack: 'standart' is not a choice.*Did you mean 'standard'.*Valid: standard, fast, off"),
     (lambda c: c["evaluation"].update(autoattack=True), r"evaluation.autoattack: must be a string, got True"),
+    (lambda c: c["evaluation"].update(complete="babb"),
+     r"^bench config: evaluation.complete: 'babb' is not a choice .*Did you mean 'bab'.*Valid: auto, bab, exact, "
+     r"off\.$"),
+    (lambda c: c["evaluation"].update(complete=True), r"evaluation.complete: must be a string, got True"),
+    (lambda c: c["evaluation"].update(complete_time_limit=0), r"evaluation.complete_time_limit: must be > 0, got 0"),
+    (lambda c: c["evaluation"].update(complete_time_limit="10s"),
+     r"evaluation.complete_time_limit: must be a finite number, got '10s'"),
+    (lambda c: c["evaluation"].update(complete_tim_limit=1), r"evaluation.complete_tim_limit: unknown key.*"
+                                                             r"complete_time_limit"),
 ])
 def test_invalid_configs_name_the_key(change, match):
     config = base()
@@ -115,3 +126,25 @@ def test_seeds_run_every_cell_per_seed_and_the_paper_preset_has_one():
                           ({"seeds": [1, 1]}, "twice"), ({"seeds": [0, "1"]}, "integers"), ({"seed": True}, "integer")):
         with pytest.raises(InputError, match=fragment):
             parse_config({**grid, **bad}, "t")
+
+
+def test_the_complete_stage_settings_their_defaults_and_the_presets(monkeypatch):
+    from robustkit.bench import EvaluationSettings
+    from robustkit.verifiers import VERIFIERS
+
+    assert (EvaluationSettings().complete, EvaluationSettings().complete_time_limit) == ("auto", 10.0)
+    assert EvaluationSettings().exact == "false"  # the older exact stage: off unless asked for
+    for name, budget in (("paper", 2.0), ("quick", 0.5)):
+        evaluation = preset(name).evaluation
+        assert (evaluation.complete, evaluation.complete_time_limit, evaluation.exact) == ("auto", budget, "false")
+    config = base()
+    for choice in ("auto", "exact", "off"):
+        config["evaluation"]["complete"] = choice
+        assert parse_config(config, "test").evaluation.complete == choice
+    config["evaluation"]["exact"] = True  # the older key keeps working
+    assert parse_config(config, "test").evaluation.exact == "true"
+    monkeypatch.delitem(VERIFIERS._items, "bab", raising=False)  # a robustkit without bab
+    config["evaluation"]["complete"] = "bab"
+    with pytest.raises(InputError, match=r"evaluation.complete: 'bab' is not a complete verifier of this robustkit "
+                                         r"\(complete verifiers: exact\)"):
+        parse_config(config, "test")

@@ -3,11 +3,14 @@ verified sample is broken by none of them."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from robustkit.bench.complete import choose_complete
 from robustkit.bench.config import EvaluationSettings
-from robustkit.bench.evaluate import evaluate_model
+from robustkit.bench.evaluate import Evaluation, evaluate_model
 from robustkit.data import load_dataset
 from tests.helpers import train_mnist_fc
 
@@ -15,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 EPS = 0.015
 ATTACK_METRICS = ("pgd_acc", "cw_acc", "interval_attack_acc")
+BAND = ("verified_complete", "falsified", "undecided")
 
 
 def settings(autoattack: str, complete: str = "off") -> EvaluationSettings:
@@ -27,10 +31,14 @@ def settings(autoattack: str, complete: str = "off") -> EvaluationSettings:
 
 
 @pytest.fixture(scope="module")
-def evaluations():
+def model():
+    return train_mnist_fc(2, 2e-3)
+
+
+@pytest.fixture(scope="module")
+def evaluations(model):
     dataset = load_dataset("mnist5k")
     test = dataset.test.subset(0, 60)
-    model = train_mnist_fc(2, 2e-3)
     return test, {version: evaluate_model(model, dataset, test, EPS, settings(version), seed=0)
                   for version in ("fast", "off")}
 
@@ -64,3 +72,41 @@ def test_verified_samples_are_not_broken_by_autoattack(evaluations):
     assert verified is not None and bool(verified.any())  # the check has samples to look at
     assert not bool((verified & evaluation.broken["autoattack_acc"]).any())
     assert not bool((verified & evaluation.broken["worst_attack_acc"]).any())
+
+
+def band_of(evaluation: Evaluation) -> dict[str, float]:
+    return {m.metric: m.value for m in evaluation.measurements if m.metric in BAND and m.eval_eps == EPS}
+
+
+def test_without_the_complete_stage_the_band_is_what_relaxations_and_attacks_leave(evaluations):
+    _, runs = evaluations
+    evaluation = runs["off"]
+    measured = {m.metric: m for m in evaluation.measurements if m.eval_eps == EPS}
+    best, worst = measured["verified_best"].value, measured["worst_attack_acc"].value
+    robust, proven = round(60 * worst), round(60 * best)
+    assert band_of(evaluation) == {"verified_complete": best, "falsified": (60 - robust) / 60,
+                                   "undecided": (robust - proven) / 60}
+    assert robust > proven  # a band to decide: the other test's complete verifier has work
+    assert json.loads(measured["verified_complete"].config) == {"method": None, "reason": "evaluation.complete is off"}
+
+
+def test_the_complete_stage_decides_within_the_band(model):
+    """The strongest complete verifier of the registry (bab where robustkit has it) on the band of a trained net."""
+    dataset = load_dataset("mnist5k")
+    test = dataset.test.subset(0, 60)
+    evaluation = evaluate_model(model, dataset, test, EPS, settings("off", complete="auto"), seed=0)
+    assert evaluation.violations == ()
+    band, verified, broken = evaluation.band, evaluation.verified, evaluation.broken["worst_attack_acc"]
+    assert band is not None and verified is not None and evaluation.complete is not None
+    assert int(band.verified.sum() + band.falsified.sum() + band.undecided.sum()) == 60
+    assert not bool((band.verified & band.falsified).any())
+    assert bool((band.verified >= verified).all()) and bool((band.falsified >= broken).all())
+    # the complete verifier saw the band only, and decided only inside it
+    assert evaluation.complete.band.tolist() == (~verified & ~broken).nonzero().flatten().tolist()
+    assert not bool(((band.verified & ~verified) | (band.falsified & ~broken))[verified | broken].any())
+    measured = band_of(evaluation)
+    assert measured == {"verified_complete": int(band.verified.sum()) / 60,
+                        "falsified": int(band.falsified.sum()) / 60, "undecided": int(band.undecided.sum()) / 60}
+    stage = json.loads(next(m.config for m in evaluation.measurements if m.metric == "verified_complete"))
+    assert stage == {"method": choose_complete("auto", model).method, "time_limit": 0.5,
+                     "band": len(evaluation.complete.band)}

@@ -92,6 +92,12 @@ def test_compare_runs(tmp_path):
     assert "| mixtrain | CW | 95.1% | n/a | n/a |" in lines
     assert "| verifiable-symbolic | Time vs MixTrain | 15.0x | 30.0x | +15.00 |" in lines
     assert "| pgd | PGD | 93.1% | 93.1% | +0.0 pp |" in lines
+    # the band, and the best relaxation's verified accuracy (runs from before the complete stage have only that)
+    assert "| pgd | Verified (best) | 65.2% | 65.2% | +0.0 pp |" in lines
+    assert "| pgd | Undecided | 5.3% | 5.3% | +0.0 pp |" in lines
+    assert "| pgd | Verified (best relaxation) | 30.1% | 30.1% | +0.0 pp |" in lines
+    assert not any(line.startswith("| standard | Falsified |") for line in lines[lines.index("## mnist5k / mnist_fc "
+                                                                                                  "/ train eps 0.3"):])
     assert "| standard | Test samples | 1,000 | 1,000 | +0 |" in lines
     assert "Only in A: mnist5k / mnist_fc / train eps 0.3 / pgd." in lines
     assert not any(line.startswith("Only in B") for line in lines)

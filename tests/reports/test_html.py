@@ -105,6 +105,7 @@ def test_text_is_escaped_and_shown(page, built_run):
     text = "".join(page.text)
     assert CONFIG in text  # the configuration reads back exactly once the entities are decoded
     assert ACCURACY_NOTE in text and INTERVAL_NOTE in text
+    assert "Complete verifier on the undecided band: bab, at most 2 s per sample." in text  # under its table
     assert "98.4% (97.4-99.0)" in text  # every accuracy with its 95% interval, as in summary.md
     for header in TABLE_HEADERS:
         assert header in text

@@ -25,6 +25,7 @@ from robustkit.reports.records import (
     sweep_rows,
 )
 from tests.reports.runs import (
+    BAND_CONFIG,
     CONFIG,
     N_SWEEP,
     SWEEP_EPS,
@@ -48,7 +49,7 @@ def test_results_types_and_values(run_dir):
         assert frame[column].dtype == "float64", column
     assert frame["seed"].dtype == "int64"
     assert set(frame["host"]) == {"node-1"}
-    assert set(frame["config"]) == {CONFIG}  # quoted CSV cells come back as written
+    assert set(frame["config"]) == {CONFIG, BAND_CONFIG}  # quoted CSV cells come back as written
     assert frame["time_s"].isna().sum() == 2 * len(TRAINERS)  # peak memory and epochs rows carry no time
     first = frame.iloc[0]
     assert (first["trainer"], first["metric"], first["value"], first["n"]) == ("standard", "clean_acc", 0.989, 1000)

@@ -14,6 +14,7 @@ from robustkit.reports.summary import (
     INTERVAL_NOTE,
     SUMMARY_COLUMNS,
     TABLE_HEADERS,
+    complete_note,
     format_duration,
     format_percent,
     format_ratio,
@@ -25,6 +26,8 @@ from robustkit.reports.summary import (
 from tests.reports.runs import (
     ACCURACY_ORDER,
     AUTOATTACK,
+    BAND,
+    BAND_ORDER,
     CELLS,
     EXACT,
     GROUP,
@@ -58,7 +61,18 @@ def test_one_row_per_cell_with_the_recorded_numbers(summary):
                 assert row["autoattack_acc"] == AUTOATTACK[label]
             else:
                 assert math.isnan(row["autoattack_acc"])
-    assert list(SUMMARY_COLUMNS)[-1] == "autoattack_acc"  # appended: the earlier columns keep their positions
+    for label in CELLS:  # the band's metrics and which complete verifier ran, in the main group only
+        row = summary.loc[(summary["model"] == GROUP[1]) & (summary["trainer"] == label)].iloc[0]
+        assert tuple(row[m] for m in BAND_ORDER) == BAND[label]
+        assert (row["complete_method"], row["complete_time_limit"]) == ("bab", 2.0)
+    small = summary.loc[summary["model"] == SMALL_GROUP[1]]
+    assert small[[*BAND_ORDER, "complete_method", "complete_time_limit"]].isna().all().all()
+    # appended: the earlier columns keep their positions
+    columns = list(SUMMARY_COLUMNS)
+    assert columns[columns.index("verified_best_high") + 1:] == [
+        "autoattack_acc_std", "autoattack_acc_low", "autoattack_acc_high", "autoattack_acc", *BAND_ORDER,
+        *(f"{m}_{part}" for m in BAND_ORDER for part in ("std", "low", "high")), "complete_method",
+        "complete_time_limit"]
 
 
 def test_sweep_rows_do_not_leak_into_the_summary(summary):
@@ -108,25 +122,39 @@ def test_markdown_tables(summary):
     main_rows = [line for line in sections[0].splitlines() if line.startswith("| ")]
     assert main_rows[0] == "| " + " | ".join(TABLE_HEADERS) + " |"
     assert "| Verified (symbolic) | Verified (CROWN) | Verified (best) |" in main_rows[0]  # crown has its column
+    assert "| Verified (best) | Falsified | Undecided | Train time |" in main_rows[0]
+    # Verified (best), Falsified and Undecided: the band's verified_complete, falsified and undecided
     assert main_rows[1:] == [
         "| standard | 98.9% (98.0-99.4) | 2.1% (1.4-3.2) | 1.3% (0.8-2.2) | 0.4% (0.2-1.0) | 0.2% (0.1-0.7) | "
-        "0.0% (0.0-0.4) | 0.0% (0.0-0.4) | 0.1% (0.0-0.6) | 0.1% (0.0-0.6) | 30.0 s | 0.30x |",
+        "0.0% (0.0-0.4) | 0.0% (0.0-0.4) | 0.1% (0.0-0.6) | 0.2% (0.1-0.7) | 99.8% (99.3-99.9) | 0.0% (0.0-0.4) | "
+        "30.0 s | 0.30x |",
         "| pgd | 98.5% (97.5-99.1) | 93.1% (91.4-94.5) | 92.5% (90.7-94.0) | 91.2% (89.3-92.8) | 90.6% (88.6-92.3) | "
-        "0.0% (0.0-0.4) | 12.4% (10.5-14.6) | 30.1% (27.3-33.0) | 30.1% (27.3-33.0) | 1.6 min | 0.95x |",
+        "0.0% (0.0-0.4) | 12.4% (10.5-14.6) | 30.1% (27.3-33.0) | 65.2% (62.2-68.1) | 29.5% (26.8-32.4) | "
+        "5.3% (4.1-6.9) | 1.6 min | 0.95x |",
         "| verifiable-symbolic | 97.5% (96.3-98.3) | 95.3% (93.8-96.4) | 95.1% (93.6-96.3) | "
         "95.0% (93.5-96.2) | 94.9% (93.4-96.1) | "
-        "90.0% (88.0-91.7) | 95.2% (93.7-96.4) | 95.3% (93.8-96.4) | 95.3% (93.8-96.4) | 25.0 min | 15.0x |",
+        "90.0% (88.0-91.7) | 95.2% (93.7-96.4) | 95.3% (93.8-96.4) | 94.8% (93.2-96.0) | 5.2% (4.0-6.8) | "
+        "0.0% (0.0-0.4) | 25.0 min | 15.0x |",
         "| verifiable-interval | 98.0% (96.9-98.7) | 94.0% (92.4-95.3) | 93.9% (92.2-95.2) | "
         "93.5% (91.8-94.9) | 93.1% (91.4-94.5) | "
-        "92.2% (90.4-93.7) | 92.5% (90.7-94.0) | 92.6% (90.8-94.1) | 92.6% (90.8-94.1) | 2.0 min | 1.20x |",
+        "92.2% (90.4-93.7) | 92.5% (90.7-94.0) | 92.6% (90.8-94.1) | 92.8% (91.0-94.2) | 7.0% (5.6-8.8) | "
+        "0.2% (0.1-0.7) | 2.0 min | 1.20x |",
         "| mixtrain | 98.4% (97.4-99.0) | 95.5% (94.0-96.6) | 95.1% (93.6-96.3) | "
         "95.2% (93.7-96.4) | 95.1% (93.6-96.3) | "
-        "91.0% (89.1-92.6) | 95.1% (93.6-96.3) | 95.5% (94.0-96.6) | 95.5% (94.0-96.6) | 1.7 min | 1.00x |",
+        "91.0% (89.1-92.6) | 95.1% (93.6-96.3) | 95.5% (94.0-96.6) | 95.0% (93.5-96.2) | 5.0% (3.8-6.5) | "
+        "0.0% (0.0-0.4) | 1.7 min | 1.00x |",
     ]
     assert TABLE_HEADERS[5] == "AutoAttack"
+    assert "\n\nComplete verifier on the undecided band: bab, at most 2 s per sample.\n" in sections[0]
     # a run made before the bench measured AutoAttack: n/a in its column
     small_rows = [line for line in sections[1].splitlines() if line.startswith("| ")]
     assert all(line.split(" | ")[5] == "n/a" for line in small_rows[2:])
+    # and before its complete stage: Verified (best) is the best relaxation's, as it was, and the band n/a
+    for line, label in zip(small_rows[1:], SMALL_CELLS, strict=True):
+        cells = line.split(" | ")
+        assert cells[9].split(" (")[0] == f"{100 * SMALL_CELLS[label][0][-1]:.1f}%" and cells[10:12] == ["n/a", "n/a"]
+    assert "Complete verifier on the undecided band: none (evaluated before the bench had a complete stage" in (
+        sections[1])
     assert "n = 1,000 test samples." in sections[0] and "n = 500 test samples." in sections[1]
     small_rows = [line for line in sections[1].splitlines() if line.startswith("| ")][1:]
     assert all(line.endswith("| n/a |") for line in small_rows)
@@ -228,3 +256,17 @@ def test_one_seed_gets_wilson_intervals_over_the_test_samples(summary):
     # none verified by interval: the interval starts at 0 and ends at z^2/n / (1 + z^2/n)
     assert standard["verified_interval_low"] == 0.0
     assert standard["verified_interval_high"] == pytest.approx(z * z / n / (1 + z * z / n))
+
+
+def test_the_note_under_a_table_names_each_complete_verifier_and_budget():
+    group = pd.DataFrame({
+        "trainer": ["standard", "pgd", "mixtrain", "old"],
+        "complete_method": ["bab", "bab", "none", math.nan],
+        "complete_time_limit": [0.5, 0.5, math.nan, math.nan],
+    })
+    assert complete_note(group.iloc[:2]) == "Complete verifier on the undecided band: bab, at most 0.5 s per sample."
+    assert complete_note(group) == (
+        "Complete verifier on the undecided band: bab, at most 0.5 s per sample for standard, pgd; none "
+        "(evaluation.complete off, or no complete verifier applies: the band stays undecided) for mixtrain; none "
+        "(evaluated before the bench had a complete stage: Verified (best) is the best relaxation's, Falsified and "
+        "Undecided are n/a) for old.")
