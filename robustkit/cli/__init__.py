@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("robustkit.cli.report", "report", "Rebuild a bench run's tables, plots and web page; compare runs."),
     "train": ("robustkit.cli.train", "train", "Train a zoo network (standard, pgd, verifiable, mixtrain); resumable."),
     "verify": ("robustkit.cli.verify", "verify", "Verified robust accuracy of a model with the bound methods."),
+    "vnnlib": ("robustkit.cli.vnnlib", "vnnlib",
+               "Decide a VNN-LIB property of an ONNX network, or a VNN-COMP instances.csv; resumable."),
+    "vnnlib-export": ("robustkit.cli.vnnlib", "vnnlib_export",
+                      "Write a VNN-COMP robustness benchmark of a model: ONNX, VNN-LIB, instances.csv."),
 }
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"

@@ -1,4 +1,4 @@
-"""The model zoo: the MixTrain paper's six networks and small fully connected nets for tests.
+"""The model zoo: the MixTrain paper's six networks, small fully connected nets for tests and the VNN-COMP MNIST shape.
 
 Every zoo network is an ``nn.Sequential`` built only from layers the bound engine supports (Linear, Conv2d,
 ReLU, Flatten, :class:`~robustkit.nn.Normalize` and :class:`~robustkit.nn.Residual`), takes NCHW inputs in
@@ -147,6 +147,13 @@ def _fully_connected(input_shape: tuple[int, int, int], widths: tuple[int, ...],
     return nn.Sequential(*layers)
 
 
+def _mnist_fc256() -> nn.Sequential:
+    """784-256-256-10 with ReLUs (Flatten, Linear 784->256, ReLU, Linear 256->256, ReLU, Linear 256->10): the
+    shape of the VNN-COMP MNIST benchmarks' fully connected networks (``mnist-net_256x2.onnx`` of ``mnistfc``),
+    for exporting and running such benchmarks with ``robustkit vnnlib-export`` and ``robustkit vnnlib``."""
+    return _fully_connected((1, 28, 28), (256, 256), 10)
+
+
 _register(ModelSpec(
     "mnist_small", lambda: _small_conv(1, 28, 10, None), (1, 28, 28), 10, "mnist5k",
     "MNIST_Small: conv16(4,s2)-conv32(4,s2)-fc100-fc10", paper=True,
@@ -183,6 +190,10 @@ _register(ModelSpec(
 _register(ModelSpec(
     "mnist_fc_small", lambda: _fully_connected((1, 28, 28), (50, 50), 10), (1, 28, 28), 10, "mnist5k",
     "fully connected 784-50-50-10 (small enough for the exact verifier)",
+))
+_register(ModelSpec(
+    "mnist_fc256", _mnist_fc256, (1, 28, 28), 10, "mnist5k",
+    "fully connected 784-256-256-10, the shape of the VNN-COMP MNIST benchmarks (mnistfc 256x2)",
 ))
 _register(ModelSpec(
     "toy2d", lambda: _fully_connected((1, 1, 2), (16, 16), 3), (1, 1, 2), 3, "none",

@@ -23,6 +23,7 @@ PARAMETERS = {
     "imagenet200_resnet": 4_400_464,
     "mnist_fc": 89_610,
     "mnist_fc_small": 42_310,
+    "mnist_fc256": 269_322,
     "toy2d": 371,
 }
 SUPPORTED = (nn.Sequential, nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, Normalize, Residual)
