@@ -52,7 +52,8 @@ def test_dask_local_cluster_gives_the_sequential_results():
     model, data = small_data()
     verifiers = {"bab": get_verifier("bab", time_limit=5.0), "crown": get_verifier("crown")}
     sequential = run_verifiers(model, data, verifiers, [0.02])
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
         clustered = run_verifiers(model, data, verifiers, [0.02], scheduler=cluster.scheduler_address)
     for one, other in zip(sequential, clustered, strict=True):
         assert (one.method, one.eps, one.status) == (other.method, other.eps, other.status)

@@ -51,7 +51,8 @@ CASES = [
 
 
 def test_the_table_covers_every_command_with_required_options():
-    assert {name for name, _ in (case.values for case in CASES)} == {"attack", "report", "train", "verify", "vnnlib-export"}
+    commands = {name for name, _ in (case.values for case in CASES)}
+    assert commands == {"attack", "report", "train", "verify", "vnnlib-export"}
     for name in COMMANDS:
         for param in _command(name).params:
             if param.required:
