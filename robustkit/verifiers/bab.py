@@ -75,6 +75,7 @@ from robustkit.verifiers.base import (
     VerificationResult,
     Verifier,
     check_labels,
+    check_offset,
     input_box,
     margin_spec,
     output_size,
@@ -261,16 +262,8 @@ class BabVerifier(Verifier):
         graph, lower, upper = contexts[0].graph, contexts[0].lower, contexts[0].upper
         shifts = []
         for ctx, shift in zip(contexts, offsets, strict=True):
-            if shift is None:
-                shifts.append(torch.zeros(ctx.spec.shape[:2], device=lower.device, dtype=lower.dtype))
-                continue
-            if not isinstance(shift, Tensor) or not shift.is_floating_point() or not bool(torch.isfinite(shift).all()):
-                raise InputError("offset must be a finite floating-point tensor")
-            shift = shift.to(device=lower.device, dtype=lower.dtype)
-            if shift.shape not in (ctx.spec.shape[:2], ctx.spec.shape[1:2]):
-                raise InputError(f"offset must have shape {tuple(ctx.spec.shape[:2])} or "
-                                 f"{tuple(ctx.spec.shape[1:2])}, got {tuple(shift.shape)}")
-            shifts.append(shift.expand(ctx.spec.shape[:2]))
+            zero = torch.zeros(ctx.spec.shape[:2], device=lower.device, dtype=lower.dtype)
+            shifts.append(zero if shift is None else zero + check_offset(shift, zero))
         status, bounds, times = [], [], []
         counterexample = torch.full_like(lower, float("nan"))
         for b in range(lower.shape[0]):

@@ -217,7 +217,7 @@ class Verifier(ABC):
         ``spec`` is (B, K, n_outputs) or (K, n_outputs); ``offset`` is (B, K), (K,) or None (zero)."""
         ctx = make_context(model, lower, upper, spec)
         found = self.bound_context(ctx)
-        return found if offset is None else found + _offset(offset, found)
+        return found if offset is None else found + check_offset(offset, found)
 
     def verify_spec(self, model: nn.Module, lower: Tensor, upper: Tensor, spec: Tensor | list[Tensor],
                     offset: Tensor | list[Tensor] | None = None) -> SpecResult:
@@ -309,7 +309,8 @@ def recheck_near_zero(verifier: Verifier, model: nn.Module, x: Tensor, labels: T
     return margins
 
 
-def _offset(offset: Tensor, like: Tensor) -> Tensor:
+def check_offset(offset: Tensor, like: Tensor) -> Tensor:
+    """``offset`` validated (finite, floating point) and shaped like ``like`` (B, K) or its rows (K,)."""
     if not isinstance(offset, Tensor) or not offset.is_floating_point() or not bool(torch.isfinite(offset).all()):
         raise InputError("offset must be a finite floating-point tensor")
     offset = offset.to(device=like.device, dtype=like.dtype)
@@ -329,7 +330,7 @@ def violated(model: nn.Module, points: Tensor, specs: list[Tensor], offsets: lis
         rows = spec.to(outputs.device, outputs.dtype)
         values = torch.einsum("bkn,bn->bk" if rows.dim() == 3 else "kn,bn->bk", rows, outputs)
         if offset is not None:
-            values = values + _offset(offset, values)
+            values = values + check_offset(offset, values)
         broken &= (values <= 0).any(1)
     return broken.cpu()
 

@@ -54,7 +54,7 @@ from robustkit.verifiers.base import (
     Status,
     VerificationResult,
     Verifier,
-    _offset,
+    check_offset,
     violated,
     worst_margin,
 )
@@ -288,7 +288,7 @@ class ExactVerifier(Verifier):
                 found, points, done = self._solve(ctx.graph, ctx.lower, ctx.upper, ctx.spec)
                 finished &= done
                 if shift is not None:
-                    found = found + _offset(shift, found)
+                    found = found + check_offset(shift, found)
                 bounds.append(found.cpu())
                 proven.append((found > self.tolerance).all(1).cpu())
                 candidates.append(points)
