@@ -154,19 +154,26 @@ class CompleteRun:
     falsified: Tensor
     rejected: tuple[str, ...]
     time_s: float
+    #: band samples the verifier ran on (fewer than the band when the cell's budget ran out)
+    attempted: int = 0
+    budget: float = 0.0
 
     def config(self) -> str:
         """What ran, as the ``config`` text of the band's results rows (JSON: method, time_limit per sample in
         seconds, band size; method null and the reason when no complete verifier ran)."""
         if self.method is None:
             return json.dumps({"method": None, "reason": self.reason})
-        return json.dumps({"method": self.method, "time_limit": self.time_limit, "band": len(self.band)})
+        found: dict[str, object] = {"method": self.method, "time_limit": self.time_limit, "band": len(self.band)}
+        if self.budget > 0:
+            found.update(budget=self.budget, attempted=self.attempted)
+        return json.dumps(found)
 
 
 def run_complete(model: nn.Module, data: EvalData, eps: float, choice: CompleteChoice, time_limit: float,
-                 band: Tensor) -> CompleteRun:
+                 band: Tensor, budget: float = 0.0) -> CompleteRun:
     """Run ``choice``'s verifier on the samples of the boolean mask ``band`` (N,), :data:`CHUNK` per call of
-    :func:`robustkit.verifiers.verify` with ``time_limit`` seconds per sample; see the module docstring."""
+    :func:`robustkit.verifiers.verify` with ``time_limit`` seconds per sample; see the module docstring. With
+    ``budget`` > 0 no chunk starts after ``budget`` seconds: the samples not reached stay undecided."""
     from robustkit.verifiers import Status, verify
 
     n = data.n
@@ -178,7 +185,11 @@ def run_complete(model: nn.Module, data: EvalData, eps: float, choice: CompleteC
     started = time.perf_counter()
     chunks = [positions[i:i + CHUNK] for i in range(0, len(positions), CHUNK)]
     rejected = []
+    attempted = 0
     for chunk in progress(chunks, desc=f"complete {choice.method}", unit="chunk"):
+        if budget > 0 and time.perf_counter() - started >= budget:
+            break
+        attempted += len(chunk)
         x, y = data.split.x[chunk], data.split.y[chunk]
         result = verify(model, x, y, eps, method=choice.method, time_limit=time_limit)
         proven = torch.tensor([s is Status.VERIFIED for s in result.status], dtype=torch.bool)
@@ -192,9 +203,11 @@ def run_complete(model: nn.Module, data: EvalData, eps: float, choice: CompleteC
             logger.warning("complete stage: %s", message)
             rejected.append(message)
     seconds = time.perf_counter() - started
-    log(f"  stage complete {choice.method} on the {len(positions)} undecided samples (at most {time_limit:g} s "
-        f"each): {format_seconds(seconds)}")
-    return CompleteRun(choice.method, "", time_limit, positions, verified, falsified, tuple(rejected), seconds)
+    reached = "" if attempted == len(positions) else f" ({attempted} reached within the {budget:g} s budget)"
+    log(f"  stage complete {choice.method} on the {len(positions)} undecided samples{reached} (at most "
+        f"{time_limit:g} s each): {format_seconds(seconds)}")
+    return CompleteRun(choice.method, "", time_limit, positions, verified, falsified, tuple(rejected), seconds,
+                       attempted, budget)
 
 
 @dataclass(frozen=True, eq=False)

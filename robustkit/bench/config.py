@@ -36,7 +36,7 @@ AUTOATTACK_CHOICES = ("standard", "fast", "off")
 # evaluation keys with a lower bound: (key, bound, whether the bound itself is excluded)
 EVALUATION_RANGES = (("pgd_steps", 1, False), ("pgd_restarts", 1, False), ("cw_steps", 1, False),
                      ("exact_max_relus", 0, False), ("exact_time_limit", 0, True), ("complete_time_limit", 0, True),
-                     ("sweep_n", 0, False), ("batch_size", 1, False))
+                     ("complete_cell_budget", 0, False), ("sweep_n", 0, False), ("batch_size", 1, False))
 
 
 def _fail(key: str, message: str, choices: list[str] | tuple[str, ...] = (), near: str | None = None) -> InputError:
@@ -68,7 +68,8 @@ class EvaluationSettings:
     ``complete`` names the complete stage's verifier (:data:`COMPLETE_CHOICES`; ``auto``: the strongest one the
     registry has that applies to the model, see :func:`robustkit.bench.complete.choose_complete`), run on the
     samples that no relaxation verified and no attack broke, with at most ``complete_time_limit`` seconds per
-    sample. ``exact`` is the older MILP stage (``verified_exact``, off by default; ``complete = "exact"`` does
+    sample and, with ``complete_cell_budget`` > 0, at most that many seconds per cell and eps (the samples not
+    reached stay undecided; 0: no cap). ``exact`` is the older MILP stage (``verified_exact``, off by default; ``complete = "exact"`` does
     its work inside the complete stage), kept so that existing configuration files keep their meaning.
     """
 
@@ -83,6 +84,7 @@ class EvaluationSettings:
     exact_time_limit: float = 10.0
     complete: str = "auto"
     complete_time_limit: float = 10.0
+    complete_cell_budget: float = 0.0
     eps_sweep: tuple[float, ...] = (0.02, 0.05, 0.1, 0.15, 0.2)
     sweep_n: int = 200
     batch_size: int = 100

@@ -201,7 +201,8 @@ def evaluate_model(
         if violation is not None:
             violations.append(violation)
         complete = run_complete(model, data, eps, choose_complete(settings.complete, model),
-                                settings.complete_time_limit, ~verified_any & ~broken_any)
+                                settings.complete_time_limit, ~verified_any & ~broken_any,
+                                budget=settings.complete_cell_budget)
         band = combine_band(verified_any, broken_any, complete.verified, complete.falsified, data.indices)
         for position, (metric, value) in enumerate(band.fractions().items()):
             measurements.append(Measurement(metric, eps, value, n, complete.time_s if position == 0 else 0.0,

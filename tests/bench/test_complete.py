@@ -156,6 +156,14 @@ def test_the_band_goes_to_the_verifier_in_chunks_and_fake_counterexamples_stay_u
     assert '"method": "scripted", "time_limit": 0.25, "band": 25' in run.config()
     none = run_complete(model, data, EPS, CompleteChoice(None, "evaluation.complete is off"), 0.25, band)
     assert not none.verified.any() and not none.falsified.any() and "evaluation.complete is off" in none.config()
+    # a cell budget: no chunk starts once it is spent (here: after the first), the rest stays undecided
+    ScriptedComplete.calls.clear()
+    clock = iter([0.0, 0.0, 5.0, 5.0, 5.0, 5.0])
+    monkeypatch.setattr("robustkit.bench.complete.time.perf_counter", lambda: next(clock, 5.0))
+    capped = run_complete(model, data, EPS, CompleteChoice("scripted"), 0.25, band, budget=1.0)
+    assert ScriptedComplete.calls == [CHUNK] and capped.attempted == CHUNK
+    assert not capped.verified[3 + CHUNK:].any() and not capped.falsified[3 + CHUNK:].any()
+    assert '"budget": 1.0, "attempted": 10' in capped.config()
 
 
 @dataclass(frozen=True, kw_only=True)
