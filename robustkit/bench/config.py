@@ -69,8 +69,9 @@ class EvaluationSettings:
     registry has that applies to the model, see :func:`robustkit.bench.complete.choose_complete`), run on the
     samples that no relaxation verified and no attack broke, with at most ``complete_time_limit`` seconds per
     sample and, with ``complete_cell_budget`` > 0, at most that many seconds per cell and eps (the samples not
-    reached stay undecided; 0: no cap). ``exact`` is the older MILP stage (``verified_exact``, off by default; ``complete = "exact"`` does
-    its work inside the complete stage), kept so that existing configuration files keep their meaning.
+    reached stay undecided; 0: no cap). ``exact`` is the older MILP stage (``verified_exact``, off by default;
+    ``complete = "exact"`` does its work inside the complete stage), kept so that existing configuration files
+    keep their meaning.
     """
 
     pgd_steps: int = 40

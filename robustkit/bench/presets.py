@@ -19,8 +19,8 @@
   most (used by the test suite); AutoAttack in robustkit's ``fast`` version (APGD-CE and APGD-T, 25 iterations
   each): measured 0.4 to 0.5 s of CPU time per cell on its 60 test samples, 2.2 s per run (AMD EPYC, one thread),
   so the test suite, which runs the preset about twice, pays about 5 s for the AutoAttack column. Its complete
-  stage, at most 0.5 s per sample and 20 s per cell, took bab 0 to 4 s per cell on bands of 0 to 9 samples (20 over the 5 cells,
-  6 of them left undecided; AMD EPYC); the split of a band depends on the machine's speed.
+  stage, at most 0.5 s per sample and 20 s per cell, took bab 0 to 4 s per cell on bands of 0 to 9 samples (20
+  over the 5 cells, 6 of them left undecided; AMD EPYC); the split of a band depends on the machine's speed.
 """
 
 from __future__ import annotations
