@@ -80,14 +80,14 @@ def enumerated_case(seed: int, eps: float) -> tuple[nn.Sequential, torch.Tensor,
     return model, x, label, truth
 
 
-@pytest.mark.parametrize("branching", ["babsr", "fsb"])
-def test_relu_splitting_matches_enumeration(branching):
+@pytest.mark.parametrize("options", [{"branching": "babsr"}, {"branching": "fsb"},
+                                     {"per_row": False, "refine_intermediate": True}], ids=["babsr", "fsb", "joint"])
+def test_relu_splitting_matches_enumeration(options):
     decided = {"verified": 0, "falsified": 0}
     for seed, eps in CASES:
         model, x, label, truth = enumerated_case(seed, eps)
         lower, upper = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
-        result = verify(model, x, torch.tensor([label]), eps, method="bab", split="relu", branching=branching,
-                        **FAST)
+        result = verify(model, x, torch.tensor([label]), eps, method="bab", split="relu", **options, **FAST)
         status = result.status[0]
         if truth.min() > 1e-4:
             assert status is Status.VERIFIED, (seed, eps, truth)
@@ -144,7 +144,8 @@ def sub_problem_points(model: nn.Sequential, lower: torch.Tensor, upper: torch.T
     return points, pre, value
 
 
-def test_every_sub_problem_bound_holds_on_its_sub_problem():
+@pytest.mark.parametrize("refine", [False, True])
+def test_every_sub_problem_bound_holds_on_its_sub_problem(refine):
     """At every batch, sampled points of the box that satisfy a sub-problem's splits have every row above the
     sub-problem's bound: the beta-CROWN bounds are sound on the open domains, not only at the root."""
     model, problem = tight_problem(0, 2e-3)
@@ -166,7 +167,7 @@ def test_every_sub_problem_bound_holds_on_its_sub_problem():
                 checked.append(int(inside.sum()))
 
     verifier = BabVerifier(split="relu", monitor=monitor, attack_steps=0, attack_restarts=0, time_limit=20.0,
-                           batch_size=8)
+                           batch_size=8, refine_intermediate=refine)
     outcome = verifier.decide(model, build_graph(model), problem)
     assert outcome.status is Status.VERIFIED
     assert len(checked) >= 50  # sub-problems with sampled points in them were checked
