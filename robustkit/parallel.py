@@ -145,8 +145,10 @@ def iter_tasks(work: Work, context: Any, tasks: Sequence[Task], keys: Sequence[s
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     yield finished(running.pop(future), future.result())
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException:  # Ctrl-C or a failed task: drop the queued tasks, do not wait for running ones
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
 
 
 def run_tasks(work: Work, context: Any, tasks: Sequence[Task], keys: Sequence[str], **options: Any) -> list[Result]:
