@@ -87,7 +87,7 @@ from robustkit.verifiers.base import (
     validate_eps,
     validate_inputs,
 )
-from robustkit.verifiers.context import BoundContext, BoundResult, LayerBounds, make_context, model_device_dtype
+from robustkit.verifiers.context import BoundContext, BoundResult, LayerBounds, make_context
 from robustkit.verifiers.crown import Bounds, backward_bound, check_intermediate, intermediate_bounds, layer_bounds
 from robustkit.verifiers.graph import INPUT, Graph, build_graph, node_shapes
 
@@ -334,10 +334,8 @@ class _Search:
         self._graph64: Graph | None = None
         self.domains = 0
         self.batches = 0
-        device, _ = model_device_dtype(model)
-        with torch.no_grad():
-            centre = (problem.lower + problem.upper) / 2
-            self.scale = float(model(centre.to(device)).abs().max())
+        #: the logits' magnitude at the box's centre (set by :meth:`run`): the float32 error allowance's scale
+        self.scale = 0.0
         self.found: Tensor | None = None
 
     # -- helpers -----------------------------------------------------------------------------------------------
@@ -391,7 +389,10 @@ class _Search:
     def run(self) -> Outcome:
         o, p = self.o, self.p
         centre = (p.lower + p.upper) / 2
-        if self.check_points(centre):
+        outputs = self.model(centre)
+        self.scale = float(outputs.abs().max())
+        if bool(p.violation(outputs)[0] <= 0):
+            self.found = centre[0].clone()
             return self.outcome(Status.FALSIFIED, torch.full((p.rows.shape[0],), -math.inf))
         base, layers = intermediate_bounds(self.graph, p.lower, p.upper, self.spec, o.intermediate,
                                            o.memory_limit_gb)
