@@ -421,8 +421,8 @@ class _Search:
         use_input = o.split == "input" or (o.split == "auto" and (n_inputs < o.input_split_below
                                                                    or not self.has_unstable(root)))
         open_rows = (root.lower <= 0).nonzero().flatten().tolist()
-        if o.per_row and p.n_groups == 1 and len(open_rows) > 1:
-            return self.row_by_row(root.lower, open_rows)
+        if o.per_row and p.n_groups == 1 and p.rows.shape[0] > 1:
+            return self.row_by_row(root.lower, open_rows)  # also one open row: the proven ones leave the passes
         try:
             if use_input:
                 return self.input_split(root.lower)
@@ -432,7 +432,8 @@ class _Search:
 
     def row_by_row(self, root: Tensor, open_rows: list[int]) -> Outcome:
         """A conjunction holds when each of its rows does: every row the root leaves open is its own branch and
-        bound (hardest first, one deadline), whose sub-problems then need to prove one row instead of all. The
+        bound (hardest first, one deadline), whose sub-problems then need to prove (and pay the backward passes
+        of) one row instead of all. The
         first row falsified falsifies the property (its counterexample violates the conjunction); the first one
         left undecided ends the search with its status."""
         p = self.p
