@@ -56,33 +56,68 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def _cpu_times() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs since boot, from ``/proc/stat`` (Linux), or None."""
+def _usable_cpu_ids() -> set[int] | None:
+    """The CPU numbers this process may run on, or None where the platform does not tell."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return None
+
+
+def _proc_stat() -> str | None:
     try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return Path("/proc/stat").read_text()
     except OSError:
         return None
-    if not fields or fields[0] != "cpu" or len(fields) < 5:
+
+
+def _cpu_times(text: str | None, cpus: set[int] | None = None) -> tuple[int, int] | None:
+    """(busy, total) jiffies since boot in the ``/proc/stat`` text (Linux): summed over the CPUs numbered
+    ``cpus`` (their ``cpuN`` lines), over all CPUs when ``cpus`` is None; None when the text or a line is
+    missing."""
+    if text is None:
         return None
-    values = [int(v) for v in fields[1:9]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    return sum(values) - idle, sum(values)
+    lines = text.splitlines()
+    busy = total = 0
+    seen = 0
+    for line in lines:
+        fields = line.split()
+        if not fields or not fields[0].startswith("cpu") or len(fields) < 5:
+            continue
+        label = fields[0][3:]
+        if cpus is None:
+            if label:
+                continue  # the first line sums every CPU
+        elif not label.isdigit() or int(label) not in cpus:
+            continue
+        values = [int(v) for v in fields[1:9]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        busy += sum(values) - idle
+        total += sum(values)
+        seen += 1
+    expected = 1 if cpus is None else len(cpus)
+    return (busy, total) if seen == expected and seen else None
 
 
 def busy_cores(window: float = 0.25) -> float | None:
-    """How many of the machine's cores other processes keep busy now: the busy share of all CPUs over ``window``
-    seconds (``/proc/stat``) times the logical cores, while this process sleeps; the 1-minute load average where
-    ``/proc/stat`` is missing (it lags: a process that just ended still counts), None where neither exists.
-    """
-    first = _cpu_times()
+    """How many of this process's usable cores (its CPU affinity) other processes keep busy now: their busy
+    share over ``window`` seconds (``/proc/stat``) times their number, while this process sleeps; the
+    1-minute load average where ``/proc/stat`` is missing (it lags, and counts every core of the machine),
+    None where neither exists."""
+    cpus = _usable_cpu_ids()
+    text = _proc_stat()
+    first = _cpu_times(text, cpus)
+    if first is None:
+        cpus = None  # e.g. a container whose /proc/stat numbers the CPUs otherwise: the whole machine
+        first = _cpu_times(text)
     if first is None:
         return load_average()
     time.sleep(window)
-    second = _cpu_times()
+    second = _cpu_times(_proc_stat(), cpus)
     if second is None or second[1] <= first[1]:
         return load_average()
     share = (second[0] - first[0]) / (second[1] - first[1])
-    return round(share * (os.cpu_count() or 1), 2)
+    count = len(cpus) if cpus is not None else (os.cpu_count() or 1)
+    return round(share * count, 2)
 
 
 def free_cores(cores: int, busy: float | None) -> int:

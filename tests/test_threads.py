@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from robustkit import threads
 from robustkit.threads import busy_cores, configure, free_cores, machine_record, session_entries, usable_cores
 
 
@@ -35,6 +36,30 @@ def test_busy_cores_sees_a_busy_process():
     # a process that spins takes a whole core when it gets one; the scheduler's share of it on a machine whose
     # every core is busy is at least 1 / (busy processes per core), so 0.5 is a floor on any machine of <= 2x load
     assert seen >= 0.5
+
+
+def _stat(busy0: int, busy1: int, idle0: int, idle1: int) -> str:
+    """A /proc/stat with two CPUs: user and idle jiffies per CPU, the first line their sums."""
+    line = "{} {} 0 0 {} 0 0 0 0 0 0"
+    return "\n".join([line.format("cpu ", busy0 + busy1, idle0 + idle1), line.format("cpu0", busy0, idle0),
+                      line.format("cpu1", busy1, idle1), "intr 0", ""])
+
+
+@pytest.mark.parametrize(("usable", "expected"), [({0}, 1.0), ({1}, 0.0), ({0, 1}, 1.0)])
+def test_busy_cores_counts_only_the_cores_this_process_may_use(monkeypatch, usable, expected):
+    # cpu0 busy for the whole window (100 jiffies), cpu1 idle: a process pinned to cpu1 has its core free
+    snapshots = iter([_stat(1000, 50, 10, 900), _stat(1100, 50, 10, 1000)])
+    monkeypatch.setattr(threads, "_proc_stat", lambda: next(snapshots))
+    monkeypatch.setattr(threads, "_usable_cpu_ids", lambda: usable)
+    assert busy_cores(0.0) == expected
+
+
+def test_busy_cores_falls_back_to_the_whole_machine_when_the_cpus_are_not_listed(monkeypatch):
+    snapshots = iter([_stat(1000, 50, 10, 900), _stat(1100, 50, 10, 1000)])
+    monkeypatch.setattr(threads, "_proc_stat", lambda: next(snapshots))
+    monkeypatch.setattr(threads, "_usable_cpu_ids", lambda: {4, 5})  # not in this /proc/stat
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    assert busy_cores(0.0) == 1.0  # half of all jiffies busy, times two cores
 
 
 def _configure_in_fresh_process(args: str, **env: str) -> dict:

@@ -132,6 +132,25 @@ def test_tight_properties_agree_with_exact(branching):
                 assert float(found.lower[0, 0]) <= slack + 1e-4  # a sound bound: not above the true minimum
 
 
+@pytest.mark.parametrize("per_row", [True, False])
+def test_rows_proven_at_the_root_leave_the_sub_problems(per_row):
+    """A conjunction whose root proves all rows but one: with ``per_row`` the branch and bound passes only the
+    open row (every batch's bounds have one column), without it all of them; both prove it, and the proven
+    row keeps its root bound."""
+    model, hard = tight_problem(0, 2e-3)
+    rows = torch.cat([hard.rows, torch.zeros_like(hard.rows)])  # the second row is 0 @ f + 1 > 0: proven anywhere
+    problem = Problem(hard.lower, hard.upper, rows, torch.cat([hard.offsets, torch.ones(1)]),
+                      torch.zeros(2, dtype=torch.long))
+    columns = []
+    verifier = BabVerifier(split="relu", per_row=per_row, attack_steps=0, attack_restarts=0, time_limit=20.0,
+                           batch_size=8, monitor=lambda event, data: columns.append(data["lower"].shape[1]))
+    outcome = verifier.decide(model, build_graph(model), problem)
+    assert outcome.status is Status.VERIFIED
+    assert columns and set(columns) == ({1} if per_row else {2})
+    assert float(outcome.lower[1]) == pytest.approx(1.0)
+    assert float(outcome.lower[0]) <= 2e-3 + 1e-4
+
+
 def sub_problem_points(model: nn.Sequential, lower: torch.Tensor, upper: torch.Tensor, n: int):
     generator = torch.Generator().manual_seed(0)
     points = lower + torch.rand((n, *lower.shape[1:]), generator=generator) * (upper - lower)
