@@ -14,7 +14,9 @@ loads), under every setting and two machine states:
   training samples, no monitoring), ``train-mixtrain`` (the same with ``--trainer mixtrain --k 5``, symbolic),
   ``verify-crown`` (``robustkit verify --method crown`` on 100 test points at eps 0.1) and ``attack-pgd``
   (``robustkit attack --attack pgd`` with its defaults, 100 points); both on an ``mnist_small`` trained first
-  (untimed, 2 standard epochs on mnist5k), since untrained networks have other unstable-neuron counts.
+  (untimed, 2 standard epochs on mnist5k), since untrained networks have other unstable-neuron counts; and, when
+  asked for (``--workloads bench-quick``: minutes per run), ``bench-quick``, the whole ``robustkit bench --preset
+  quick`` (the reliability issue's target: its default within 1.3x of the best setting on a busy machine).
 
 Each (state, workload, setting) is run ``--repeats`` times, interleaved; the table shows the median wall time,
 the median CPU time (user + system of the child) and the wall time relative to the best single-command setting
@@ -22,7 +24,7 @@ in the same state and workload. Exits with status 1 if the default is more than 
 target of the reliability issue for a busy machine), or if a command fails.
 
     python benchmarks/threads.py [--repeats 3] [--busy-repeats N] [--busy 2] [--states idle,busy]
-        [--workloads train-standard,train-mixtrain,verify-crown,attack-pgd]
+        [--workloads train-standard,train-mixtrain,verify-crown,attack-pgd,bench-quick]
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ WORKLOADS = {
                      "--eps", "0.1", "--n-examples", "100"],
     "attack-pgd": ["attack", "--model", "mnist_small", "--checkpoint", "{checkpoint}", "--attack", "pgd",
                    "--eps", "0.1", "--n-examples", "100"],
+    "bench-quick": ["bench", "--preset", "quick"],
 }
+DEFAULT_WORKLOADS = ("train-standard", "train-mixtrain", "verify-crown", "attack-pgd")
 PREPARE = ["train", "--trainer", "standard", "--model", "mnist_small", "--eps", "0.1", "--epochs", "2",
            "--val-size", "0"]
 
@@ -99,8 +103,8 @@ def main() -> int:
     parser.add_argument("--busy-repeats", type=int, default=None,
                         help="runs per setting in the busy state (default: --repeats)")
     parser.add_argument("--busy", type=int, default=2, help="busy background processes in the loaded state (default 2)")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of "
-                        + ", ".join(WORKLOADS))
+    parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS), help="comma-separated subset of "
+                        + ", ".join(WORKLOADS) + f" (default {','.join(DEFAULT_WORKLOADS)})")
     parser.add_argument("--states", default="idle,busy", help="idle, busy or both (default)")
     args = parser.parse_args()
     chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
