@@ -258,8 +258,8 @@ class Verifier(ABC):
         else:
             check_labels(y, num_classes)
             spec = margin_spec(y, num_classes).to(x.dtype)
-        lower, upper = input_box(x, eps)
-        return make_context(model, lower, upper, spec), x, y, eps
+        lower, upper = input_box(x, eps)  # finite, ordered and batched: x is validated, eps in [0, 1]
+        return make_context(model, lower, upper, spec, box_checked=True), x, y, eps
 
     def margin_bounds(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
         """Lower bounds (B, K) of f_y - f_j over the eps-box around each x; 0 at j = y."""

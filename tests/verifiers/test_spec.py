@@ -273,3 +273,26 @@ def test_layer_by_layer_crown_handles_max_pooling_behind_a_relu(options):
         out = model(points.flatten(0, 1)).view(2, 2000, 3)
     actual = out.gather(2, y.view(2, 1, 1).expand(-1, 2000, 1)) - out
     assert torch.all(actual >= found.unsqueeze(1) - 1e-4 * (1 + found.abs().unsqueeze(1)))
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ([0.0, 1.0, -2.5], True),
+    ([0.0, float("nan"), 1.0], False),
+    ([float("inf"), 1.0], False),
+    ([float("-inf"), float("inf")], False),  # their sum is NaN: still caught
+    ([3e38, 3e38, -1.0], True),  # finite values whose float32 sum overflows: the elementwise check settles it
+    ([3e38, 3e38, float("nan")], False),
+])
+def test_all_finite_matches_the_elementwise_check(values, expected):
+    from robustkit.verifiers.context import all_finite
+
+    tensor = torch.tensor(values, dtype=torch.float32)
+    assert all_finite(tensor) is expected is bool(torch.isfinite(tensor).all())
+
+
+def test_an_eps_box_skips_no_check_of_the_inputs_it_is_built_from():
+    model = build_model("mnist_fc_small", seed=0).eval()
+    x = torch.rand(2, 1, 28, 28)
+    x[1, 0, 3, 3] = float("inf")
+    with pytest.raises(InputError, match="NaN or infinite"):
+        margin_bounds(model, x, torch.tensor([0, 1]), 0.1, method="interval")
