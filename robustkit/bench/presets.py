@@ -7,13 +7,14 @@
   crown verifiers, then the complete stage (``complete = "auto"``: bab where robustkit has it, else exact) with
   at most 2 s per sample of each cell's undecided band and at most 60 s per cell (``complete_cell_budget``: the
   band of a standard- or PGD-trained net is most of the test set, which 2 s per sample would take half an hour
-  to decide; the samples not reached stay undecided); about 25 minutes on 2 idle CPU cores, within 45, plus
-  the complete stage's at most 60 s per cell (a cell's band is the gap between its worst-case attack accuracy
-  and its best relaxation's verified accuracy). AutoAttack runs in robustkit's ``fast``
-  version (APGD-CE and APGD-T, 25 iterations each) by default: the standard ensemble took 41 minutes of one
-  thread on the PGD-trained model's 1,000 test images (shared 2-core machine), per robust cell; set
-  ``autoattack = "standard"`` in a config file for the leaderboard protocol. Adam with
-  lr 0.002 for every trainer; the full verifiable training gets 8 epochs and MixTrain (k = 3 points of
+  to decide; the samples not reached stay undecided; a cell's band is the gap between its worst-case attack
+  accuracy and its best relaxation's verified accuracy). Measured on 2 idle AMD EPYC cores, every stage
+  included: 42 min 41 s (cells, training and evaluation: standard 3 min 37 s, pgd 9 min 1 s, verifiable
+  (symbolic) 17 min 40 s, verifiable (interval) 5 min 40 s, MixTrain 6 min 41 s). AutoAttack runs in
+  robustkit's ``fast`` version (APGD-CE and APGD-T, 25 iterations each) by default: the standard ensemble
+  took 41 minutes of one thread on the PGD-trained model's 1,000 test images (shared 2-core machine), per
+  robust cell; set ``autoattack = "standard"`` in a config file for the leaderboard protocol. Adam with lr
+  0.002 for every trainer; the full verifiable training gets 8 epochs and MixTrain (k = 3 points of
   each batch of 50) 13, both at 1.2 x eps: the budgets that show the paper's trade-off here.
 * ``quick``: the same shape on the small fully connected net and a subset of the data, in a few minutes at
   most (used by the test suite); AutoAttack in robustkit's ``fast`` version (APGD-CE and APGD-T, 25 iterations
