@@ -25,9 +25,8 @@ A child's bound is never below its parent's (the parent's bound is valid on the 
 default) a conjunction's rows that the root leaves open are decided one after the other (hardest first), each
 by a branch and bound of its own whose sub-problems need to prove one row, not all (with one row left open,
 the rows the root proved no longer ride along in the sub-problems' passes: 4x the sub-problems per second on
-the net above). A sub-problem with every
-unstable neuron split is linear: it is decided by linear programs (scipy's HiGHS) in float64, whose minimiser
-is a counterexample candidate.
+the net above). A sub-problem with every unstable neuron split is linear: it is decided by linear programs
+(scipy's HiGHS) in float64, whose minimiser is a counterexample candidate.
 
 Branching: ``babsr`` scores every unstable neuron by the relaxation gap a split removes, weighted by the
 backward coefficients of the specification rows not yet proven (the BaBSR heuristic of Bunel et al.,
@@ -435,9 +434,8 @@ class _Search:
     def row_by_row(self, root: Tensor, open_rows: list[int]) -> Outcome:
         """A conjunction holds when each of its rows does: every row the root leaves open is its own branch and
         bound (hardest first, one deadline), whose sub-problems then need to prove (and pay the backward passes
-        of) one row instead of all. The
-        first row falsified falsifies the property (its counterexample violates the conjunction); the first one
-        left undecided ends the search with its status."""
+        of) one row instead of all. The first row falsified falsifies the property (its counterexample violates
+        the conjunction); the first one left undecided ends the search with its status."""
         p = self.p
         lower = root.clone()
         domains = 0

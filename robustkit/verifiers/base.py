@@ -30,6 +30,7 @@ from robustkit.verifiers.context import (
     BoundContext,
     BoundResult,
     LayerBounds,
+    all_finite,
     make_context,
     model_device_dtype,
     output_size,
@@ -311,7 +312,7 @@ def recheck_near_zero(verifier: Verifier, model: nn.Module, x: Tensor, labels: T
 
 def check_offset(offset: Tensor, like: Tensor) -> Tensor:
     """``offset`` validated (finite, floating point) and shaped like ``like`` (B, K) or its rows (K,)."""
-    if not isinstance(offset, Tensor) or not offset.is_floating_point() or not bool(torch.isfinite(offset).all()):
+    if not isinstance(offset, Tensor) or not offset.is_floating_point() or not all_finite(offset):
         raise InputError("offset must be a finite floating-point tensor")
     offset = offset.to(device=like.device, dtype=like.dtype)
     if offset.shape not in (like.shape, like.shape[1:]):
