@@ -137,11 +137,26 @@ def progress(iterable: Iterable[T], **kwargs: Any) -> Iterable[T]:
     """Wrap ``iterable`` in a tqdm bar when progress bars are enabled, and in a heartbeat of log lines (at most
     every :data:`HEARTBEAT_S` seconds) when log lines are; keyword arguments go to tqdm (``desc`` and ``unit``
     name the loop in log lines too)."""
-    if log_enabled():
-        return _heartbeat(iterable, str(kwargs.get("desc", "working")), str(kwargs.get("unit", "it")))
-    from tqdm.auto import tqdm
+    from robustkit import threads
 
-    kwargs.setdefault("leave", False)
-    kwargs.setdefault("dynamic_ncols", True)
-    bar: Iterable[T] = tqdm(iterable, disable=not progress_enabled(), file=sys.stderr, **kwargs)
-    return bar
+    if log_enabled():
+        wrapped = _heartbeat(iterable, str(kwargs.get("desc", "working")), str(kwargs.get("unit", "it")))
+    else:
+        from tqdm.auto import tqdm
+
+        kwargs.setdefault("leave", False)
+        kwargs.setdefault("dynamic_ncols", True)
+        wrapped = tqdm(iterable, disable=not progress_enabled(), file=sys.stderr, **kwargs)
+    return _rebalancing(wrapped) if threads.share_installed() else wrapped
+
+
+def _rebalancing(iterable: Iterable[T]) -> Iterator[T]:
+    """``iterable`` with :func:`robustkit.threads.rebalance` before every item (a bench cell worker's thread
+    share), logging each change."""
+    from robustkit import threads
+
+    for item in iterable:
+        changed = threads.rebalance()
+        if changed is not None:
+            log(f"torch threads {changed[0]} -> {changed[1]}: the other cell workers have no cell left to run")
+        yield item

@@ -202,6 +202,53 @@ def retune() -> tuple[int, int] | None:
 
 MAX_AUTO_JOBS = 4
 
+_SHARE: Callable[[], int] | None = None
+_PEAK = 0
+
+
+def set_share(rule: Callable[[], int] | None) -> None:
+    """Install (or with None remove) the rule that gives this process's torch thread count while it runs: the
+    bench's cell workers install their share of the run's threads, which grows once other workers have no cell
+    left to run (the last cells of a ``--jobs`` run would otherwise keep one thread each on an idle machine).
+    :func:`rebalance` applies it; loops wrapped by :func:`robustkit.progress.progress` call that on every step."""
+    global _SHARE
+    _SHARE = rule
+    reset_peak()
+
+
+def share_installed() -> bool:
+    """Whether a :func:`set_share` rule is installed in this process."""
+    return _SHARE is not None
+
+
+def rebalance() -> tuple[int, int] | None:
+    """Apply the :func:`set_share` rule: ``(before, after)`` when the thread count changed, else None (also
+    without a rule)."""
+    global _PEAK
+    if _SHARE is None:
+        return None
+    import torch
+
+    before, after = torch.get_num_threads(), max(1, _SHARE())
+    _PEAK = max(_PEAK, after, before)
+    if after == before:
+        return None
+    torch.set_num_threads(after)
+    return before, after
+
+
+def reset_peak() -> None:
+    """Start counting :func:`peak_threads` again (the bench does before every cell)."""
+    global _PEAK
+    _PEAK = 0
+
+
+def peak_threads() -> int:
+    """The most torch threads this process used since :func:`reset_peak`, at least its current count."""
+    import torch
+
+    return max(_PEAK, torch.get_num_threads())
+
 
 def auto_jobs() -> int:
     """How many bench cells to run at once by default: the cores other processes leave free (at most

@@ -146,3 +146,40 @@ def test_a_command_that_loads_torch_gets_the_policy_before_it(tmp_path):
                     "--out", str(tmp_path / "run")], env=clean, check=True, capture_output=True, timeout=300)
     machine = json.loads((tmp_path / "run" / "config.json").read_text())["machine"]
     assert (machine["threads_source"], machine["wait_policy"]) == ("free cores", "passive")
+
+
+def test_a_share_rule_moves_the_thread_count_at_every_step_of_a_progress_loop():
+    from robustkit.progress import progress
+
+    before = torch.get_num_threads()
+    wanted = iter([1, 1, 2, 2, 1])
+    seen = []
+    try:
+        torch.set_num_threads(1)
+        assert threads.rebalance() is None  # no rule: nothing changes
+        threads.set_share(lambda: next(wanted))
+        for _ in progress(range(5), desc="loop"):
+            seen.append(torch.get_num_threads())
+        assert seen == [1, 1, 2, 2, 1]
+        assert threads.peak_threads() == 2  # what the bench records for the cell
+        threads.reset_peak()
+        assert threads.peak_threads() == 1
+    finally:
+        threads.set_share(None)
+        torch.set_num_threads(before)
+    assert not threads.share_installed()
+
+
+@pytest.mark.parametrize("not_started, running, threads, total, expected", [
+    (3, 2, 1, 2, 1),  # cells wait: every worker keeps its share
+    (0, 2, 1, 2, 1),  # none waits, both workers busy
+    (0, 1, 1, 2, 2),  # the other worker finished: its thread comes over
+    (0, 0, 1, 2, 2),
+    (0, 3, 2, 8, 2),  # 4 workers of 2 threads, one finished: 8 // 3 = 2
+    (0, 2, 2, 8, 4),
+    (0, 1, 1, 1, 1),  # never below one thread
+])
+def test_thread_share_of_a_cell_worker(not_started, running, threads, total, expected):
+    from robustkit.bench.runner import thread_share
+
+    assert thread_share(not_started, running, threads, total) == expected

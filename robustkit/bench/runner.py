@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -39,7 +40,18 @@ from robustkit.io import atomic_write_text, json_value, torch_save_atomic, write
 from robustkit.progress import WorkLog, format_seconds, log, progress
 from robustkit.runlock import LOCK_FILE, run_lock
 from robustkit.runtime import PeakMemory
-from robustkit.threads import auto_jobs, cpu_model, end_session_file, load_average, retune, session_entries
+from robustkit.threads import (
+    auto_jobs,
+    cpu_model,
+    end_session_file,
+    load_average,
+    peak_threads,
+    rebalance,
+    reset_peak,
+    retune,
+    session_entries,
+    set_share,
+)
 
 RESULT_COLUMNS = ("dataset", "model", "trainer", "trainer_name", "train_eps", "eval_eps", "metric", "value", "n",
                   "time_s", "seed", "robustkit_version", "torch_version", "config",
@@ -224,6 +236,7 @@ def run_cell(cell: Cell, config: BenchConfig, data: GridData, folder: Path, devi
     """Train (or resume) and evaluate one cell; its ``result.json`` is written atomically at the end."""
     version, torch_version = _versions()
     folder.mkdir(parents=True, exist_ok=True)
+    reset_peak()  # the rows record the most threads the cell used (a worker's share can grow)
     load_start = load_average()
     train, test = data.train, data.test
     model, result, train_memory = _train(cell, config, train, data.monitor, folder, device, resume)
@@ -232,7 +245,7 @@ def run_cell(cell: Cell, config: BenchConfig, data: GridData, folder: Path, devi
     evaluation = evaluate_model(model, data.dataset, test, cell.eps, config.evaluation, cell.seed)
     base = {"dataset": cell.dataset, "model": cell.model, "trainer": cell.trainer.label,
             "trainer_name": cell.trainer.name, "train_eps": cell.eps, "seed": cell.seed}
-    tail = {"robustkit_version": version, "torch_version": torch_version, "threads": torch.get_num_threads(),
+    tail = {"robustkit_version": version, "torch_version": torch_version, "threads": peak_threads(),
             "cpu": cpu_model(), "load_start": _or_nan(load_start), "load_end": _or_nan(load_average())}
     results = [
         {**base, "eval_eps": cell.eps, "metric": metric, "value": value, "n": n, "time_s": seconds, **tail,
@@ -295,7 +308,8 @@ def _workers(jobs: int | None, cells: int, device: str) -> int:
     """How many worker processes run cells: 1 (this process) for a single cell or a GPU."""
     if cells <= 1 or not device.startswith("cpu"):
         return 1
-    wanted = auto_jobs() if jobs is None else jobs
+    # auto: never more processes than torch threads (``--threads 1`` keeps one process)
+    wanted = min(auto_jobs(), torch.get_num_threads()) if jobs is None else jobs
     if wanted < 1:
         raise InputError(f"bench jobs must be >= 1, got {wanted}")
     return min(wanted, cells)
@@ -304,47 +318,142 @@ def _workers(jobs: int | None, cells: int, device: str) -> int:
 _WORKER_DATA: dict[str, GridData] = {}
 
 
-def _worker_start(threads: int, log_on: bool, log_since: float) -> None:
-    """A cell worker's setup: its thread count, no bars, the parent's log state (elapsed times counted from the
-    parent's start), and Ctrl-C left to the parent, which stops the workers."""
+_WORKER_COUNTS: Any = None  # a cell worker's view of the run: [cells not started, cells running] (shared)
+
+
+def _worker_start(threads: int, total: int, counts: Any, log_on: bool, log_since: float) -> None:
+    """A cell worker's setup: its thread count and share rule, no bars, the parent's log state (elapsed times
+    counted from the parent's start), and Ctrl-C left to the parent, which stops the workers."""
     import signal
 
     from robustkit.progress import set_log, set_progress
 
+    global _WORKER_COUNTS
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     torch.set_num_threads(threads)
+    _WORKER_COUNTS = counts
+    set_share(lambda: thread_share(counts[0], counts[1], threads, total))
     set_progress(log_on)  # bars of several processes would garble a terminal: only log lines, when the parent logs
     set_log(log_on, since=log_since)
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this worker when the bench process dies, however it dies (``kill -9``, an
+    out-of-memory kill): a worker left running would go on writing its cell's folder while a ``--resume`` takes
+    the run over (one writer per run folder). Elsewhere the workers end when they next ask for a cell."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def thread_share(not_started: int, running: int, threads: int, total: int) -> int:
+    """A cell worker's torch threads: ``threads`` (the run's ``total`` over its workers) while cells wait to be
+    started; once none does, the ``total`` shared among the workers still running one, so the last cells get the
+    cores of the workers that have finished (each worker is one process among those running cells).
+
+    >>> thread_share(2, 2, 1, 2), thread_share(0, 2, 1, 2), thread_share(0, 1, 1, 2), thread_share(0, 3, 1, 4)
+    (1, 1, 2, 1)
+    """
+    if not_started > 0:
+        return threads
+    return max(threads, total // max(1, running))
 
 
 def _worker_cell(cell: Cell, config: BenchConfig, folder: Path, device: str, resume: bool,
                  position: int, total: int) -> tuple[int, CellOutcome, float]:
     if cell.dataset not in _WORKER_DATA:
         _WORKER_DATA[cell.dataset] = GridData.load(cell.dataset, config)
-    log(f"cell {cell.key} ({position + 1}/{total}): training {cell.trainer.label} (worker {os.getpid()}, "
-        f"{torch.get_num_threads()} thread(s))")
-    clock = time.perf_counter()
-    outcome = run_cell(cell, config, _WORKER_DATA[cell.dataset], folder, device, resume)
-    return position, outcome, time.perf_counter() - clock
+    counts = _WORKER_COUNTS
+    if counts is not None:
+        with counts.get_lock():
+            counts[0] -= 1
+            counts[1] += 1
+    try:
+        rebalance()
+        log(f"cell {cell.key} ({position + 1}/{total}): training {cell.trainer.label} (worker {os.getpid()}, "
+            f"{torch.get_num_threads()} thread(s))")
+        clock = time.perf_counter()
+        outcome = run_cell(cell, config, _WORKER_DATA[cell.dataset], folder, device, resume)
+        return position, outcome, time.perf_counter() - clock
+    finally:
+        if counts is not None:
+            with counts.get_lock():
+                counts[1] -= 1
+
+
+#: A cell's evaluation, in units of one epoch of standard training (about a second for ``mnist_small`` on the
+#: embedded data): the paper preset's evaluations took 280 to 460 s per cell on 2 AMD EPYC threads.
+EVALUATION_COST = 300.0
+#: One epoch of full verifiable training with a linear-relaxation bound (symbolic, crown, ...), in the same units
+#: (about 120 s for ``mnist_small`` with symbolic bounds); interval bounds cost about 3 and a PGD step about 0.7.
+RELAXATION_EPOCH_COST = 120.0
+
+
+def expected_cost(cell: Cell) -> float:
+    """A rough estimate of a cell's time, in epochs of standard training, from its trainer and options: only
+    used to start the longest cells first under ``--jobs`` (then the last ones to finish are short).
+
+    >>> from robustkit.bench.config import preset
+    >>> cells = plan(preset("paper"))
+    >>> [c.trainer.label for c in sorted(cells, key=expected_cost, reverse=True)]
+    ['verifiable-symbolic', 'pgd', 'mixtrain', 'verifiable-interval', 'standard']
+    """
+    from robustkit.trainers import TRAINERS
+    from robustkit.trainers.base import TrainConfig
+
+    spec = cell.trainer
+    trainer = TRAINERS[spec.name](**spec.options)
+    epochs = float(spec.training.get("epochs", TrainConfig.epochs))
+
+    def bound(method: str) -> float:
+        return 3.0 if method == "interval" else RELAXATION_EPOCH_COST
+
+    per_epoch = 1.0
+    if spec.name == "pgd":
+        per_epoch += 0.7 * float(getattr(trainer, "steps", 0))
+    elif spec.name == "verifiable":
+        per_epoch = bound(str(getattr(trainer, "method", "symbolic")))
+    elif spec.name == "mixtrain":
+        batch = float(spec.training.get("batch_size", TrainConfig.batch_size))
+        share = min(1.0, float(getattr(trainer, "k", 1)) / max(batch, 1.0))
+        per_epoch += 2.5 * share * bound(str(getattr(trainer, "method", "symbolic")))
+    return EVALUATION_COST + epochs * per_epoch
 
 
 def _run_parallel(todo: list[tuple[int, Cell, Path]], config: BenchConfig, device: str, resume: bool, workers: int,
                   cells_log: WorkLog, finished: Callable[[int, CellOutcome], None]) -> None:
-    """Run the cells ``todo`` in ``workers`` processes (spawned: nothing of this process's state leaks in), taken
-    in grid order; ``finished`` is called in this process as each cell ends. A worker's error stops the others
-    and is raised here, and so does Ctrl-C (every checkpoint is atomic: ``--resume`` continues)."""
+    """Run the cells ``todo`` in ``workers`` processes (spawned: nothing of this process's state leaks in), the
+    longest first by :func:`expected_cost` (grid order among equals; the files keep the grid order); ``finished``
+    is called in this process as each cell ends. A worker's error stops the others and is raised here, and so
+    does Ctrl-C (every checkpoint is atomic: ``--resume`` continues)."""
     import multiprocessing
 
     from robustkit.progress import log_enabled, log_started_at
 
-    threads = max(1, torch.get_num_threads() // workers)
-    log(f"running {len(todo)} cells in {workers} worker processes of {threads} torch thread(s) each")
+    total = torch.get_num_threads()
+    threads = max(1, total // workers)
+    log(f"running {len(todo)} cells in {workers} worker processes of {threads} torch thread(s) each (the last "
+        f"cells share the {total} thread(s) among the workers still running)")
     context = multiprocessing.get_context("spawn")
-    pool = context.Pool(workers, initializer=_worker_start, initargs=(threads, log_enabled(), log_started_at()))
+    counts = context.Array("i", [len(todo), 0])
+    pool = context.Pool(workers, initializer=_worker_start,
+                        initargs=(threads, total, counts, log_enabled(), log_started_at()))
     try:
         waiting = [pool.apply_async(_worker_cell, (cell, config, cell_folder, device, resume, position,
                                                    cells_log.total))
-                   for position, cell, cell_folder in todo]
+                   for position, cell, cell_folder in sorted(todo, key=lambda item: -expected_cost(item[1]))]
         while waiting:
             ready = [job for job in waiting if job.ready()]
             if not ready:
@@ -410,10 +519,12 @@ def run_bench(
     """Run (or resume) the whole grid into ``folder``; see the module docstring.
 
     ``jobs`` cells run at once, each in its own worker process with ``threads // jobs`` torch threads (at least
-    one; ``threads`` being this process's count), on the CPU only; ``None`` picks
-    :func:`robustkit.threads.auto_jobs` (the cores other processes leave free, at most 4). The results are the
-    same files in the same order as one at a time; a cell's numbers may differ in the last float bits with its
-    thread count, which its results rows record.
+    one; ``threads`` being this process's count), on the CPU only, the longest first (:func:`expected_cost`);
+    once no cell waits, the workers still running share the ``threads`` of those that finished
+    (:func:`thread_share`). ``None`` picks :func:`robustkit.threads.auto_jobs` (the cores other processes leave
+    free, at most 4), never more than ``threads``. The results are the same files in the same order as one at a
+    time; a cell's numbers may differ in the last float bits with its thread count, which its results rows record
+    (the most threads it used).
 
     The run holds the folder's lock (:func:`robustkit.runlock.run_lock`) from the first check to the report,
     so a second run on the same folder fails at once instead of redoing or overwriting cells; ``on_note``

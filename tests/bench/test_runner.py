@@ -38,7 +38,7 @@ def quick_run_and_log(tmp_path_factory):
     """The quick preset as ``robustkit bench --preset quick > log.txt 2>&1`` runs it: stderr is no terminal, so
     the progress bars are off and the log lines on."""
     out = tmp_path_factory.mktemp("bench") / "run"
-    result = CliRunner().invoke(main, ["bench", "--preset", "quick", "--out", str(out)])
+    result = CliRunner().invoke(main, ["bench", "--preset", "quick", "--out", str(out), "--jobs", "1"])
     assert result.exit_code == 0, result.output
     return out, result.stdout, result.stderr
 
@@ -265,7 +265,7 @@ def test_interrupted_run_resumes_to_the_same_summary(quick_run, tmp_path):
     # the reference ran in this process: the same thread count, so the same floating-point summation order
     threads = str(torch.get_num_threads())
     command = [sys.executable, "-m", "robustkit", "--quiet", "--threads", threads, "bench", "--preset", "quick",
-               "--out", str(out)]
+               "--out", str(out), "--jobs", "1"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     killed_in_cell = None
@@ -287,7 +287,8 @@ def test_interrupted_run_resumes_to_the_same_summary(quick_run, tmp_path):
         process.wait()
     assert killed_in_cell is not None, "the run finished before it could be interrupted half-way through a cell"
     assert checkpoint_epoch(killed_in_cell / "checkpoint.pt") == 1
-    result = CliRunner().invoke(main, ["--quiet", "bench", "--preset", "quick", "--out", str(out), "--resume"])
+    result = CliRunner().invoke(main, ["--quiet", "bench", "--preset", "quick", "--out", str(out), "--resume",
+                                       "--jobs", "1"])
     assert result.exit_code == 0, result.output
     assert "(finished earlier, reused)" in result.output
     assert not log_lines(result.stderr)  # --quiet silences the log lines
@@ -319,16 +320,17 @@ def test_interrupted_run_resumes_to_the_same_summary(quick_run, tmp_path):
 
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_used_folders(quick_run):
     out, _ = quick_run
-    again = CliRunner().invoke(main, ["bench", "--preset", "quick", "--out", str(out)])
+    again = CliRunner().invoke(main, ["bench", "--preset", "quick", "--out", str(out), "--jobs", "1"])
     assert again.exit_code == 2 and "--resume" in again.output
-    other = CliRunner().invoke(main, ["bench", "--preset", "quick", "--out", str(out), "--resume", "--seed", "7"])
+    other = CliRunner().invoke(main, ["bench", "--preset", "quick", "--out", str(out), "--resume", "--seed", "7",
+                                      "--jobs", "1"])
     assert other.exit_code == 2 and "different settings" in other.output
 
 
 def test_invalid_config_fails_before_training(tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text('[grid]\ntrainers = ["standard", "mixtrian"]\n')
-    result = CliRunner().invoke(main, ["bench", "--config", str(config), "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(main, ["bench", "--config", str(config), "--out", str(tmp_path / "run"), "--jobs", "1"])
     assert result.exit_code == 2
     assert "grid.trainers" in result.output and "mixtrain" in result.output
     assert not (tmp_path / "run" / "cells").exists()

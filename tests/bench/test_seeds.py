@@ -41,7 +41,7 @@ def test_seeds_give_distinct_cells_a_summary_over_them_and_resume_per_seed(tmp_p
     config = tmp_path / "tiny.toml"
     config.write_text(TINY)
     out = tmp_path / "run"
-    command = ["--quiet", "bench", "--config", str(config), "--seeds", "3,5", "--out", str(out)]
+    command = ["--quiet", "bench", "--config", str(config), "--seeds", "3,5", "--out", str(out), "--jobs", "1"]
     result = CliRunner().invoke(main, command)
     assert result.exit_code == 0, result.output
     assert "x 2 seed(s) (3, 5)" in result.stdout
@@ -75,7 +75,8 @@ def test_seeds_give_distinct_cells_a_summary_over_them_and_resume_per_seed(tmp_p
     timing = ("eval_time_s", "peak_memory_mb")  # measured again for the seed-5 cell
     assert {k: v for k, v in resumed.items() if k not in timing} == {
         k: v for k, v in summary.items() if k not in timing}
-    other = CliRunner().invoke(main, ["bench", "--config", str(config), "--seeds", "3", "--out", str(out), "--resume"])
+    other = CliRunner().invoke(main, ["bench", "--config", str(config), "--seeds", "3", "--out", str(out), "--resume",
+                                      "--jobs", "1"])
     assert other.exit_code == 2 and "different settings (seeds)" in other.output
 
 

@@ -67,7 +67,9 @@ class Box:
 
     @classmethod
     def from_bounds(cls, lower: Tensor, upper: Tensor) -> Box:
-        return cls((upper + lower) / 2, (upper - lower) / 2)
+        # halved in place: the same numbers as a division by 2, without two more tensors per box (freshly
+        # allocated large tensors cost page faults; this was a tenth of an interval pass on mnist_small)
+        return cls((upper + lower).mul_(0.5), (upper - lower).mul_(0.5))
 
 
 @dataclass(frozen=True, eq=False)
