@@ -89,7 +89,7 @@ def _threads_text() -> str:
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (overrides the root --device).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder with the files of datasets read from disk (overrides data.data_dir).")
-@click.option("--jobs", default="auto", show_default=True, metavar="N|auto", callback=_check_jobs,
+@click.option("--jobs", default="1", show_default=True, metavar="N|auto", callback=_check_jobs,
               help="Cells trained and evaluated at once, each in its own process with an equal share of the torch "
                    "threads, the longest first; the last cells share the threads of the workers that have finished "
                    "(CPU only); auto: the cores other processes leave free, at most 4 (1 on a busy machine).")
