@@ -252,7 +252,8 @@ class Verifier(ABC):
         """The context of the eps-box around x: margin rows for labels y, or +-every logit without labels."""
         eps = validate_eps(eps)
         x, y = validate_inputs(model, x, y)
-        num_classes = output_size(build_graph(model), tuple(x.shape[1:]))
+        graph = build_graph(model)
+        num_classes = output_size(graph, tuple(x.shape[1:]))
         if y is None:
             eye = torch.eye(num_classes, device=x.device, dtype=x.dtype)
             spec = torch.cat([eye, -eye])
@@ -260,7 +261,7 @@ class Verifier(ABC):
             check_labels(y, num_classes)
             spec = margin_spec(y, num_classes).to(x.dtype)
         lower, upper = input_box(x, eps)  # finite, ordered and batched: x is validated, eps in [0, 1]
-        return make_context(model, lower, upper, spec, box_checked=True), x, y, eps
+        return make_context(model, lower, upper, spec, box_checked=True, graph=graph), x, y, eps
 
     def margin_bounds(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
         """Lower bounds (B, K) of f_y - f_j over the eps-box around each x; 0 at j = y."""

@@ -153,14 +153,15 @@ def output_size(graph: Graph, input_shape: tuple[int, ...]) -> int:
     return last[0]
 
 
-def make_context(model: nn.Module, lower: Tensor, upper: Tensor, spec: Tensor, box_checked: bool = False
-                 ) -> BoundContext:
+def make_context(model: nn.Module, lower: Tensor, upper: Tensor, spec: Tensor, box_checked: bool = False,
+                 graph: Graph | None = None) -> BoundContext:
     """Validate a bound problem and build its context.
 
     ``lower`` and ``upper`` (B, *input_shape) are any box with lower <= upper; ``spec`` is (B, K, n_outputs),
     or (K, n_outputs) for the same rows on every sample. Everything is moved to the model's device and dtype.
     ``box_checked``: the caller built the box itself from validated inputs (finite, lower <= upper, batched,
-    as :func:`robustkit.verifiers.base.input_box` does), so those elementwise checks are skipped.
+    as :func:`robustkit.verifiers.base.input_box` does), so those elementwise checks are skipped. ``graph``: the
+    model's :func:`build_graph`, when the caller has it (each lookup walks the model's modules).
     """
     if not box_checked:
         lower, upper = _check_tensor("lower", lower), _check_tensor("upper", upper)
@@ -174,7 +175,7 @@ def make_context(model: nn.Module, lower: Tensor, upper: Tensor, spec: Tensor, b
     spec = _check_tensor("spec", spec)
     device, dtype = model_device_dtype(model)
     lower, upper = lower.to(device=device, dtype=dtype), upper.to(device=device, dtype=dtype)
-    graph = build_graph(model)
+    graph = build_graph(model) if graph is None else graph
     outputs = output_size(graph, tuple(lower.shape[1:]))
     if spec.dim() == 2:
         spec = spec.unsqueeze(0).expand(lower.shape[0], -1, -1)
