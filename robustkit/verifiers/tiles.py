@@ -174,13 +174,13 @@ def tiled_linear(matrix: Tensor, tiled: TiledRows) -> Tensor:
 
 
 def _place(out: Tensor, dim: int, tiles: list[Tile], pieces: list[Tensor]) -> Tensor:
-    """``out`` with the rows of every tile's piece written at the tile's input coordinates along ``dim``, in one
-    copy: placing tile by tile copied the whole block once per tile (a copy per tile in the backward pass too),
-    which was a quarter of a symbolic training step of ``mnist_small``."""
+    """The fresh zeros ``out`` with the rows of every tile's piece written in place at the tile's input coordinates
+    along ``dim``, in one copy: placing tile by tile copied the whole block once per tile (a copy per tile in the
+    backward pass too), which was a quarter of a symbolic training step of ``mnist_small``."""
     if not tiles:
         return out
     index = torch.cat([tile.index for tile in tiles])
-    return out.index_copy(dim, index, torch.cat(pieces, dim))
+    return out.index_copy_(dim, index, torch.cat(pieces, dim))
 
 
 def densify(tiled: TiledRows) -> Tensor:
