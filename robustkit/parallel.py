@@ -94,7 +94,10 @@ def _initialise(context: Any, threads: int) -> None:
     global _CONTEXT
     import signal
 
+    from robustkit import allocator
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+    allocator.configure()
     torch.set_num_threads(threads)
     _CONTEXT = context
 
@@ -104,6 +107,9 @@ def _run_in_worker(work: Work, task: Task) -> Result:
 
 
 def _run_on_dask(work: Work, context: Any, task: Task, threads: int) -> Result:
+    from robustkit import allocator
+
+    allocator.configure()
     torch.set_num_threads(threads)
     return work(context, task)
 

@@ -8,7 +8,7 @@ measurements (see its docstring). The command line calls it once, before torch i
 ``--threads N`` overrides the count, an ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` in the environment overrides
 the wait policy. :func:`retune` applies the count rule again (the bench calls it before every cell).
 
-:func:`machine_record` is what a run writes down about the machine (threads, CPU model, cores, torch version,
+:func:`machine_record` is what a run writes down about the machine (threads, allocator, CPU model, cores, torch version,
 load average), so that timings of different runs can be compared.
 """
 
@@ -261,11 +261,14 @@ def machine_record() -> dict[str, Any]:
     policy), CPU model, logical and usable cores, torch and Python versions, and the 1-minute load average."""
     import torch
 
+    from robustkit import allocator
+
     setting = current()
     record: dict[str, Any] = {
         "threads": torch.get_num_threads(),
         "threads_source": setting.source if setting else "torch",
         "wait_policy": setting.wait_policy if setting else "as loaded",
+        "allocator": allocator.current(),
         "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),
         "usable_cores": usable_cores(),

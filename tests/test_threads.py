@@ -140,12 +140,14 @@ def test_retune_follows_the_free_cores_only_under_the_free_cores_rule(monkeypatc
 def test_a_command_that_loads_torch_gets_the_policy_before_it(tmp_path):
     # click imports a command's module (and with it torch) before the root command's callback: the policy must
     # still reach OpenMP, i.e. be set before that import
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "ROBUSTKIT_ALLOCATOR")}
     subprocess.run([sys.executable, "-m", "robustkit", "--quiet", "train", "--trainer", "standard", "--model",
                     "mnist_fc_small", "--eps", "0.1", "--epochs", "1", "--n-train", "50", "--val-size", "0",
                     "--out", str(tmp_path / "run")], env=clean, check=True, capture_output=True, timeout=300)
     machine = json.loads((tmp_path / "run" / "config.json").read_text())["machine"]
     assert (machine["threads_source"], machine["wait_policy"]) == ("free cores", "passive")
+    assert machine["allocator"] == "system"  # ROBUSTKIT_ALLOCATOR=kept is opt-in (robustkit.allocator)
 
 
 def test_a_share_rule_moves_the_thread_count_at_every_step_of_a_progress_loop():

@@ -326,9 +326,11 @@ def _worker_start(threads: int, total: int, counts: Any, log_on: bool, log_since
     counted from the parent's start), and Ctrl-C left to the parent, which stops the workers."""
     import signal
 
+    from robustkit import allocator
     from robustkit.progress import set_log, set_progress
 
     global _WORKER_COUNTS
+    allocator.configure()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     torch.set_num_threads(threads)

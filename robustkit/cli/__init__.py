@@ -142,8 +142,10 @@ def _configure_threads(ctx: click.Context) -> None:
     root = ctx.find_root()
     if root.meta.get("robustkit.threads"):
         return
+    from robustkit import allocator
     from robustkit.threads import configure
 
+    allocator.configure()
     configure(root.params.get("threads"))
     root.meta["robustkit.threads"] = True
 
