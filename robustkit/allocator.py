@@ -53,7 +53,8 @@ def _glibc() -> ctypes.CDLL | None:
 def configure() -> str:
     """Apply ``ROBUSTKIT_ALLOCATOR`` (``system``, the default, or ``kept``) to this process, once; return what
     the process's allocator does: ``system``, ``kept``, or ``system (...)`` with the reason ``kept`` was not
-    applied. Another value is an :class:`~robustkit.errors.InputError`."""
+    applied (``kept (...)`` if glibc took only half of it). Another value is an
+    :class:`~robustkit.errors.InputError`."""
     global _APPLIED
     if _APPLIED is not None:
         return _APPLIED
@@ -69,8 +70,10 @@ def configure() -> str:
     else:
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         libc.mallopt.restype = ctypes.c_int
-        done = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, KEPT_BYTES) == 1
-        _APPLIED = "kept" if done else "system (mallopt refused)"
+        no_mmap = libc.mallopt(M_MMAP_MAX, 0) == 1
+        kept = no_mmap and libc.mallopt(M_TRIM_THRESHOLD, KEPT_BYTES) == 1
+        _APPLIED = "kept" if kept else ("kept (large requests in the heap; glibc refused the trim threshold)"
+                                        if no_mmap else "system (glibc refused M_MMAP_MAX)")
     return _APPLIED
 
 
