@@ -11,7 +11,7 @@ when the heap cannot grow) and up to 2 GiB of free memory at the top of the heap
 so a freed tensor's pages serve the next one.
 
 It is opt-in because of what it costs in memory. ``benchmarks/allocator.py`` measured on that VM (mnist_small,
-eps 0.1, 2 threads): symbolic verifiable training 1.34x faster for one epoch of 500 samples at 1.14x the peak
+eps 0.1, 2 threads): symbolic verifiable training 1.38x faster for one epoch of 500 samples at 1.10x the peak
 resident memory, but 1.6x faster at 2.0x the peak (4.4 against 2.2 GB) over three epochs of 1,500 samples
 with monitoring: torch's 64-byte-aligned requests do not fit exactly into the freed chunks of the same size,
 so the heap fragments and resident memory grows with the run. The default (unset, or ``system``) keeps
