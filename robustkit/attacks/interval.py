@@ -82,12 +82,9 @@ class IntervalAttack(Attack):
 
     def interval_step(self, model: nn.Module, x: Tensor, y: Tensor, point: Tensor, eps: float) -> Tensor:
         """Move each sample to the box corner that maximises the symbolic bound of its weakest class."""
+        from robustkit.verifiers import spec_bounds
         from robustkit.verifiers.base import margin_spec
-        from robustkit.verifiers.graph import build_graph
-        from robustkit.verifiers.interval import interval_pass
         from robustkit.verifiers.symbolic import box_bounds
-
-        graph = build_graph(model)
 
         moved = point.clone()
         pending = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
@@ -103,7 +100,7 @@ class IntervalAttack(Attack):
                 spec = margin_spec(y[index], logits_count).to(x.dtype)
                 # symbolic's bound is never below interval's (it keeps the better of both), so a box interval
                 # arithmetic verifies is verified by symbolic too: only the others need the symbolic pass
-                unsure = _margin_floor(interval_pass(graph, lower, upper, spec).spec_lower, y[index]) <= 0
+                unsure = _margin_floor(spec_bounds(model, lower, upper, spec, method="interval"), y[index]) <= 0
                 if bool(unsure.any()):
                     index, centre, lower, upper, spec = (t[unsure] for t in (index, centre, lower, upper, spec))
                     found = box_bounds(model, lower, upper, spec, coefficients=True)
