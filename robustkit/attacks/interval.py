@@ -45,15 +45,12 @@ from robustkit.errors import InputError
 from robustkit.gradients import ce_loss, gradient_steps, random_start
 
 
-def _view(v: Tensor, like: Tensor) -> Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
-def _margin_floor(margin_lower: Tensor, y: Tensor) -> Tensor:
-    """The weakest lower bound of f_y - f_j over j != y, per sample."""
+def _weakest(margin_lower: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The weakest lower bound of f_y - f_j over j != y per sample, and that j."""
     masked = margin_lower.clone()
     masked[torch.arange(y.numel()), y] = float("inf")
-    return masked.min(1).values
+    found = masked.min(1)
+    return found.values, found.indices
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,24 +97,19 @@ class IntervalAttack(Attack):
                 spec = margin_spec(y[index], logits_count).to(x.dtype)
                 # symbolic's bound is never below interval's (it keeps the better of both), so a box interval
                 # arithmetic verifies is verified by symbolic too: only the others need the symbolic pass
-                unsure = _margin_floor(spec_bounds(model, lower, upper, spec, method="interval"), y[index]) <= 0
+                unsure = _weakest(spec_bounds(model, lower, upper, spec, method="interval"), y[index])[0] <= 0
                 if bool(unsure.any()):
                     index, centre, lower, upper, spec = (t[unsure] for t in (index, centre, lower, upper, spec))
                     found = box_bounds(model, lower, upper, spec, coefficients=True)
-                    weakest = found.spec_lower.clone()
-                    weakest[torch.arange(index.numel()), y[index]] = float("inf")
-                    weakest = weakest.min(1)
-                    open_box = weakest.values <= 0  # some class may win inside the box: step towards it
-                else:
-                    open_box = unsure[:0]
-            if bool(open_box.any()):
-                assert found.input_coefficients is not None
-                chosen = found.input_coefficients[torch.arange(index.numel()), weakest.indices]
-                # the rows are margins f_y - f_d: f_d - f_y grows against their coefficients' sign
-                corner = centre - radius * chosen.sign()
-                corner = torch.minimum(torch.maximum(corner, ball_lower[index]), ball_upper[index])
-                moved[index[open_box]] = corner[open_box]
-                pending[index[open_box]] = False
+                    assert found.input_coefficients is not None
+                    bound, weakest = _weakest(found.spec_lower, y[index])
+                    open_box = bound <= 0  # some class may win inside the box: step towards it
+                    chosen = found.input_coefficients[torch.arange(index.numel()), weakest]
+                    # the rows are margins f_y - f_d: f_d - f_y grows against their coefficients' sign
+                    corner = centre - radius * chosen.sign()
+                    corner = torch.minimum(torch.maximum(corner, ball_lower[index]), ball_upper[index])
+                    moved[index[open_box]] = corner[open_box]
+                    pending[index[open_box]] = False
             radius *= self.growth
         return moved
 
