@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from robustkit.verifiers import tiles
+from robustkit.verifiers import rowops, tiles
 
 if TYPE_CHECKING:
     from robustkit.verifiers.ops.base import AffineOp, Relaxation
@@ -123,7 +123,8 @@ class SymState:
             else:
                 total = total + self.scale.abs() @ self.shared.flatten(1).abs()
         for rows in self.dense.values():
-            total = total + rows.flatten(2).abs().sum(1)
+            if rows.shape[1]:
+                total = total + rowops.abs_sum(rows.flatten(2))
         for hot in self.onehot.values():
             total = total.scatter_add(1, hot.index, hot.magnitude.abs())
         return total.view(self.batch, *self.shape)
@@ -133,14 +134,12 @@ def _onehot_jacobian(op: AffineOp, hot: OneHotRows, in_shape: tuple[int, ...]) -
     """Rows of ``op``'s Jacobian for one-hot inputs, scaled: (B, k, *out_shape)."""
     if op.weight_matrix is not None:
         weight_t = op.weight_matrix.t()
-        rows = weight_t[hot.index]  # (B, k, out)
-        return rows * hot.magnitude.unsqueeze(2)
+        return rowops.scale_rows(weight_t[hot.index], hot.magnitude)  # (B, k, out)
     unique, position = torch.unique(hot.index, return_inverse=True)
     basis = torch.zeros(unique.numel(), math.prod(in_shape), device=hot.index.device, dtype=hot.magnitude.dtype)
     basis[torch.arange(unique.numel(), device=basis.device), unique] = 1.0
     jac = op.linear(basis.view(-1, *in_shape))  # (u, *out_shape)
-    rows = jac[position]  # (B, k, *out_shape)
-    return rows * hot.magnitude.view(*hot.magnitude.shape, *([1] * (rows.dim() - 2)))
+    return rowops.scale_rows(jac[position], hot.magnitude)  # (B, k, *out_shape)
 
 
 def _tiled_through(op: AffineOp, tiled: tiles.TiledRows, block: int, out: SymState) -> None:
@@ -269,9 +268,9 @@ def _scaled(state: SymState, slope: Tensor, offset: Tensor, error: Tensor, unsta
     elif state.scale is not None:
         rows = state.input_rows()
         assert rows is not None
-        out.dense[INPUT_BLOCK] = rows * slope.unsqueeze(1)
+        out.dense[INPUT_BLOCK] = rowops.scale_columns(rows, slope)
     for key, value in state.dense.items():
-        out.dense[key] = value * slope.unsqueeze(1)
+        out.dense[key] = rowops.scale_columns(value, slope)
     for key, hot in state.onehot.items():
         out.onehot[key] = OneHotRows(hot.index, hot.magnitude * slope_flat.gather(1, hot.index))
     crossing = unstable.reshape(b, -1)
