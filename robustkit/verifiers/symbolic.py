@@ -55,20 +55,27 @@ def _input_coefficients(state: SymState, spec: Tensor, input_shape: tuple[int, .
     return coefficients.reshape(b, k, *input_shape)
 
 
+#: tiles per side of an image grid: smaller tiles skip more zeros but mean more, smaller operations, which cost
+#: more where autograd records them. Measured on mnist_small (2 threads, batch 50 and 100, eps 0.01 to 0.1):
+#: 7 per side bounds 15 to 25% faster than 4 without gradients, and a training step is about 5% slower with 7.
 TILES_PER_SIDE = 4
+TILES_PER_SIDE_NO_GRAD = 7
 
 
 def symbolic_pass(
     graph: Graph, lower: Tensor, upper: Tensor, spec: Tensor, naive: bool = False, coefficients: bool = False,
-    tiles_per_side: int = TILES_PER_SIDE, intersect: bool = True,
+    tiles_per_side: int | None = None, intersect: bool = True,
 ) -> SymbolicPass:
     """Propagate symbolic intervals over the box [lower, upper] and bound ``spec @ f`` from below.
 
     With ``tiles_per_side`` > 0, rows with local support on image grids are kept in about that many tiles per
-    side (:mod:`robustkit.verifiers.tiles`); the bounds are the same, computed faster; 0 keeps them dense.
+    side (:mod:`robustkit.verifiers.tiles`); the bounds are the same, computed faster; 0 keeps them dense;
+    None (the default) takes ``TILES_PER_SIDE`` when autograd records and ``TILES_PER_SIDE_NO_GRAD`` otherwise.
     With ``intersect`` (the default) the bounds of every non-linear layer's input are intersected with interval
     arithmetic's and the final bound is the better of both; without it the analysis is the paper's alone.
     """
+    if tiles_per_side is None:
+        tiles_per_side = TILES_PER_SIDE if torch.is_grad_enabled() else TILES_PER_SIDE_NO_GRAD
     states: dict[int, SymState] = {INPUT: SymState.from_box(lower, upper, tiles_per_side)}
     boxes: dict[int, Box] = {INPUT: Box.from_bounds(lower, upper)}
     remaining = {key: len(users) for key, users in graph.consumers().items()}
