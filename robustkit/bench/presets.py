@@ -10,7 +10,9 @@
   to decide; the samples not reached stay undecided; a cell's band is the gap between its worst-case attack
   accuracy and its best relaxation's verified accuracy). Measured on 2 idle AMD EPYC cores, every stage
   included: 42 min 41 s (cells, training and evaluation: standard 3 min 37 s, pgd 9 min 1 s, verifiable
-  (symbolic) 17 min 40 s, verifiable (interval) 5 min 40 s, MixTrain 6 min 41 s). AutoAttack runs in
+  (symbolic) 17 min 40 s, verifiable (interval) 5 min 40 s, MixTrain 6 min 41 s) and, in a slower state of the
+  machine, 45 min 54 s; with two CPU-bound background processes on the same machine (one torch thread by
+  default) 1 h 19 min 36 s (5 min 34 s, 15 min 25 s, 40 min 15 s, 7 min 47 s, 10 min 1 s). AutoAttack runs in
   robustkit's ``fast`` version (APGD-CE and APGD-T, 25 iterations each) by default: the standard ensemble
   took 41 minutes of one thread on the PGD-trained model's 1,000 test images (shared 2-core machine), per
   robust cell; set ``autoattack = "standard"`` in a config file for the leaderboard protocol. Adam with lr
