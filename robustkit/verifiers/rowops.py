@@ -11,7 +11,8 @@ values with those reductions taken over ``CHUNK`` rows at a time, so the tempora
 are row-sized by nature (the scaled rows, the rows' gradient) are still made once.
 
 The numbers are those of the plain expressions up to float32 summation order: the reductions add the rows in
-the same sequence, chunk after chunk.
+the same sequence, chunk after chunk. Without gradients (verification, the interval attack's boxes) the plain
+expressions run, so those bounds are exactly those of before and do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -78,13 +79,20 @@ class _AbsSum(torch.autograd.Function):
         return torch.sgn(rows).mul_(grad.unsqueeze(1))  # abs's subgradient, 0 at 0, as torch's own
 
 
+def _records(*tensors: Tensor) -> bool:
+    """Whether autograd records an operation on these (non-empty) tensors: only then are the chunked versions
+    used, since the row-sized temporaries they avoid are those of the backward pass; without gradients the
+    plain expressions give the numbers of before, independent of how the work is split over threads."""
+    return torch.is_grad_enabled() and tensors[0].shape[1] > 0 and any(t.requires_grad for t in tensors)
+
+
 def _flat(rows: Tensor) -> Tensor:
     return rows.reshape(rows.shape[0], rows.shape[1], -1)
 
 
 def scale_columns(rows: Tensor, factor: Tensor) -> Tensor:
     """``rows * factor.unsqueeze(1)``: rows (B, m, *shape) times one factor per neuron, ``factor`` (B, *shape)."""
-    if rows.shape[1] == 0 or factor.shape[0] != rows.shape[0]:
+    if not _records(rows, factor) or factor.shape[0] != rows.shape[0]:
         return rows * factor.unsqueeze(1)
     scaled: Tensor = _Scale.apply(_flat(rows), factor.reshape(factor.shape[0], -1), 1)  # type: ignore[no-untyped-call]
     return scaled.view(rows.shape)
@@ -92,13 +100,15 @@ def scale_columns(rows: Tensor, factor: Tensor) -> Tensor:
 
 def scale_rows(rows: Tensor, magnitude: Tensor) -> Tensor:
     """``rows`` (B, m, *shape) times one factor per row, ``magnitude`` (B, m)."""
-    if rows.shape[1] == 0 or magnitude.shape != rows.shape[:2]:
+    if not _records(rows, magnitude) or magnitude.shape != rows.shape[:2]:
         return rows * magnitude.view(*magnitude.shape, *([1] * (rows.dim() - 2)))
     scaled: Tensor = _Scale.apply(_flat(rows), magnitude, 2)  # type: ignore[no-untyped-call]
     return scaled.view(rows.shape)
 
 
 def abs_sum(rows: Tensor) -> Tensor:
-    """``rows.abs().sum(1)`` of rows (B, m, N), m >= 1: the half-widths the rows give every neuron, (B, N)."""
+    """``rows.abs().sum(1)`` of rows (B, m, N): the half-widths the rows give every neuron, (B, N)."""
+    if not _records(rows):
+        return rows.abs().sum(1)
     total: Tensor = _AbsSum.apply(rows)  # type: ignore[no-untyped-call]
     return total
