@@ -17,6 +17,7 @@ expressions run, so those bounds are exactly those of before and do not depend o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,19 +26,11 @@ from torch import Tensor
 CHUNK = 16  # rows per step of a chunked reduction: (B, 16, N) temporaries, a few MB
 
 
-def _column_dot(first: Tensor, second: Tensor) -> Tensor:
-    """``(first * second).sum(1)`` for (B, m, N) tensors, over CHUNK rows at a time."""
-    total = (first[:, :CHUNK] * second[:, :CHUNK]).sum(1)
-    for start in range(CHUNK, first.shape[1], CHUNK):
-        total += (first[:, start : start + CHUNK] * second[:, start : start + CHUNK]).sum(1)
-    return total
-
-
-def _abs_sum(rows: Tensor) -> Tensor:
-    """``rows.abs().sum(1)`` for a (B, m, N) tensor, over CHUNK rows at a time."""
-    total = rows[:, :CHUNK].abs().sum(1)
-    for start in range(CHUNK, rows.shape[1], CHUNK):
-        total += rows[:, start : start + CHUNK].abs().sum(1)
+def _sum_over_rows(term: Callable[[slice], Tensor], rows: int) -> Tensor:
+    """The sum over dim 1 of ``term`` (a slice of the rows -> (B, c, N)), taken CHUNK rows at a time."""
+    total = term(slice(0, CHUNK)).sum(1)
+    for start in range(CHUNK, rows, CHUNK):
+        total += term(slice(start, start + CHUNK)).sum(1)
     return total
 
 
@@ -63,7 +56,8 @@ class _Scale(torch.autograd.Function):
         grad_rows = grad * factor.unsqueeze(ctx.dim) if ctx.needs_input_grad[0] else None
         grad_factor = None
         if ctx.needs_input_grad[1]:
-            grad_factor = _column_dot(grad, rows) if ctx.dim == 1 else _row_dot(grad, rows)
+            grad_factor = (_sum_over_rows(lambda part: grad[:, part] * rows[:, part], rows.shape[1])
+                           if ctx.dim == 1 else _row_dot(grad, rows))
         return grad_rows, grad_factor, None
 
 
@@ -71,7 +65,7 @@ class _AbsSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, rows: Tensor) -> Tensor:
         ctx.save_for_backward(rows)
-        return _abs_sum(rows)
+        return _sum_over_rows(lambda part: rows[:, part].abs(), rows.shape[1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:

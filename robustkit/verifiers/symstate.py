@@ -123,8 +123,7 @@ class SymState:
             else:
                 total = total + self.scale.abs() @ self.shared.flatten(1).abs()
         for rows in self.dense.values():
-            if rows.shape[1]:
-                total = total + rowops.abs_sum(rows.flatten(2))
+            total = total + rowops.abs_sum(rows.flatten(2))
         for hot in self.onehot.values():
             total = total.scatter_add(1, hot.index, hot.magnitude.abs())
         return total.view(self.batch, *self.shape)
