@@ -30,14 +30,14 @@ if TYPE_CHECKING:
     from robustkit.attacks import Attack
     from robustkit.attacks.preflight import GradientFreeGap, PreflightReport
     from robustkit.data import Dataset, Split
-    from robustkit.parallel import TaskStore
+    from robustkit.parallel import TaskStore, WorkerPool
     from robustkit.verifiers import Status, Verifier
 
 __all__ = [
-    "AttackRun", "Conflict", "EvalData", "MethodRun", "PreflightRun", "Robustness", "check_finite_logits",
-    "find_conflicts", "gradient_free_gaps", "model_device", "order_violation", "predict", "recheck",
-    "robustness_counts", "run_attack", "run_preflight", "run_verifiers", "take_samples", "verified_but_broken",
-    "worst_case",
+    "AttackRun", "Conflict", "EvalData", "MethodRun", "PreflightRun", "Robustness", "batch_generator",
+    "check_finite_logits", "find_conflicts", "gradient_free_gaps", "model_device", "order_violation", "predict",
+    "recheck", "robustness_counts", "run_attack", "run_preflight", "run_verifiers", "take_samples",
+    "verified_but_broken", "worst_case",
 ]
 
 TOLERANCE = 1e-6  # how far outside the eps-ball or [0, 1] an adversarial example may lie (float rounding)
@@ -202,30 +202,47 @@ class AttackRun:
         return [(stage, int((self.broken_at > position).sum())) for position, stage in enumerate(self.stages)]
 
 
+def batch_generator(seed: int, offset: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random generator of the batch whose first sample is at ``offset``, seeded from ``seed`` and ``offset``
+    together (numpy's ``SeedSequence``), so a batch's random draws depend on nothing else: not on the batches
+    before it, nor on which process runs it."""
+    import numpy as np
+
+    from robustkit.runtime import make_generator
+
+    entropy = np.random.SeedSequence([seed % 2**63, offset]).generate_state(1, dtype=np.uint64)[0]
+    return make_generator(int(entropy), device)
+
+
 def run_attack(
-    model: nn.Module, data: EvalData, label: str, attack: Attack, eps_list: Sequence[float], seed: int
+    model: nn.Module, data: EvalData, label: str, attack: Attack, eps_list: Sequence[float], seed: int, *,
+    pool: WorkerPool | None = None,
 ) -> list[AttackRun]:
     """Attack every sample at every eps, batch by batch, with one progress bar (and one log line at the end,
     :func:`robustkit.progress.log`).
 
-    Every eps gets its own generator seeded with ``seed``, so an attack's result depends neither on the other
-    radii nor on the other attacks evaluated.
+    Every batch at every eps gets its own generator (:func:`batch_generator` of ``seed`` and the batch's
+    offset), so an attack's result depends neither on the other radii, nor on the other attacks evaluated, nor
+    on whether the batches run here or in the processes of ``pool`` (:class:`robustkit.parallel.WorkerPool`).
     """
     from robustkit.attacks import AttackResult, AutoAttackResult
+    from robustkit.parallel import iter_tasks
     from robustkit.progress import format_seconds, log, progress
-    from robustkit.runtime import make_generator
 
-    device = model_device(model)
-    generators = {eps: make_generator(seed, device) for eps in eps_list}
-    parts: dict[float, list[AttackResult]] = {eps: [] for eps in eps_list}
-    steps = [(eps, batch) for eps in eps_list for batch in data.batches()]
+    tasks = [(eps, offset, min(offset + data.batch_size, data.n)) for eps in eps_list
+             for offset in range(0, data.n, data.batch_size)]
+    keys = [f"eps{eps:g}-{start}-{stop}" for eps, start, stop in tasks]
+    found: dict[int, AttackResult] = {}
     started = time.perf_counter()
-    for eps, (_, x, y) in progress(steps, desc=f"attack {label}", unit="batch"):
-        parts[eps].append(attack(model, x, y, eps=eps, generator=generators[eps]))
+    context = (model, attack, data.split.x, data.split.y, seed)
+    for index, result in progress(iter_tasks(_attack_task, context, tasks, keys, pool=pool), total=len(tasks),
+                                  desc=f"attack {label}", unit="batch"):
+        found[index] = result
     log(f"  stage attack {label} at eps {', '.join(f'{e:g}' for e in eps_list)} on {data.n} samples: "
         f"{format_seconds(time.perf_counter() - started)}")
     runs = []
-    for eps, results in parts.items():
+    for eps in eps_list:
+        results = [found[i] for i, task in enumerate(tasks) if task[0] == eps]
         staged = [r for r in results if isinstance(r, AutoAttackResult) and r.broken_at is not None]
         stages: tuple[str, ...] = ()
         broken_at = None
@@ -241,6 +258,14 @@ def run_attack(
             stages=stages, broken_at=broken_at,
         ))
     return runs
+
+
+def _attack_task(context: tuple[nn.Module, Attack, Tensor, Tensor, int], task: tuple[float, int, int]) -> Any:
+    """One task of :func:`run_attack`: the attack on samples start..stop-1 at eps."""
+    model, attack, x, y, seed = context
+    eps, start, stop = task
+    return attack(model, x[start:stop], y[start:stop], eps=eps, generator=batch_generator(seed, start,
+                                                                                          model_device(model)))
 
 
 def recheck(model: nn.Module, data: EvalData, runs: Sequence[AttackRun]) -> list[str]:
@@ -317,12 +342,13 @@ class MethodRun:
 def run_verifiers(
     model: nn.Module, data: EvalData, verifiers: Mapping[str, Verifier], eps_list: Sequence[float], *,
     workers: int = 1, scheduler: str | None = None, store: TaskStore | None = None, threads: int = 1,
+    pool: WorkerPool | None = None,
 ) -> list[MethodRun]:
     """Verify every sample with every verifier at every eps, batch by batch, with one progress bar.
 
     The verifiers of a batch run together (:func:`robustkit.verifiers.verify_many`, which shares the symbolic
     pass between ``symbolic`` and ``crown``). When a complete verifier is among them, every sample is a task
-    of its own. Tasks run in ``workers`` processes or on the Dask cluster at ``scheduler``
+    of its own. Tasks run in ``workers`` processes, in those of ``pool`` or on the Dask cluster at ``scheduler``
     (:func:`robustkit.parallel.iter_tasks`, ``threads`` torch threads each) and, with a ``store``, every
     finished task is kept on disk and a re-run skips it. Runs are ordered by verifier, then eps, samples in
     index order. At the end one log line per verifier (:func:`robustkit.progress.log`) gives its time,
@@ -338,7 +364,7 @@ def run_verifiers(
     context = (model, dict(verifiers), data.split.x, data.split.y)
     found: dict[int, dict[str, dict[str, Any]]] = {}
     for index, result in progress(iter_tasks(_verify_task, context, tasks, keys, workers=workers,
-                                             scheduler=scheduler, store=store, threads=threads),
+                                             scheduler=scheduler, store=store, threads=threads, pool=pool),
                                   total=len(tasks), desc=f"verify {','.join(verifiers)}",
                                   unit="sample" if size == 1 else "batch"):
         found[index] = result

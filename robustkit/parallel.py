@@ -11,13 +11,20 @@ arrives, and tasks whose file exists are not run again: a killed run loses at mo
 ``--resume`` continues it. Results are returned in task order whatever the order of completion. Stored
 results are plain tensors, strings and numbers, read back with ``torch.load(weights_only=True)``, which
 refuses anything else.
+
+A :class:`WorkerPool` keeps its processes for many calls (the bench's evaluation stages of one cell share one,
+so the processes start once): each call's context is pickled once and sent with its tasks, and a worker
+unpickles it once per call.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import os
+import pickle
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -29,7 +36,7 @@ import torch
 
 from robustkit.errors import InputError
 
-__all__ = ["TaskStore", "iter_tasks", "run_tasks"]
+__all__ = ["TaskStore", "WorkerPool", "die_with_parent", "iter_tasks", "run_tasks"]
 
 Task = Any
 Result = Any
@@ -90,6 +97,26 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(name, path)
 
 
+def die_with_parent() -> None:
+    """On Linux, have the kernel kill this worker process when its parent dies, however it dies (``kill -9``, an
+    out-of-memory kill): a worker left running would go on working, or writing a run folder while a ``--resume``
+    takes the run over (one writer per run folder). Elsewhere a worker ends when it next asks for work."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _initialise(context: Any, threads: int) -> None:
     global _CONTEXT
     import signal
@@ -97,6 +124,7 @@ def _initialise(context: Any, threads: int) -> None:
     from robustkit import allocator
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+    die_with_parent()
     allocator.configure()
     torch.set_num_threads(threads)
     _CONTEXT = context
@@ -104,6 +132,86 @@ def _initialise(context: Any, threads: int) -> None:
 
 def _run_in_worker(work: Work, task: Task) -> Result:
     return work(_CONTEXT, task)
+
+
+#: a pooled worker's context of the current call: (call number, context)
+_POOLED: tuple[int, Any] = (-1, None)
+
+
+def _run_pooled(work: Work, call: int, blob: bytes, modules: dict[str, str], task: Task) -> tuple[Result, float]:
+    """One task in a pooled worker: the result and the peak memory (MiB) the task added to the worker."""
+    global _POOLED
+    from robustkit.runtime import PeakMemory
+
+    if _POOLED[0] != call:
+        from robustkit.models.loading import import_file_module
+
+        for name, file in modules.items():  # factory files the context's classes come from
+            if name not in sys.modules:
+                import_file_module(name, Path(file))
+        _POOLED = (-1, None)  # the previous call's context is freed first
+        _POOLED = (call, pickle.loads(blob))  # bytes this worker's parent pickled, never a file
+    with PeakMemory() as memory:
+        result = work(_POOLED[1], task)
+    return result, memory.peak_mb
+
+
+class WorkerPool:
+    """``workers`` spawned processes of ``threads`` torch threads each, kept for many :func:`iter_tasks` calls
+    (``pool=``) until :meth:`close` (or the end of a ``with`` block). The context of a call must pickle (classes
+    from factory files too: the workers import those files under the same module names). ``peak_mb`` is the
+    most memory one task added to its worker so far."""
+
+    _calls = itertools.count()
+
+    def __init__(self, workers: int, threads: int = 1) -> None:
+        if workers < 2:
+            raise InputError(f"a worker pool needs at least 2 workers, got {workers}")
+        self.workers = workers
+        self.threads = threads
+        self.peak_mb = 0.0
+        self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                             initializer=_initialise, initargs=(None, threads))
+
+    def run(self, work: Work, context: Any, tasks: Sequence[Task], todo: Sequence[int] | None = None,
+            keep_going: Callable[[], bool] | None = None) -> Iterator[tuple[int, Result]]:
+        """``(index, result)`` for the tasks ``todo`` (default: all), in order of completion. At most one task per
+        worker is in flight, the next one started as one finishes, and none once ``keep_going()`` is False (the
+        tasks not started are then not yielded)."""
+        from robustkit.models.loading import user_modules
+
+        blob = pickle.dumps(context)
+        call = next(self._calls)
+        modules = user_modules()
+        waiting = list(range(len(tasks)) if todo is None else todo)[::-1]
+        running: dict[Future[tuple[Result, float]], int] = {}
+
+        def feed() -> None:
+            while waiting and len(running) < self.workers and (keep_going is None or keep_going()):
+                index = waiting.pop()
+                running[self._executor.submit(_run_pooled, work, call, blob, modules, tasks[index])] = index
+
+        try:
+            feed()
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    result, peak_mb = future.result()
+                    self.peak_mb = max(self.peak_mb, peak_mb)
+                    yield running.pop(future), result
+                feed()
+        finally:
+            for future in running:  # an error or an abandoned call: drop what has not started
+                future.cancel()
+
+    def close(self, wait: bool = True) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=True)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        self.close(wait=kind is None)
 
 
 def _run_on_dask(work: Work, context: Any, task: Task, threads: int) -> Result:
@@ -115,11 +223,12 @@ def _run_on_dask(work: Work, context: Any, task: Task, threads: int) -> Result:
 
 
 def iter_tasks(work: Work, context: Any, tasks: Sequence[Task], keys: Sequence[str], *, workers: int = 1,
-               scheduler: str | None = None, store: TaskStore | None = None, threads: int = 1
-               ) -> Iterator[tuple[int, Result]]:
+               scheduler: str | None = None, store: TaskStore | None = None, threads: int = 1,
+               pool: WorkerPool | None = None) -> Iterator[tuple[int, Result]]:
     """``(index, work(context, tasks[index]))`` for every task, computed in parallel (module docstring), stored
     ones first, then in order of completion. ``keys`` name the tasks in ``store``. ``work`` must be a
-    module-level function (it is sent to the workers by reference)."""
+    module-level function (it is sent to the workers by reference). With a ``pool`` its processes run the
+    tasks (``workers`` and ``threads`` are then the pool's)."""
     if workers < 1:
         raise InputError(f"workers must be >= 1, got {workers}")
     if len(keys) != len(tasks):
@@ -139,22 +248,24 @@ def iter_tasks(work: Work, context: Any, tasks: Sequence[Task], keys: Sequence[s
 
     if scheduler is not None:
         yield from (finished(i, r) for i, r in _run_dask(work, context, tasks, todo, scheduler, threads))
+    elif pool is not None and len(todo) > 1:
+        yield from (finished(i, r) for i, r in pool.run(work, context, tasks, todo))
     elif workers == 1 or len(todo) <= 1:
         for index in todo:
             yield finished(index, work(context, tasks[index]))
     else:
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn"),
-                                   initializer=_initialise, initargs=(context, threads))
+        executor = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn"),
+                                       initializer=_initialise, initargs=(context, threads))
         try:
-            running: dict[Future[Result], int] = {pool.submit(_run_in_worker, work, tasks[i]): i for i in todo}
+            running: dict[Future[Result], int] = {executor.submit(_run_in_worker, work, tasks[i]): i for i in todo}
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     yield finished(running.pop(future), future.result())
         except BaseException:  # Ctrl-C or a failed task: drop the queued tasks, do not wait for running ones
-            pool.shutdown(wait=False, cancel_futures=True)
+            executor.shutdown(wait=False, cancel_futures=True)
             raise
-        pool.shutdown(wait=True)
+        executor.shutdown(wait=True)
 
 
 def run_tasks(work: Work, context: Any, tasks: Sequence[Task], keys: Sequence[str], **options: Any) -> list[Result]:

@@ -123,8 +123,9 @@ def _plural(unit: str) -> str:
     return unit + ("es" if unit.endswith(("s", "x", "sh", "tch")) else "s")
 
 
-def _heartbeat(iterable: Iterable[T], desc: str, unit: str) -> Iterator[T]:
-    total = len(iterable) if isinstance(iterable, Sized) else None
+def _heartbeat(iterable: Iterable[T], desc: str, unit: str, total: int | None = None) -> Iterator[T]:
+    if total is None and isinstance(iterable, Sized):
+        total = len(iterable)
     started = time.perf_counter()
     for count, item in enumerate(iterable, start=1):
         yield item
@@ -140,7 +141,8 @@ def progress(iterable: Iterable[T], **kwargs: Any) -> Iterable[T]:
     from robustkit import threads
 
     if log_enabled():
-        wrapped = _heartbeat(iterable, str(kwargs.get("desc", "working")), str(kwargs.get("unit", "it")))
+        wrapped = _heartbeat(iterable, str(kwargs.get("desc", "working")), str(kwargs.get("unit", "it")),
+                             kwargs.get("total"))
     else:
         from tqdm.auto import tqdm
 

@@ -13,6 +13,7 @@ from robustkit.evaluation import (
     AttackRun,
     EvalData,
     MethodRun,
+    batch_generator,
     check_finite_logits,
     find_conflicts,
     order_violation,
@@ -68,26 +69,31 @@ def test_attack_runs_match_the_attack_and_pass_the_recheck(data: EvalData, model
     attack = PGD(steps=3)
     runs = run_attack(model, data, "pgd", attack, [0.05, 0.2], seed=4)
     assert [r.eps for r in runs] == [0.05, 0.2] and all(r.config == repr(attack) for r in runs)
-    generator = torch.Generator().manual_seed(4)
-    first = [attack(model, x, y, eps=0.05, generator=generator) for _, x, y in data.batches()]
+    first = [attack(model, x, y, eps=0.05, generator=batch_generator(4, offset)) for offset, x, y in data.batches()]
     assert torch.equal(runs[0].success, torch.cat([r.success for r in first]))
+    assert torch.equal(runs[0].x_adv, torch.cat([r.x_adv for r in first]))
     assert recheck(model, data, runs) == []
     assert runs[1].n_broken >= runs[0].n_broken  # a larger ball breaks at least as many samples here
     assert torch.equal(worst_case(runs, 0.2), runs[1].success)
+
+
+def test_batch_generators_depend_on_the_seed_and_the_offset_only() -> None:
+    draws = {(seed, offset): torch.rand(4, generator=batch_generator(seed, offset))
+             for seed in (0, 1, -1) for offset in (0, 12, 24)}
+    assert len({tuple(d.tolist()) for d in draws.values()}) == len(draws)  # no two streams alike
+    assert torch.equal(draws[1, 12], torch.rand(4, generator=batch_generator(1, 12)))
 
 
 def test_a_staged_attack_keeps_its_stages_across_batches(data: EvalData, model: torch.nn.Module) -> None:
     """AutoAttack's per-sample broken_at joins over the batches (12, 12 and 6 samples), so the robust counts
     after each stage are those of the library's results added up."""
     from robustkit.attacks import AutoAttack
-    from robustkit.runtime import make_generator
 
     attack = AutoAttack(version="fast")
     (run,) = run_attack(model, data, "autoattack", attack, [0.03], seed=2)
-    generator = make_generator(2)
     expected = [0, 0, 0]
-    for _, x, y in data.batches():
-        result = attack(model, x, y, eps=0.03, generator=generator)
+    for offset, x, y in data.batches():
+        result = attack(model, x, y, eps=0.03, generator=batch_generator(2, offset))
         for position, (_, accuracy) in enumerate(result.stage_robust_accuracy):
             expected[position] += round(accuracy * len(y))
     assert run.stages == ("clean", "apgd-ce", "apgd-t")

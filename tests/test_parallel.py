@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from robustkit.cli import main
 from robustkit.errors import InputError
 from robustkit.evaluation import EvalData, run_verifiers
-from robustkit.parallel import TaskStore, run_tasks
+from robustkit.parallel import TaskStore, WorkerPool, run_tasks
 from robustkit.verifiers import Status, get_verifier
 from tests.helpers import one_line_error
 
@@ -22,6 +22,56 @@ def test_processes_give_the_results_in_task_order():
     tasks = list(range(7))
     found = run_tasks(square_plus, 3, tasks, [f"t{t}" for t in tasks], workers=2)
     assert [r["value"] for r in found] == [t * t + 3 for t in tasks]
+
+
+def slow_square(context: float, task: int) -> int:
+    import time
+
+    time.sleep(context)
+    return task * task
+
+
+def test_a_worker_pool_serves_many_calls_and_stops_starting_tasks_when_told():
+    with WorkerPool(2) as pool:
+        first = run_tasks(square_plus, 3, list(range(5)), [str(t) for t in range(5)], pool=pool)
+        second = run_tasks(square_plus, -1, list(range(5)), [str(t) for t in range(5)], pool=pool)
+        assert [r["value"] for r in first] == [t * t + 3 for t in range(5)]
+        assert [r["value"] for r in second] == [t * t - 1 for t in range(5)]  # each call its own context
+        asked = []
+
+        def keep_going() -> bool:  # asked before each start: yes for the first three
+            asked.append(True)
+            return len(asked) <= 3
+
+        found = dict(pool.run(slow_square, 0.05, list(range(10)), keep_going=keep_going))
+        assert found == {0: 0, 1: 1, 2: 4}  # two started at once, one more after the first result, then none
+
+
+def test_pooled_workers_import_the_factory_files_of_the_context(tmp_path):
+    from robustkit.models.loading import load_model
+
+    (tmp_path / "nets.py").write_text(
+        "import torch\n"
+        "class Tiny(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(784, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x.flatten(1))\n"
+        "def build():\n"
+        "    return Tiny()\n")
+    model = load_model(f"{tmp_path / 'nets.py'}:build")
+    x = torch.rand(6, 1, 28, 28)
+    with WorkerPool(2) as pool:
+        found = run_tasks(apply_model, (model, x), [0, 3], ["a", "b"], pool=pool)
+    with torch.no_grad():
+        assert torch.equal(found[0], model(x[0:3])) and torch.equal(found[1], model(x[3:6]))
+
+
+def apply_model(context: tuple[torch.nn.Module, torch.Tensor], start: int) -> torch.Tensor:
+    model, x = context
+    with torch.no_grad():
+        return model(x[start:start + 3])
 
 
 def test_a_stored_task_is_not_run_again_and_settings_must_match(tmp_path):

@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,10 @@ from robustkit.errors import InputError
 from robustkit.evaluation import TOLERANCE, EvalData, model_device
 from robustkit.progress import format_seconds, log, progress
 from robustkit.reports.records import BAND_METRICS
+
+if TYPE_CHECKING:
+    from robustkit.parallel import WorkerPool
+    from robustkit.verifiers import VerificationResult
 
 __all__ = [
     "BAND_METRICS", "CHUNK", "Band", "BandInvariantError", "CompleteChoice", "CompleteRun", "check_counterexamples",
@@ -170,11 +175,13 @@ class CompleteRun:
 
 
 def run_complete(model: nn.Module, data: EvalData, eps: float, choice: CompleteChoice, time_limit: float,
-                 band: Tensor, budget: float = 0.0) -> CompleteRun:
+                 band: Tensor, budget: float = 0.0, pool: WorkerPool | None = None) -> CompleteRun:
     """Run ``choice``'s verifier on the samples of the boolean mask ``band`` (N,), :data:`CHUNK` per call of
-    :func:`robustkit.verifiers.verify` with ``time_limit`` seconds per sample; see the module docstring. With
-    ``budget`` > 0 no chunk starts after ``budget`` seconds: the samples not reached stay undecided."""
-    from robustkit.verifiers import Status, verify
+    :func:`robustkit.verifiers.verify` with ``time_limit`` seconds per sample, the chunks in the processes of
+    ``pool`` when given (one chunk per worker at a time); see the module docstring. With ``budget`` > 0 no chunk
+    starts after ``budget`` seconds: the samples not reached stay undecided. Counterexamples are re-checked here,
+    whoever found them."""
+    from robustkit.verifiers import Status
 
     n = data.n
     positions = band.nonzero().flatten()
@@ -184,18 +191,31 @@ def run_complete(model: nn.Module, data: EvalData, eps: float, choice: CompleteC
         return CompleteRun(None, choice.reason, time_limit, positions, verified, falsified, (), 0.0)
     started = time.perf_counter()
     chunks = [positions[i:i + CHUNK] for i in range(0, len(positions), CHUNK)]
+
+    def keep_going() -> bool:
+        return budget <= 0 or time.perf_counter() - started < budget
+
+    context = (model, data.split.x, data.split.y, eps, choice.method, time_limit)
+
+    def in_order() -> Iterator[tuple[int, VerificationResult]]:
+        for index, chunk in enumerate(chunks):
+            if not keep_going():
+                return
+            yield index, _complete_task(context, chunk)
+
+    results = (pool.run(_complete_task, context, chunks, keep_going=keep_going)
+               if pool is not None and len(chunks) > 1 else in_order())
     rejected = []
     attempted = 0
-    for chunk in progress(chunks, desc=f"complete {choice.method}", unit="chunk"):
-        if budget > 0 and time.perf_counter() - started >= budget:
-            break
+    for index, result in progress(results, total=len(chunks), desc=f"complete {choice.method}", unit="chunk"):
+        chunk = chunks[index]
         attempted += len(chunk)
-        x, y = data.split.x[chunk], data.split.y[chunk]
-        result = verify(model, x, y, eps, method=choice.method, time_limit=time_limit)
+        y = data.split.y[chunk]
         proven = torch.tensor([s is Status.VERIFIED for s in result.status], dtype=torch.bool)
         verified[chunk] = proven & (result.prediction.detach().cpu() == y)
         claimed = torch.tensor([s is Status.FALSIFIED for s in result.status], dtype=torch.bool)
-        accepted, problems = check_counterexamples(model, x, y, eps, result.counterexample, claimed)
+        accepted, problems = check_counterexamples(model, data.split.x[chunk], y, eps, result.counterexample,
+                                                   claimed)
         falsified[chunk] = accepted
         for position, why in problems:
             message = (f"{choice.method} at eps {eps:g}, test sample {data.start + int(chunk[position])}: {why}; "
@@ -208,6 +228,14 @@ def run_complete(model: nn.Module, data: EvalData, eps: float, choice: CompleteC
         f"{time_limit:g} s each): {format_seconds(seconds)}")
     return CompleteRun(choice.method, "", time_limit, positions, verified, falsified, tuple(rejected), seconds,
                        attempted, budget)
+
+
+def _complete_task(context: tuple[nn.Module, Tensor, Tensor, float, str, float], chunk: Tensor) -> VerificationResult:
+    """One chunk of :func:`run_complete`: the complete verifier on the samples at ``chunk``."""
+    from robustkit.verifiers import verify
+
+    model, x, y, eps, method, time_limit = context
+    return verify(model, x[chunk], y[chunk], eps, method=method, time_limit=time_limit)
 
 
 @dataclass(frozen=True, eq=False)

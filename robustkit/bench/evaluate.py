@@ -32,9 +32,11 @@ its gradient stages left robust, inside the ensemble), so the gradient-free chec
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +46,8 @@ from robustkit.bench.config import EvaluationSettings
 from robustkit.data import Dataset, Split
 from robustkit.evaluation import (
     EvalData,
+    Robustness,
+    batch_generator,
     find_conflicts,
     model_device,
     order_violation,
@@ -57,6 +61,9 @@ from robustkit.evaluation import (
 )
 from robustkit.progress import format_seconds, log, progress
 from robustkit.runtime import PeakMemory, make_generator
+
+if TYPE_CHECKING:
+    from robustkit.parallel import WorkerPool
 
 
 @dataclass(frozen=True)
@@ -135,14 +142,39 @@ def _fraction(mask: Tensor) -> float:
 
 
 def evaluate_model(
-    model: nn.Module, dataset: Dataset, test: Split, eps: float, settings: EvaluationSettings, seed: int,
+    model: nn.Module, dataset: Dataset, test: Split, eps: float, settings: EvaluationSettings, seed: int, *,
+    workers: int = 1,
 ) -> Evaluation:
     """Evaluate ``model`` (eval mode) on ``test`` (the first test samples of ``dataset``) at radius ``eps``; see
-    the module docstring."""
+    the module docstring. With ``workers`` > 1 (on the CPU) the batches of the attacks, the relaxations and the
+    sweep run in that many worker processes (:class:`robustkit.parallel.WorkerPool`, started once for all
+    stages), this process's torch threads shared among them; every batch draws from its own generator
+    (:func:`robustkit.evaluation.batch_generator`), so the results do not depend on ``workers``. The recorded
+    peak memory is the larger of this process's and the most one batch added to a worker."""
+    from robustkit.parallel import WorkerPool
+
+    model.eval()
+    pool = None
+    if workers > 1 and model_device(model).type == "cpu":
+        pool = WorkerPool(workers, threads=max(1, torch.get_num_threads() // workers))
+        log(f"  evaluating in {workers} worker processes of {pool.threads} torch thread(s) each")
+    try:
+        evaluation = _evaluate(model, dataset, test, eps, settings, seed, pool)
+    except BaseException:
+        if pool is not None:
+            pool.close(wait=False)
+        raise
+    if pool is None:
+        return evaluation
+    pool.close()
+    return dataclasses.replace(evaluation, peak_memory_mb=max(evaluation.peak_memory_mb, pool.peak_mb))
+
+
+def _evaluate(model: nn.Module, dataset: Dataset, test: Split, eps: float, settings: EvaluationSettings, seed: int,
+              pool: WorkerPool | None) -> Evaluation:
     from robustkit.attacks import PGD, Attack, AutoAttack, CWLinf, IntervalAttack
     from robustkit.verifiers import Status, get_verifier
 
-    model.eval()
     data = EvalData(dataset, test, 0, settings.batch_size)
     n = data.n
     measurements: list[Measurement] = []
@@ -162,7 +194,7 @@ def evaluate_model(
         if settings.autoattack != "off":
             attacks["autoattack_acc"] = AutoAttack(version=settings.autoattack)
         runs = [run for metric, attack in attacks.items()
-                for run in run_attack(model, data, metric.removesuffix("_acc"), attack, [eps], seed)]
+                for run in run_attack(model, data, metric.removesuffix("_acc"), attack, [eps], seed, pool=pool)]
         for metric, run in zip(attacks, runs, strict=True):
             measurements.append(Measurement(metric, eps, _fraction(~run.success), n, run.time_s, run.config))
         violations = [f"re-check failed: {problem}" for problem in recheck(model, data, runs)]
@@ -171,7 +203,7 @@ def evaluate_model(
         broken["worst_attack_acc"] = broken_any
         measurements.append(Measurement("worst_attack_acc", eps, _fraction(~broken_any), n, 0.0))
         verifiers = {name: get_verifier(name) for name in settings.verifiers}
-        method_runs = run_verifiers(model, data, verifiers, [eps])
+        method_runs = run_verifiers(model, data, verifiers, [eps], pool=pool)
         verified_any = torch.zeros(n, dtype=torch.bool)
         for method_run in method_runs:
             verified = method_run.verified(test.y)
@@ -202,12 +234,12 @@ def evaluate_model(
             violations.append(violation)
         complete = run_complete(model, data, eps, choose_complete(settings.complete, model),
                                 settings.complete_time_limit, ~verified_any & ~broken_any,
-                                budget=settings.complete_cell_budget)
+                                budget=settings.complete_cell_budget, pool=pool)
         band = combine_band(verified_any, broken_any, complete.verified, complete.falsified, data.indices)
         for position, (metric, value) in enumerate(band.fractions().items()):
             measurements.append(Measurement(metric, eps, value, n, complete.time_s if position == 0 else 0.0,
                                             complete.config()))
-        measurements += _sweep(model, data, settings, seed, eps)
+        measurements += _sweep(model, data, settings, seed, eps, pool)
     return Evaluation(tuple(measurements), tuple(violations), time.perf_counter() - started, memory.peak_mb,
                       warnings, broken, verified_any, band, complete)
 
@@ -216,34 +248,46 @@ SWEEP_PGD_STEPS = 20
 SWEEP_METHODS = ("interval", "symbolic")
 
 
-def _sweep(model: nn.Module, data: EvalData, settings: EvaluationSettings, seed: int,
-           train_eps: float) -> list[Measurement]:
+def _sweep(model: nn.Module, data: EvalData, settings: EvaluationSettings, seed: int, train_eps: float,
+           pool: WorkerPool | None = None) -> list[Measurement]:
     """Clean, PGD and interval/symbolic-verified accuracy at the sweep's radii and at the training eps, all on the
     first ``sweep_n`` samples with one attack configuration, so every point of the accuracy-vs-eps curve is
     measured the same way (the cell's own rows at the training eps use all test samples and stronger attacks; the
-    reports tell the two apart by ``n``)."""
+    reports tell the two apart by ``n``). Every radius and batch is a task of its own (in ``pool``'s processes
+    when given), with the batch's generator (:func:`robustkit.evaluation.batch_generator`)."""
     from robustkit.attacks import PGD
+    from robustkit.parallel import iter_tasks
 
     if not settings.eps_sweep or settings.sweep_n == 0:
         return []
     x, y = data.split.x[: settings.sweep_n], data.split.y[: settings.sweep_n]
     n = len(y)
-    rows = []
-    what = f"the {data.dataset.name} test split"
     radii = sorted({*settings.eps_sweep, train_eps})
-    for position, eps in enumerate(progress(radii, desc="eps sweep", unit="eps"), start=1):
-        clock = time.perf_counter()
-        generator = make_generator(seed, model_device(model))
-        counts = [robustness_counts(model, x[i : i + settings.batch_size], y[i : i + settings.batch_size], eps,
-                                    pgd_steps=SWEEP_PGD_STEPS, methods=SWEEP_METHODS, generator=generator,
-                                    what=what)
-                  for i in range(0, n, settings.batch_size)]
+    tasks = [(eps, offset, min(offset + settings.batch_size, n)) for eps in radii
+             for offset in range(0, n, settings.batch_size)]
+    context = (model, x, y, seed, f"the {data.dataset.name} test split")
+    found: dict[int, Robustness] = {}
+    clock = time.perf_counter()
+    for index, counts in progress(iter_tasks(_sweep_task, context, tasks, [str(t) for t in tasks], pool=pool),
+                                  total=len(tasks), desc="eps sweep", unit="batch"):
+        found[index] = counts
+    rows = []
+    for eps in radii:
+        counts = [found[i] for i, task in enumerate(tasks) if task[0] == eps]
         rows.append(Measurement("clean_acc", eps, sum(c.clean for c in counts) / n, n, 0.0))
         rows.append(Measurement("pgd_acc", eps, sum(c.pgd for c in counts) / n, n,
                                 sum(c.pgd_time_s for c in counts), repr(PGD(steps=SWEEP_PGD_STEPS))))
         for method in SWEEP_METHODS:
             rows.append(Measurement(f"verified_{method}", eps, sum(c.verified[method] for c in counts) / n, n,
                                     sum(c.verify_time_s[method] for c in counts)))
-        log(f"  stage eps sweep {position}/{len(radii)} (eps {eps:g}, {n} samples): "
-            f"{format_seconds(time.perf_counter() - clock)}")
+    log(f"  stage eps sweep ({len(radii)} radii, {n} samples): {format_seconds(time.perf_counter() - clock)}")
     return rows
+
+
+def _sweep_task(context: tuple[nn.Module, Tensor, Tensor, int, str], task: tuple[float, int, int]) -> Robustness:
+    """One task of :func:`_sweep`: the counts of samples start..stop-1 at eps."""
+    model, x, y, seed, what = context
+    eps, start, stop = task
+    return robustness_counts(model, x[start:stop], y[start:stop], eps, pgd_steps=SWEEP_PGD_STEPS,
+                             methods=SWEEP_METHODS, generator=batch_generator(seed, start, model_device(model)),
+                             what=what)

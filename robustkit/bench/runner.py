@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from robustkit.data import Dataset, Split, load_dataset
 from robustkit.errors import InputError
 from robustkit.evaluation import take_samples
 from robustkit.io import atomic_write_text, json_value, torch_save_atomic, write_csv
+from robustkit.parallel import die_with_parent
 from robustkit.progress import WorkLog, format_seconds, log, progress
 from robustkit.runlock import LOCK_FILE, run_lock
 from robustkit.runtime import PeakMemory
@@ -232,8 +232,10 @@ def _train(cell: Cell, config: BenchConfig, train: Any, monitor: Any, folder: Pa
     return model, result, memory.peak_mb
 
 
-def run_cell(cell: Cell, config: BenchConfig, data: GridData, folder: Path, device: str, resume: bool) -> CellOutcome:
-    """Train (or resume) and evaluate one cell; its ``result.json`` is written atomically at the end."""
+def run_cell(cell: Cell, config: BenchConfig, data: GridData, folder: Path, device: str, resume: bool,
+             eval_workers: int = 1) -> CellOutcome:
+    """Train (or resume) and evaluate one cell (the evaluation in ``eval_workers`` processes, see
+    :func:`robustkit.bench.evaluate.evaluate_model`); its ``result.json`` is written atomically at the end."""
     version, torch_version = _versions()
     folder.mkdir(parents=True, exist_ok=True)
     reset_peak()  # the rows record the most threads the cell used (a worker's share can grow)
@@ -242,7 +244,8 @@ def run_cell(cell: Cell, config: BenchConfig, data: GridData, folder: Path, devi
     model, result, train_memory = _train(cell, config, train, data.monitor, folder, device, resume)
     log(f"  trained ({format_seconds(result.train_time_s)} of training time); evaluating on {len(test)} test samples "
         f"at eps {cell.eps:g}")
-    evaluation = evaluate_model(model, data.dataset, test, cell.eps, config.evaluation, cell.seed)
+    evaluation = evaluate_model(model, data.dataset, test, cell.eps, config.evaluation, cell.seed,
+                                workers=eval_workers)
     base = {"dataset": cell.dataset, "model": cell.model, "trainer": cell.trainer.label,
             "trainer_name": cell.trainer.name, "train_eps": cell.eps, "seed": cell.seed}
     tail = {"robustkit_version": version, "torch_version": torch_version, "threads": peak_threads(),
@@ -300,6 +303,15 @@ def _record_machine(folder: Path, config: BenchConfig, device: str, on_note: Cal
     atomic_write_text(file, json.dumps(document, indent=1))
 
 
+def _eval_workers(wanted: int | None, device: str) -> int:
+    """The evaluation workers of the next cell run in this process (see :func:`run_bench`)."""
+    if wanted is not None:
+        if wanted < 1:
+            raise InputError(f"bench evaluation workers must be >= 1, got {wanted}")
+        return wanted if device == "cpu" else 1
+    return torch.get_num_threads() if device == "cpu" else 1
+
+
 def _warn(note: str) -> None:
     warnings.warn(note, RuntimeWarning, stacklevel=3)
 
@@ -332,32 +344,12 @@ def _worker_start(threads: int, total: int, counts: Any, log_on: bool, log_since
     global _WORKER_COUNTS
     allocator.configure()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
     torch.set_num_threads(threads)
     _WORKER_COUNTS = counts
     set_share(lambda: thread_share(counts[0], counts[1], threads, total))
     set_progress(log_on)  # bars of several processes would garble a terminal: only log lines, when the parent logs
     set_log(log_on, since=log_since)
-
-
-def _die_with_parent() -> None:
-    """On Linux, have the kernel kill this worker when the bench process dies, however it dies (``kill -9``, an
-    out-of-memory kill): a worker left running would go on writing its cell's folder while a ``--resume`` takes
-    the run over (one writer per run folder). Elsewhere the workers end when they next ask for a cell."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import ctypes.util
-    import signal
-
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
 
 
 def thread_share(not_started: int, running: int, threads: int, total: int) -> int:
@@ -517,6 +509,7 @@ def run_bench(
     on_note: Callable[[str], None] | None = None,
     on_start: Callable[[], None] | None = None,
     jobs: int | None = 1,
+    eval_workers: int | None = None,
 ) -> BenchRun:
     """Run (or resume) the whole grid into ``folder``; see the module docstring.
 
@@ -527,6 +520,12 @@ def run_bench(
     free, at most 4), never more than ``threads``. The results are the same files in the same order as one at a
     time; a cell's numbers may differ in the last float bits with its thread count, which its results rows record
     (the most threads it used).
+
+    One cell at a time, a cell's evaluation runs in ``eval_workers`` processes that share the torch threads
+    (:func:`robustkit.bench.evaluate.evaluate_model`; ``None``: as many as this process has torch threads when
+    the evaluation starts, each with one thread: the attacks' small convolutions gain little from a second
+    thread, and the batches are independent). The results do not depend on it. Cells run in ``jobs`` workers
+    evaluate in their own process.
 
     The run holds the folder's lock (:func:`robustkit.runlock.run_lock`) from the first check to the report,
     so a second run on the same folder fails at once instead of redoing or overwriting cells; ``on_note``
@@ -584,7 +583,8 @@ def run_bench(
                 log(f"torch threads {changed[0]} -> {changed[1]}: the cores other processes leave free now")
             log(f"cell {cell.key} ({position + 1}/{len(cells)}): training {cell.trainer.label}")
             clock = time.perf_counter()
-            outcome = run_cell(cell, config, datasets[cell.dataset], cell_folder, device, resume)
+            outcome = run_cell(cell, config, datasets[cell.dataset], cell_folder, device, resume,
+                               _eval_workers(eval_workers, device))
             cells_log.finished(cell.key, time.perf_counter() - clock)
             finished(position, outcome)
         outcomes = [o for o in slots if o is not None]

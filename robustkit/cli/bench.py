@@ -93,10 +93,14 @@ def _threads_text() -> str:
               help="Cells trained and evaluated at once, each in its own process with an equal share of the torch "
                    "threads, the longest first; the last cells share the threads of the workers that have finished "
                    "(CPU only); auto: the cores other processes leave free, at most 4 (1 on a busy machine).")
+@click.option("--eval-workers", default="auto", show_default=True, metavar="N|auto", callback=_check_jobs,
+              help="Processes that share a cell's evaluation batches (attacks, verifiers, sweep) and the torch "
+                   "threads, when cells run one at a time (CPU only); auto: one per torch thread. The results do "
+                   "not depend on it.")
 @click.pass_context
 def bench(ctx: click.Context, config_file: str | None, preset_name: str | None, out: Path | None, resume: bool,
           seed: int | None, seed_list: str | None, device: str | None, data_dir: str | None,
-          jobs: int | None) -> None:
+          jobs: int | None, eval_workers: int | None) -> None:
     """Train every trainer of the grid, evaluate each model with attacks and verifiers, and report.
 
     Writes results.csv (one row per cell and measurement), epochs.csv (training curves), summary.csv,
@@ -137,6 +141,7 @@ def bench(ctx: click.Context, config_file: str | None, preset_name: str | None, 
               f"({', '.join(map(str, config.seeds))}), device {chosen_device}{_threads_text()}, "
               f"into {folder}")
     run = run_bench(config, folder, resume=resume, device=chosen_device, on_cell=_report_cell, jobs=jobs,
+                    eval_workers=eval_workers,
                     on_note=lambda note: click.echo(f"Note: {note}.", err=True),
                     on_start=lambda: click.echo(header))
     summary = folder / "summary.md"

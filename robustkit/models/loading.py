@@ -31,6 +31,7 @@ import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -261,6 +262,28 @@ def _apply_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) -
     model.load_state_dict(state, strict=True)
 
 
+#: the prefix of the module names under which factory files (``file.py:build``) are imported
+USER_MODULE_PREFIX = "robustkit_user_"
+
+
+def import_file_module(name: str, file: Path) -> ModuleType:
+    """Import the Python file ``file`` as the module ``name`` (kept in ``sys.modules``, so its classes pickle by
+    reference; worker processes import it under the same name: :func:`user_modules`)."""
+    module_spec = importlib.util.spec_from_file_location(name, file)
+    if module_spec is None or module_spec.loader is None:
+        raise ModelLoadError(f"cannot import {str(file)!r}")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def user_modules() -> dict[str, str]:
+    """The factory files imported so far: module name -> file."""
+    return {name: str(module.__file__) for name, module in list(sys.modules.items())
+            if name.startswith(USER_MODULE_PREFIX) and getattr(module, "__file__", None)}
+
+
 def _load_factory(spec: str) -> nn.Module:
     match = _FACTORY.match(spec)
     if match is None:
@@ -271,12 +294,7 @@ def _load_factory(spec: str) -> nn.Module:
             file = Path(target).expanduser()
             if not file.is_file():
                 raise ModelLoadError(f"factory file {target!r} does not exist")
-            module_spec = importlib.util.spec_from_file_location(f"robustkit_user_{file.stem}", file)
-            if module_spec is None or module_spec.loader is None:
-                raise ModelLoadError(f"cannot import {target!r}")
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_spec.name] = module
-            module_spec.loader.exec_module(module)
+            module = import_file_module(f"{USER_MODULE_PREFIX}{file.stem}", file)
         else:
             module = importlib.import_module(target)
     except ModelLoadError:

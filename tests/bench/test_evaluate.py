@@ -12,6 +12,7 @@ from robustkit.bench.complete import choose_complete
 from robustkit.bench.config import EvaluationSettings
 from robustkit.bench.evaluate import Evaluation, evaluate_model
 from robustkit.data import load_dataset
+from robustkit.parallel import WorkerPool
 from tests.helpers import train_mnist_fc
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -110,3 +111,38 @@ def test_the_complete_stage_decides_within_the_band(model):
     stage = json.loads(next(m.config for m in evaluation.measurements if m.metric == "verified_complete"))
     assert stage == {"method": choose_complete("auto", model).method, "time_limit": 0.5,
                      "band": len(evaluation.complete.band)}
+
+
+def test_evaluation_workers_give_the_numbers_of_one_process(model, monkeypatch):
+    """Batches of every stage (attacks, relaxations, sweep, the complete stage's chunks) in two worker
+    processes: each batch has its own generator and every process one thread here, so every measurement and
+    every per-sample mask is that of the evaluation in this process."""
+    import dataclasses
+
+    dataset = load_dataset("mnist5k")
+    test = dataset.test.subset(0, 60)
+    chosen = dataclasses.replace(settings("fast", complete="exact"), complete_time_limit=30.0, batch_size=20,
+                                 eps_sweep=(0.01, 0.03), sweep_n=40)
+    eps = 0.04
+    monkeypatch.setattr("robustkit.bench.complete.CHUNK", 3)  # the band (8 samples here) in several chunks
+    alone = evaluate_model(model, dataset, test, eps, chosen, seed=3)
+    pooled_work = []
+    run = WorkerPool.run
+
+    def recorded(pool, work, *args, **options):
+        pooled_work.append(work.__name__)
+        return run(pool, work, *args, **options)
+
+    monkeypatch.setattr(WorkerPool, "run", recorded)
+    pooled = evaluate_model(model, dataset, test, eps, chosen, seed=3, workers=2)
+    assert set(pooled_work) == {"_attack_task", "_verify_task", "_sweep_task", "_complete_task"}
+    assert alone.violations == () == pooled.violations
+    values = [(m.metric, m.eval_eps, m.value, m.n, m.config) for m in alone.measurements]
+    assert values == [(m.metric, m.eval_eps, m.value, m.n, m.config) for m in pooled.measurements]
+    assert alone.broken.keys() == pooled.broken.keys()
+    assert all(torch.equal(alone.broken[key], pooled.broken[key]) for key in alone.broken)
+    assert alone.complete is not None and pooled.complete is not None and len(alone.complete.band) > 3
+    assert torch.equal(alone.complete.verified, pooled.complete.verified)
+    assert torch.equal(alone.complete.falsified, pooled.complete.falsified)
+    assert {m.eval_eps for m in pooled.measurements} == {0.01, 0.03, eps}
+    assert pooled.peak_memory_mb > 0
