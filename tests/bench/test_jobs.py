@@ -109,12 +109,13 @@ def test_cells_in_worker_processes_give_the_numbers_of_one_process(tmp_path):
     assert (machine["threads"], machine["jobs"]) == (2, 2)
 
 
-def test_jobs_must_be_a_count_or_auto(tmp_path):
-    for bad in ("0", "two", "-1"):
-        result = CliRunner().invoke(main, ["bench", "--preset", "quick", "--out", str(tmp_path / bad),
-                                           "--jobs", bad])
-        assert result.exit_code == 2 and "--jobs" in result.output and "auto" in result.output
-        assert not (tmp_path / bad).exists()
+def test_jobs_and_eval_workers_must_be_a_count_or_auto(tmp_path):
+    for option in ("--jobs", "--eval-workers"):
+        for bad in ("0", "two", "-1"):
+            result = CliRunner().invoke(main, ["bench", "--preset", "quick", "--out", str(tmp_path / bad),
+                                               option, bad])
+            assert result.exit_code == 2 and option in result.output and "auto" in result.output
+            assert not (tmp_path / bad).exists()
 
 
 def test_auto_jobs_never_runs_more_processes_than_threads(monkeypatch):
