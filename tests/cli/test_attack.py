@@ -19,6 +19,7 @@ from robustkit.cli import main
 from robustkit.cli.attack import STAGE_COLUMNS, SUMMARY_COLUMNS, sample_columns
 from robustkit.cli.preflight import PREFLIGHT_COLUMNS
 from robustkit.data import load_dataset
+from robustkit.evaluation import batch_generator
 from tests.helpers import RandomSearch, one_line_error, read_csv, train_mnist_fc
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -97,10 +98,11 @@ def test_results_match_the_library_and_a_fresh_forward_pass(tmp_path, trained, t
             if r["clean_prediction"] != r["label"]:  # clean-misclassified samples count as broken
                 assert r["worst_case_success"] == "1" and r["pgd_success"] == "1"
 
-        # the command's pgd is the library's PGD, batch by batch, with a generator seeded from --seed per eps
-        generator = torch.Generator().manual_seed(3)
+        # the command's pgd is the library's PGD, batch by batch, each batch with the generator of --seed and
+        # the batch's offset
         expected = torch.cat([
-            PGD(steps=10)(model, x[i:i + 25], y[i:i + 25], eps=eps, generator=generator).success for i in (0, 25, 50)
+            PGD(steps=10)(model, x[i:i + 25], y[i:i + 25], eps=eps, generator=batch_generator(3, i)).success
+            for i in (0, 25, 50)
         ])
         assert [r["pgd_success"] == "1" for r in mine] == expected.tolist()
 
@@ -309,9 +311,8 @@ def test_third_party_models(kind, tmp_path, monkeypatch, trained, test_split):
     with torch.no_grad():
         assert [int(r["clean_prediction"]) for r in rows] == model(x).argmax(1).tolist()  # the same network
     # the command's pgd equals the library's on the original module: the loaded model computes the same function
-    generator = torch.Generator().manual_seed(0)
-    expected = torch.cat([PGD(steps=5)(model, x[i:i + 12], y[i:i + 12], eps=0.05, generator=generator).success
-                          for i in (0, 12)])
+    expected = torch.cat([PGD(steps=5)(model, x[i:i + 12], y[i:i + 12], eps=0.05,
+                                       generator=batch_generator(0, i)).success for i in (0, 12)])
     assert [r["pgd_success"] == "1" for r in rows] == expected.tolist()
     _, summary = read_csv(out / "summary.csv")
     assert [r["method"] for r in summary] == [*labels, "worst-case"]
