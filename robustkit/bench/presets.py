@@ -1,24 +1,23 @@
 """Built-in benchmark configurations (TOML, the same format as ``--config`` files).
 
-* ``paper`` (the default): the MixTrain paper's comparison on the embedded data: mnist5k, mnist_small,
-  eps 0.1, trainers standard, pgd (Madry, 40 steps), verifiable (symbolic), verifiable (interval) and
-  mixtrain; evaluated with 40-step PGD with 10 restarts, cw-linf, the interval attack with its defaults,
-  AutoAttack (the ``AutoAttack`` column, part of the per-sample worst case), the interval, symbolic and
-  crown verifiers, then the complete stage (``complete = "auto"``: bab where robustkit has it, else exact) with
-  at most 2 s per sample of each cell's undecided band and at most 30 s per cell (``complete_cell_budget``: the
-  band of a standard- or PGD-trained net is most of the test set, which 2 s per sample would take half an hour
-  to decide; the samples not reached stay undecided; on 2 cores the band's chunks run in two evaluation
-  workers, so 30 s reach about as many samples as 60 s did in one process; a cell's band is the gap between its worst-case attack
-  accuracy and its best relaxation's verified accuracy). Measured on 2 idle AMD EPYC cores, every stage
-  included: 42 min 41 s (cells, training and evaluation: standard 3 min 37 s, pgd 9 min 1 s, verifiable
-  (symbolic) 17 min 40 s, verifiable (interval) 5 min 40 s, MixTrain 6 min 41 s) and, in a slower state of the
-  machine, 45 min 54 s; with two CPU-bound background processes on the same machine (one torch thread by
-  default) 1 h 19 min 36 s (5 min 34 s, 15 min 25 s, 40 min 15 s, 7 min 47 s, 10 min 1 s). AutoAttack runs in
-  robustkit's ``fast`` version (APGD-CE and APGD-T, 25 iterations each) by default: the standard ensemble
-  took 41 minutes of one thread on the PGD-trained model's 1,000 test images (shared 2-core machine), per
-  robust cell; set ``autoattack = "standard"`` in a config file for the leaderboard protocol. Adam with lr
-  0.002 for every trainer; the full verifiable training gets 8 epochs and MixTrain (k = 3 points of
-  each batch of 50) 13, both at 1.2 x eps: the budgets that show the paper's trade-off here.
+* ``paper`` (the default): the MixTrain paper's comparison on the embedded data: mnist5k, mnist_small, eps 0.1,
+  trainers standard, pgd (Madry, 40 steps), verifiable (symbolic), verifiable (interval) and mixtrain; evaluated with
+  40-step PGD with 10 restarts, cw-linf, the interval attack with its defaults, AutoAttack (the ``AutoAttack`` column,
+  part of the per-sample worst case), the interval, symbolic and crown verifiers, then the complete stage (``complete
+  = "auto"``: bab where robustkit has it, else exact) with at most 2 s per sample of each cell's undecided band and at
+  most 30 s per cell (``complete_cell_budget``: the band of a standard- or PGD-trained net is most of the test set,
+  which 2 s per sample would take half an hour to decide; the samples not reached stay undecided; on 2 cores the
+  band's chunks run in two evaluation workers, so 30 s reach about as many samples as 60 s did in one process; a
+  cell's band is the gap between its worst-case attack accuracy and its best relaxation's verified accuracy). Measured
+  on 2 idle AMD EPYC cores, every stage included: 42 min 41 s (cells, training and evaluation: standard 3 min 37 s,
+  pgd 9 min 1 s, verifiable (symbolic) 17 min 40 s, verifiable (interval) 5 min 40 s, MixTrain 6 min 41 s) and, in a
+  slower state of the machine, 45 min 54 s; with two CPU-bound background processes on the same machine (one torch
+  thread by default) 1 h 19 min 36 s (5 min 34 s, 15 min 25 s, 40 min 15 s, 7 min 47 s, 10 min 1 s). AutoAttack runs
+  in robustkit's ``fast`` version (APGD-CE and APGD-T, 25 iterations each) by default: the standard ensemble took 41
+  minutes of one thread on the PGD-trained model's 1,000 test images (shared 2-core machine), per robust cell; set
+  ``autoattack = "standard"`` in a config file for the leaderboard protocol. Adam with lr 0.002 for every trainer; the
+  full verifiable training gets 8 epochs and MixTrain (k = 3 points of each batch of 50) 13, both at 1.2 x eps: the
+  budgets that show the paper's trade-off here.
 * ``quick``: the same shape on the small fully connected net and a subset of the data, in a few minutes at
   most (used by the test suite); AutoAttack in robustkit's ``fast`` version (APGD-CE and APGD-T, 25 iterations
   each): measured 0.4 to 0.5 s of CPU time per cell on its 60 test samples, 2.2 s per run (AMD EPYC, one thread),

@@ -6,6 +6,7 @@ N processes sees the same batches as a single process, and DistributedDataParall
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -42,7 +43,15 @@ def setup(device: torch.device) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
+        # leaving the group to interpreter teardown can abort the process (gloo's worker threads outlive the
+        # interpreter): a script that trains and returns without destroying the group must still exit cleanly
+        atexit.register(_leave_group)
     return DistInfo(rank=dist.get_rank(), world=dist.get_world_size())
+
+
+def _leave_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device(device: torch.device) -> torch.device:
