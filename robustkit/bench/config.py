@@ -107,6 +107,9 @@ class BenchConfig:
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     source: str = "preset paper"
     model_dir: str | None = None  # the folder relative factory files of ``models`` are read from
+    #: cells trained and evaluated at once when ``robustkit bench`` gets no ``--jobs`` (``run.jobs``; None:
+    #: auto, see :func:`robustkit.bench.run_bench`); the results do not depend on it
+    jobs: int | None = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -275,7 +278,7 @@ def parse_config(raw: Mapping[str, Any], source: str, base: Path | None = None) 
     from robustkit.data import DATASETS
     from robustkit.verifiers import VERIFIERS
 
-    top = ("seed", "seeds", "grid", "data", "training", "trainers", "evaluation")
+    top = ("seed", "seeds", "grid", "data", "training", "trainers", "evaluation", "run")
     for key in raw:
         if key not in top:
             raise _fail(key, "unknown section", top)
@@ -360,11 +363,16 @@ def parse_config(raw: Mapping[str, Any], source: str, base: Path | None = None) 
         except (InputError, TypeError) as exc:
             raise _fail("evaluation.interval_attack", str(exc)) from None
     seeds = _seeds(raw)
+    jobs = _section(raw, "run", ("jobs",)).get("jobs", 1)
+    if jobs == "auto":
+        jobs = None
+    elif isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise _fail("run.jobs", f"must be a whole number >= 1 or \"auto\", got {jobs!r}")
     return BenchConfig(
         datasets=datasets, models=models, eps=eps, trainers=tuple(specs), data_dir=data_dir,
         n_train=data.get("n_train", 0), n_test=data.get("n_test", 1000), val_size=data.get("val_size", 200),
         seeds=seeds, evaluation=EvaluationSettings(**settings), source=source,
-        model_dir=None if base is None else str(base),
+        model_dir=None if base is None else str(base), jobs=jobs,
     )
 
 

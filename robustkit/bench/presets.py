@@ -9,15 +9,17 @@
   which 2 s per sample would take half an hour to decide; the samples not reached stay undecided; on 2 cores the
   band's chunks run in two evaluation workers, so 30 s reach about as many samples as 60 s did in one process; a
   cell's band is the gap between its worst-case attack accuracy and its best relaxation's verified accuracy). Measured
-  on 2 idle AMD EPYC cores, every stage included: 42 min 41 s (cells, training and evaluation: standard 3 min 37 s,
-  pgd 9 min 1 s, verifiable (symbolic) 17 min 40 s, verifiable (interval) 5 min 40 s, MixTrain 6 min 41 s) and, in a
-  slower state of the machine, 45 min 54 s; with two CPU-bound background processes on the same machine (one torch
-  thread by default) 1 h 19 min 36 s (5 min 34 s, 15 min 25 s, 40 min 15 s, 7 min 47 s, 10 min 1 s). AutoAttack runs
-  in robustkit's ``fast`` version (APGD-CE and APGD-T, 25 iterations each) by default: the standard ensemble took 41
-  minutes of one thread on the PGD-trained model's 1,000 test images (shared 2-core machine), per robust cell; set
-  ``autoattack = "standard"`` in a config file for the leaderboard protocol. Adam with lr 0.002 for every trainer; the
-  full verifiable training gets 8 epochs and MixTrain (k = 3 points of each batch of 50) 13, both at 1.2 x eps: the
-  budgets that show the paper's trade-off here.
+  on 2 idle AMD EPYC cores, every stage included: 27 min 23 s with ``[run] jobs = "auto"`` (two cells at a time there,
+  one torch thread each; cells 4 min 2 s, 10 min 47 s, 24 min 41 s, 5 min 16 s and 7 min 15 s for standard, pgd,
+  verifiable (symbolic), verifiable (interval) and MixTrain) against 42 min 37 s one cell at a time (``--jobs 1``: 3
+  min 4 s, 9 min 53 s, 18 min 32 s, 4 min 20 s, 6 min 44 s); with two CPU-bound background processes on the same
+  machine (auto then runs one cell at a time with one torch thread; measured before the evaluation workers) 1 h 19 min
+  36 s (5 min 34 s, 15 min 25 s, 40 min 15 s, 7 min 47 s, 10 min 1 s). AutoAttack runs in robustkit's ``fast`` version
+  (APGD-CE and APGD-T, 25 iterations each) by default: the standard ensemble took 41 minutes of one thread on the
+  PGD-trained model's 1,000 test images (shared 2-core machine), per robust cell; set ``autoattack = "standard"`` in a
+  config file for the leaderboard protocol. Adam with lr 0.002 for every trainer; the full verifiable training gets 8
+  epochs and MixTrain (k = 3 points of each batch of 50) 13, both at 1.2 x eps: the budgets that show the paper's
+  trade-off here.
 * ``quick``: the same shape on the small fully connected net and a subset of the data, in a few minutes at
   most (used by the test suite); AutoAttack in robustkit's ``fast`` version (APGD-CE and APGD-T, 25 iterations
   each): measured 0.4 to 0.5 s of CPU time per cell on its 60 test samples, 2.2 s per run (AMD EPYC, one thread),
@@ -30,6 +32,9 @@ from __future__ import annotations
 
 PAPER = """
 seed = 0
+
+[run]
+jobs = "auto"
 
 [grid]
 datasets = ["mnist5k"]

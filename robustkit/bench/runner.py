@@ -199,7 +199,7 @@ def _check_folder(folder: Path, config: BenchConfig, resume: bool) -> bool:
     mine = json.loads(json.dumps(config.to_dict()))
     evaluation = saved.get("evaluation") if isinstance(saved, dict) else None
     before_complete = isinstance(evaluation, dict) and "complete" not in evaluation
-    ignored = {"source", "evaluation"} if before_complete else {"source"}
+    ignored = {"source", "jobs"} | ({"evaluation"} if before_complete else set())  # jobs: same results
     differing = sorted(k for k in set(saved) | set(mine) if k not in ignored and saved.get(k) != mine.get(k))
     if differing:
         raise InputError(f"cannot resume {folder}: it was run with different settings ({', '.join(differing)})")

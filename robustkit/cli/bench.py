@@ -89,10 +89,11 @@ def _threads_text() -> str:
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (overrides the root --device).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder with the files of datasets read from disk (overrides data.data_dir).")
-@click.option("--jobs", default="1", show_default=True, metavar="N|auto", callback=_check_jobs,
+@click.option("--jobs", default="1", metavar="N|auto", callback=_check_jobs,
               help="Cells trained and evaluated at once, each in its own process with an equal share of the torch "
                    "threads, the longest first; the last cells share the threads of the workers that have finished "
-                   "(CPU only); auto: the cores other processes leave free, at most 4 (1 on a busy machine).")
+                   "(CPU only); auto: the cores other processes leave free, at most 4 (1 on a busy machine). "
+                   "Default: the configuration's run.jobs (the paper preset: auto; otherwise 1).")
 @click.option("--eval-workers", default="auto", show_default=True, metavar="N|auto", callback=_check_jobs,
               help="Processes that share a cell's evaluation batches (attacks, verifiers, sweep) and the torch "
                    "threads, when cells run one at a time (CPU only); auto: one per torch thread. The results do "
@@ -140,6 +141,8 @@ def bench(ctx: click.Context, config_file: str | None, preset_name: str | None, 
               f"model(s) x {len(config.datasets)} dataset(s) x {len(config.eps)} eps x {len(config.seeds)} seed(s) "
               f"({', '.join(map(str, config.seeds))}), device {chosen_device}{_threads_text()}, "
               f"into {folder}")
+    if ctx.get_parameter_source("jobs") is not click.core.ParameterSource.COMMANDLINE:
+        jobs = config.jobs  # the configuration's run.jobs (the paper preset: auto)
     run = run_bench(config, folder, resume=resume, device=chosen_device, on_cell=_report_cell, jobs=jobs,
                     eval_workers=eval_workers,
                     on_note=lambda note: click.echo(f"Note: {note}.", err=True),

@@ -105,7 +105,8 @@ ACCURACY_NOTE = (
     "counterexample that passed a re-check; Undecided the rest of the band (timeouts included): the three add up "
     "to 100%. AutoAttack is the AutoAttack ensemble (the bench's evaluation.autoattack version; n/a when off), one "
     "of the attacks of the per-sample worst case. Time vs MixTrain is the training time divided by that of the "
-    "MixTrain cell in the same table."
+    "MixTrain cell in the same table (cells trained side by side, bench --jobs or run.jobs, shared the machine: "
+    "compare training costs from a run one cell at a time)."
 )
 INTERVAL_NOTE = (
     "In parentheses: the 95% interval of each accuracy, over the n test samples (Wilson score interval) for one "

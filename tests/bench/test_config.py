@@ -82,6 +82,10 @@ def base() -> dict:
      r"evaluation.complete_time_limit: must be a finite number, got '10s'"),
     (lambda c: c["evaluation"].update(complete_tim_limit=1), r"evaluation.complete_tim_limit: unknown key.*"
                                                              r"complete_time_limit"),
+    (lambda c: c.update(run={"jobs": 0}), r"run.jobs: must be a whole number >= 1 or \"auto\", got 0"),
+    (lambda c: c.update(run={"jobs": "two"}), r"run.jobs: must be a whole number >= 1 or \"auto\", got 'two'"),
+    (lambda c: c.update(run={"jobs": True}), r"run.jobs: must be a whole number >= 1 or \"auto\", got True"),
+    (lambda c: c.update(run={"job": 2}), r"run.job: unknown key.*Valid: jobs"),
 ])
 def test_invalid_configs_name_the_key(change, match):
     config = base()
@@ -148,3 +152,12 @@ def test_the_complete_stage_settings_their_defaults_and_the_presets(monkeypatch)
     with pytest.raises(InputError, match=r"evaluation.complete: 'bab' is not a complete verifier of this robustkit "
                                          r"\(complete verifiers: exact\)"):
         parse_config(config, "test")
+
+
+def test_run_jobs_default_one_auto_in_the_paper_preset_and_the_example():
+    assert parse_config(base(), "test").jobs == 1
+    assert parse_config({**base(), "run": {"jobs": 3}}, "test").jobs == 3
+    assert parse_config({**base(), "run": {"jobs": "auto"}}, "test").jobs is None
+    assert preset("paper").jobs is None  # cells side by side where cores are free: 28 min instead of 43 idle
+    assert preset("quick").jobs == 1
+    assert load_config(str(ROOT / "examples" / "bench.toml")).jobs is None

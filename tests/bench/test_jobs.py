@@ -71,10 +71,12 @@ def test_cells_in_worker_processes_give_the_numbers_of_one_process(tmp_path):
     assert torch.get_num_threads() == 1  # both runs' cells then train with one thread: the same float sums
     one = CliRunner().invoke(main, ["--quiet", "bench", "--config", str(config), "--out", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
-    # as a user runs it, with its log in a file: the workers write their log lines to the same stderr
-    two = subprocess.run([sys.executable, "-m", "robustkit", "--threads", "2", "bench", "--config", str(config),
-                          "--out", str(tmp_path / "two"), "--jobs", "2"], capture_output=True, text=True,
-                         timeout=600)
+    # as a user runs it, with its log in a file: the workers write their log lines to the same stderr; the jobs
+    # come from the configuration's run.jobs when the command line has no --jobs
+    scheduled = tmp_path / "tiny-jobs.toml"
+    scheduled.write_text(TINY + "\n[run]\njobs = 2\n")
+    two = subprocess.run([sys.executable, "-m", "robustkit", "--threads", "2", "bench", "--config", str(scheduled),
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout + two.stderr
     assert "running 3 cells in 2 worker processes of 1 torch thread(s) each" in two.stderr
     worker_lines = [line for line in two.stderr.splitlines() if "(worker " in line]
@@ -97,6 +99,12 @@ def test_cells_in_worker_processes_give_the_numbers_of_one_process(tmp_path):
         row["trainer"] for row in comparable(tmp_path / "one" / "results.csv")]
     assert kept(tmp_path / "two" / "results.csv") == kept(tmp_path / "one" / "results.csv")
     assert kept(tmp_path / "two" / "epochs.csv") == kept(tmp_path / "one" / "epochs.csv")
+    # the jobs do not change the results, so a resume may take others (here the command line's, over the config's)
+    before = (tmp_path / "two" / "results.csv").read_text()
+    again = CliRunner().invoke(main, ["--quiet", "bench", "--config", str(config), "--out", str(tmp_path / "two"),
+                                      "--resume", "--jobs", "1"])
+    assert again.exit_code == 0, again.output
+    assert "worker processes" not in again.output and (tmp_path / "two" / "results.csv").read_text() == before
     for cell in (tmp_path / "one" / "cells").iterdir():
         if cell.name.split("__")[2] not in ones:
             continue
