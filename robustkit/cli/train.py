@@ -370,12 +370,11 @@ def train(
 
     Example: robustkit train --trainer mixtrain --model mnist_small --eps 0.1 --epochs 20 --out runs/mix
     """
-    import torch
-
     from robustkit.io import save_safetensors, torch_save_atomic
     from robustkit.progress import set_log, set_progress
     from robustkit.runlock import run_lock
     from robustkit.threads import end_session_file
+    from robustkit.trainers import distributed
 
     options = global_options(ctx)
     set_log(True)  # one line per epoch, stage and cell when stderr is no terminal (not under --quiet)
@@ -460,5 +459,4 @@ def train(
         )
         end_session_file(folder / "config.json", indent=2)
         click.echo(f"Wrote {', '.join(FILES)} to {folder}.")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    distributed.leave_group()

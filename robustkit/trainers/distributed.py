@@ -45,11 +45,12 @@ def setup(device: torch.device) -> DistInfo:
         dist.init_process_group(backend=backend)
         # leaving the group to interpreter teardown can abort the process (gloo's worker threads outlive the
         # interpreter): a script that trains and returns without destroying the group must still exit cleanly
-        atexit.register(_leave_group)
+        atexit.register(leave_group)
     return DistInfo(rank=dist.get_rank(), world=dist.get_world_size())
 
 
-def _leave_group() -> None:
+def leave_group() -> None:
+    """Destroy the process group when there is one (at the end of a command, and at exit)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -158,6 +158,6 @@ def test_run_jobs_default_one_auto_in_the_paper_preset_and_the_example():
     assert parse_config(base(), "test").jobs == 1
     assert parse_config({**base(), "run": {"jobs": 3}}, "test").jobs == 3
     assert parse_config({**base(), "run": {"jobs": "auto"}}, "test").jobs is None
-    assert preset("paper").jobs is None  # cells side by side where cores are free: 28 min instead of 43 idle
+    assert preset("paper").jobs is None  # cells side by side where cores are free: 27 min instead of 43 idle
     assert preset("quick").jobs == 1
     assert load_config(str(ROOT / "examples" / "bench.toml")).jobs is None
